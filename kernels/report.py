@@ -1,0 +1,149 @@
+"""Ahead-of-time compilation of every kernel configuration for real GPUs, with no GPU present.
+
+``python -m timellm_fast.kernels.report [--arch 75,80,90]`` compiles each entry of every kernel
+file's ``aot_configs()`` with ``triton.compile`` for the given compute capabilities and prints
+registers, spill bytes and shared memory per configuration (ptxas -v on the generated PTX).
+The test suite calls :func:`compile_all` and asserts zero spills.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Iterable, List, Optional
+
+ARCHS = (75, 80, 90)
+
+
+@dataclass
+class AotResult:
+    kernel: str
+    arch: int
+    registers: Optional[int]
+    spill_stores: Optional[int]
+    spill_loads: Optional[int]
+    shared_bytes: int
+    error: Optional[str] = None
+
+    @property
+    def spills(self) -> Optional[int]:
+        if self.spill_stores is None or self.spill_loads is None:
+            return None
+        return self.spill_stores + self.spill_loads
+
+
+def kernel_modules():
+    from . import patch_embedding
+
+    modules = [patch_embedding]
+    try:
+        from . import reprogramming_attention
+    except ImportError:  # pragma: no cover - the file lands with the attention issue
+        pass
+    else:
+        modules.append(reprogramming_attention)
+    return modules
+
+
+def all_configs() -> List[dict]:
+    return [cfg for mod in kernel_modules() for cfg in mod.aot_configs()]
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (triton >= 3.7 ships a newer one for sm_90+)."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        return nvidia.get_ptxas(arch).path
+    except TypeError:  # triton <= 3.6: one ptxas for every arch
+        return nvidia.get_ptxas().path
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v` on the kernel's PTX."""
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1).rstrip(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={target}", path, "-o", os.devnull],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[:500]}")
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return regs, int(spill.group(1)), int(spill.group(2))
+
+
+def compile_config(cfg: dict, arch: int) -> AotResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"])
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        regs, st, ld = _ptxas_usage(compiled.asm["ptx"], arch)
+        return AotResult(cfg["name"], arch, regs, st, ld, int(compiled.metadata.shared))
+    except Exception as exc:  # reported, and the test fails on it
+        return AotResult(cfg["name"], arch, None, None, None, 0, f"{type(exc).__name__}: {exc}")
+
+
+def _compile_indexed(job: tuple) -> AotResult:
+    index, arch = job
+    return compile_config(all_configs()[index], arch)
+
+
+def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
+    """Compiles every configuration for every arch, in `jobs` worker processes."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the kernels "
+                           "are interpreter objects otherwise); run this module in its own process")
+    work = [(i, arch) for i in range(len(all_configs())) for arch in archs]
+    if jobs <= 1:
+        return [_compile_indexed(job) for job in work]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_indexed, work, chunksize=1)
+
+
+def format_table(results: List[AotResult]) -> str:
+    lines = [f"{'kernel configuration':<96} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.kernel:<96} {r.arch:>3} ERROR {r.error[:200]}")
+        else:
+            lines.append(f"{r.kernel:<96} {r.arch:>3} {r.registers:>5} {r.spills:>8} {r.shared_bytes:>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=",".join(map(str, ARCHS)),
+                        help="compute capabilities, comma separated (default 75,80,90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: all cores)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",") if a]
+    results = compile_all(archs, jobs=args.jobs)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    bad = [r for r in results if r.error or r.spills]
+    print(f"\n{len(results)} compilations, {len(bad)} with errors or spills")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

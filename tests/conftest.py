@@ -1,0 +1,33 @@
+"""Test setup: kernels run natively on a GPU when there is one, else in Triton's interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit function is created, so this runs first.
+"""
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from timellm_fast import dispatch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNS = dispatch.triton_device_problem(DEVICE) is None
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    """Each test starts from automatic dispatch; tests that force a path set the variable."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+
+
+requires_triton = pytest.mark.skipif(
+    not TRITON_RUNS, reason=f"Triton cannot run here: {dispatch.triton_device_problem(DEVICE)}")

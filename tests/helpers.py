@@ -1,0 +1,28 @@
+"""Tolerances of SPEC §4, shared by the equivalence tests."""
+from __future__ import annotations
+
+import torch
+
+
+def max_abs_err(got: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (got.detach().double() - oracle.detach().double()).abs().max().item()
+
+
+def assert_close_to_oracle(what: str, got: torch.Tensor, oracle: torch.Tensor,
+                           eager_same_dtype: torch.Tensor = None) -> None:
+    """fp32 results: max abs error <= 1e-4 (1 + max|oracle|). bf16/fp16 results: error no worse
+    than 2x the error of the eager layer run in that dtype (plus a floor far below one ulp)."""
+    assert got.shape == oracle.shape, f"{what}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = 1.0 + oracle.abs().max().item()
+    err = max_abs_err(got, oracle)
+    if got.dtype in (torch.float32, torch.float64):
+        tol = 1e-4 * scale
+        assert err <= tol, f"{what}: max abs err {err:.3e} > fp32 tolerance {tol:.3e}"
+    else:
+        assert eager_same_dtype is not None, f"{what}: {got.dtype} needs the eager result to judge"
+        assert eager_same_dtype.dtype == got.dtype
+        eager_err = max_abs_err(eager_same_dtype, oracle)
+        tol = 2.0 * eager_err + 1e-6 * scale
+        assert err <= tol, (f"{what}: max abs err {err:.3e} > 2x eager {got.dtype} error "
+                            f"{eager_err:.3e}")

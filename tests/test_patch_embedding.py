@@ -1,0 +1,330 @@
+"""PatchEmbedding: equivalence with the float64 oracle (SPEC §4), dropout, state dict, errors.
+
+On a CPU-only machine the Triton path runs in Triton's interpreter (see conftest.py). There,
+bf16 tl.dot operands are computed in fp32 (triton-lang/triton#11584), so the bf16 tensor-core
+path itself is proven only by a native GPU run of this file.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import DEVICE, requires_triton
+from helpers import assert_close_to_oracle
+from timellm_fast import PatchEmbedding, dispatch, patch_embedding
+from timellm_fast.reference import num_patches, patch_embedding_reference
+
+
+class OriginalTokenEmbedding(nn.Module):
+    """Time-LLM's TokenEmbedding as SPEC §1.1 describes it (eager, for comparison only)."""
+
+    def __init__(self, c_in, d_model):
+        super().__init__()
+        self.tokenConv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1,
+                                   padding_mode="circular", bias=False)
+
+    def forward(self, x):
+        return self.tokenConv(x.permute(0, 2, 1)).transpose(1, 2)
+
+
+class OriginalPatchEmbedding(nn.Module):
+    """Time-LLM's PatchEmbedding (eager): the layer our users have today."""
+
+    def __init__(self, d_model, patch_len, stride, dropout):
+        super().__init__()
+        self.patch_len, self.stride = patch_len, stride
+        self.padding_patch_layer = nn.ReplicationPad1d((0, stride))
+        self.value_embedding = OriginalTokenEmbedding(patch_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        n_vars = x.shape[1]
+        x = self.padding_patch_layer(x)
+        x = x.unfold(dimension=-1, size=self.patch_len, step=self.stride)
+        x = torch.reshape(x, (x.shape[0] * x.shape[1], x.shape[2], x.shape[3]))
+        return self.dropout(self.value_embedding(x)), n_vars
+
+
+# (name, B, N, T, patch_len, stride, d_model): SPEC §2 shapes with B·N reduced, plus awkward ones.
+SHAPES = [
+    ("explained-gpt2-folded", 2, 7, 512, 16, 8, 32),
+    ("etth1-independent", 6, 1, 512, 16, 8, 32),
+    ("weather-folded", 1, 21, 96, 16, 8, 32),
+    ("ecl-traffic-independent", 5, 1, 512, 16, 8, 16),
+    ("m4-patch1", 4, 1, 36, 1, 1, 8),
+    ("ragged-T", 2, 3, 37, 16, 8, 8),  # (T - patch_len) % stride != 0
+    ("stride-gt-patch", 2, 2, 50, 4, 6, 24),  # gaps between patches
+    ("wide-d_model", 1, 3, 64, 12, 5, 40),  # two column blocks, one partial
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_series(B, N, T, dtype, contiguous=False, seed=0):
+    """x: [B, N, T]; by default the permuted (non-contiguous) view Time-LLM passes."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(B, T, N, generator=g).to(DEVICE)
+    x = data.permute(0, 2, 1)
+    if contiguous:
+        x = x.contiguous()
+    return x.to(dtype)
+
+
+def make_weight(d_model, patch_len, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_model, patch_len, 3, generator=g) / math.sqrt(3 * patch_len)
+    return w.to(DEVICE, dtype)
+
+
+def run_layer(x, w, patch_len, stride):
+    """(y, dx, dw) of our op for a fixed upstream gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    y = patch_embedding(x, w, patch_len, stride)
+    g = torch.Generator().manual_seed(7)
+    grad = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
+    y.backward(grad)
+    return y, x.grad, w.grad, grad
+
+
+def oracle(x, w, patch_len, stride, grad):
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    y = patch_embedding_reference(x64, w64, patch_len, stride)
+    y.backward(grad.double())
+    return y, x64.grad, w64.grad
+
+
+def eager_same_dtype(x, w, patch_len, stride, grad):
+    """The original eager layer run entirely in x's dtype: the baseline bf16/fp16 is judged by."""
+    layer = OriginalPatchEmbedding(w.shape[0], patch_len, stride, 0.0).to(DEVICE, x.dtype)
+    with torch.no_grad():
+        layer.value_embedding.tokenConv.weight.copy_(w)
+    xe = x.detach().clone().requires_grad_(True)
+    y, _ = layer(xe)
+    y.backward(grad.to(y.dtype))
+    return y, xe.grad, layer.value_embedding.tokenConv.weight.grad
+
+
+def check_against_oracle(x, w, patch_len, stride):
+    y, dx, dw, grad = run_layer(x, w, patch_len, stride)
+    y64, dx64, dw64 = oracle(x, w, patch_len, stride, grad)
+    B, N, T = x.shape
+    assert y.shape == (B * N, num_patches(T, patch_len, stride), w.shape[0])
+    assert y.dtype == w.dtype and dw.dtype == w.dtype and dx.dtype == x.dtype
+    base = eager_same_dtype(x, w, patch_len, stride, grad) if x.dtype != torch.float32 else (None,) * 3
+    assert_close_to_oracle("y", y, y64, base[0])
+    assert_close_to_oracle("dx", dx, dx64, base[1])
+    assert_close_to_oracle("dW", dw, dw64, base[2])
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_triton_matches_oracle(shape, dtype):
+    _, B, N, T, patch_len, stride, d_model = shape
+    x = make_series(B, N, T, dtype)
+    w = make_weight(d_model, patch_len, dtype)
+    with dispatch.record_paths() as seen:
+        check_against_oracle(x, w, patch_len, stride)
+    assert seen[("patch_embedding", "triton")] == 1 and seen[("patch_embedding", "eager")] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SHAPES[:1] + SHAPES[4:6], ids=lambda s: s[0])
+def test_eager_fallback_matches_oracle(shape, dtype, monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "eager")
+    _, B, N, T, patch_len, stride, d_model = shape
+    x = make_series(B, N, T, dtype)
+    w = make_weight(d_model, patch_len, dtype)
+    with dispatch.record_paths() as seen:
+        check_against_oracle(x, w, patch_len, stride)
+    assert seen[("patch_embedding", "eager")] == 1 and seen[("patch_embedding", "triton")] == 0
+
+
+@requires_triton
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32),
+                                             (torch.float32, torch.bfloat16)],
+                         ids=["bf16-data-fp32-weight", "fp16-data-fp32-weight", "fp32-data-bf16-weight"])
+def test_mixed_dtypes_compute_in_fp32(x_dtype, w_dtype):
+    """Time-LLM casts the series to bf16 while the weight is fp32: eager raises, we convert on load."""
+    x = make_series(3, 2, 64, x_dtype)
+    w = make_weight(16, 16, w_dtype)
+    y, dx, dw, grad = run_layer(x, w, 16, 8)
+    y64, dx64, dw64 = oracle(x, w, 16, 8, grad)
+    assert y.dtype == w_dtype and dx.dtype == x_dtype and dw.dtype == w_dtype
+    if w_dtype == torch.float32:  # fp32 output: every operand was exact, so fp32 accuracy holds
+        assert_close_to_oracle("y", y, y64)
+        assert_close_to_oracle("dW", dw, dw64)
+    else:  # bf16 output: one rounding of an fp32 result, no worse than eager bf16
+        xe = x.to(w_dtype)
+        base = eager_same_dtype(xe, w, 16, 8, grad)
+        assert_close_to_oracle("y", y, y64, base[0])
+        assert_close_to_oracle("dW", dw, dw64, base[2])
+
+
+@requires_triton
+def test_autocast_returns_autocast_dtype():
+    x = make_series(2, 3, 64, torch.float32)
+    w = make_weight(16, 16, torch.float32)
+    autocast_dtype = torch.bfloat16
+    with torch.autocast(DEVICE.type, dtype=autocast_dtype):
+        y = patch_embedding(x, w, 16, 8)
+    assert y.dtype == autocast_dtype
+    y64 = patch_embedding_reference(x.double(), w.double(), 16, 8)
+    # a single rounding of an fp32-accurate result to bf16
+    assert (y.double() - y64).abs().max() <= 2 ** -8 * (1 + y64.abs().max())
+
+
+@requires_triton
+def test_non_contiguous_sliced_input():
+    """A strided slice (every other step of a longer series) is read in place."""
+    long = make_series(2, 3, 130, torch.float32, contiguous=True)
+    x = long[..., ::2]
+    assert not x.is_contiguous()
+    w = make_weight(32, 16, torch.float32)
+    check_against_oracle(x, w, 16, 8)
+
+
+# ---- dropout (SPEC §4) -------------------------------------------------------------------------
+
+def dropout_run(seed, p=0.3, shape=(2, 3, 64), d_model=16):
+    torch.manual_seed(1234)
+    layer = PatchEmbedding(d_model, 16, 8, p).to(DEVICE)
+    layer.train()
+    x = make_series(*shape, torch.float32).requires_grad_(True)
+    torch.manual_seed(seed)
+    y, _ = layer(x)
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(y.shape, generator=g).to(DEVICE)
+    y.backward(grad)
+    return y.detach(), x.grad, layer.value_embedding.tokenConv.weight.grad, layer, grad
+
+
+@requires_triton
+def test_dropout_same_seed_bit_identical_and_new_seed_differs():
+    y1, dx1, dw1, *_ = dropout_run(seed=5)
+    y2, dx2, dw2, *_ = dropout_run(seed=5)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2) and torch.equal(dw1, dw2)
+    y3, *_ = dropout_run(seed=6)
+    assert not torch.equal(y1, y3)
+
+
+@requires_triton
+def test_dropout_backward_uses_forward_mask():
+    p = 0.3
+    y, dx, dw, layer, grad = dropout_run(seed=11, p=p)
+    kept = y != 0  # a kept output is exactly zero with probability ~0 for Gaussian inputs
+    x = make_series(2, 3, 64, torch.float32)
+    x64 = x.double().requires_grad_(True)
+    w64 = layer.value_embedding.tokenConv.weight.detach().double().requires_grad_(True)
+    y64 = patch_embedding_reference(x64, w64, 16, 8) * kept.double() / (1 - p)
+    y64.backward(grad.double())
+    assert_close_to_oracle("y (masked)", y, y64)
+    assert_close_to_oracle("dx (masked)", dx, x64.grad)
+    assert_close_to_oracle("dW (masked)", dw, w64.grad)
+
+
+@requires_triton
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction(p):
+    layer = PatchEmbedding(32, 16, 8, p).to(DEVICE).train()
+    x = make_series(8, 7, 512, torch.float32)  # 56 * 64 * 32 = 114688 outputs
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y, _ = layer(x)
+    kept = (y != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+    layer.eval()
+    with torch.no_grad():
+        y_eval, _ = layer(x)
+    y64 = patch_embedding_reference(x.double(), layer.value_embedding.tokenConv.weight.double(), 16, 8)
+    assert_close_to_oracle("eval-mode y", y_eval, y64)
+
+
+# ---- module: drop-in behaviour -----------------------------------------------------------------
+
+def test_state_dict_round_trips_with_original_layer():
+    original = OriginalPatchEmbedding(32, 16, 8, 0.1).to(DEVICE)
+    ours = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE)
+    assert list(ours.state_dict()) == ["value_embedding.tokenConv.weight"]
+    ours.load_state_dict(original.state_dict(), strict=True)
+    original.load_state_dict(ours.state_dict(), strict=True)
+    original.eval(), ours.eval()
+    x = make_series(2, 7, 512, torch.float32)
+    with torch.no_grad():
+        y_ref, n_ref = original(x)
+        y, n = ours(x)
+    assert n == n_ref == 7
+    assert_close_to_oracle("y vs original layer", y, y_ref.double())
+
+
+def test_initialization_is_kaiming_normal_fan_in_leaky_relu():
+    torch.manual_seed(0)
+    w = PatchEmbedding(512, 16, 8, 0.0).value_embedding.tokenConv.weight
+    assert w.shape == (512, 16, 3)
+    expected_std = nn.init.calculate_gain("leaky_relu") / math.sqrt(16 * 3)
+    assert abs(w.std().item() / expected_std - 1) < 0.03
+    assert abs(w.mean().item()) < 0.05 * expected_std
+
+
+def test_forward_returns_n_vars_and_shape():
+    layer = PatchEmbedding(8, 4, 2, 0.0).to(DEVICE).eval()
+    y, n = layer(make_series(3, 5, 20, torch.float32))
+    assert n == 5 and y.shape == (15, num_patches(20, 4, 2), 8)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make_call,exc,match", [
+    (lambda: patch_embedding(torch.randn(2, 64), torch.randn(8, 16, 3), 16, 8), ValueError, "x must have 3 dims"),
+    (lambda: patch_embedding(torch.randn(2, 1, 10), torch.randn(8, 16, 3), 16, 8), ValueError, "fewer than patch_len"),
+    (lambda: patch_embedding(torch.ones(2, 1, 64, dtype=torch.int64), torch.randn(8, 16, 3), 16, 8), TypeError, "x must be a floating"),
+    (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 16, 3, device="meta"), 16, 8), ValueError, "weight is on meta"),
+    (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 12, 3), 16, 8), ValueError, r"weight must have shape \[d_model, 16, 3\]"),
+    (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 16, 3), 16, 0), ValueError, "stride must be a positive int"),
+    (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 16, 3), 16, 8, dropout_p=float("nan")), ValueError, "dropout must be a finite float"),
+    (lambda: PatchEmbedding(32, 16, -1, 0.1), ValueError, "stride must be a positive int"),
+    (lambda: PatchEmbedding(0, 16, 8, 0.1), ValueError, "d_model must be a positive int"),
+    (lambda: PatchEmbedding(32, 16, 8, 1.0), ValueError, "dropout must be a finite float"),
+    (lambda: PatchEmbedding(32, 2.5, 8, 0.1), ValueError, "patch_len must be a positive int"),
+], ids=["ndim", "T<patch_len", "int-dtype", "weight-device", "weight-shape", "stride=0",
+        "nan-dropout", "ctor-stride", "ctor-d_model", "ctor-dropout=1", "ctor-float-patch_len"])
+def test_bad_input_raises_naming_argument(make_call, exc, match):
+    with pytest.raises(exc, match=match):
+        make_call()
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+def test_forced_triton_without_a_runnable_backend_raises(monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    x = make_series(1, 1, 32, torch.float64)  # float64 has no kernel: it is the oracle's dtype
+    with pytest.raises(RuntimeError, match="patch_embedding cannot run in Triton: float64"):
+        patch_embedding(x, make_weight(8, 16, torch.float64), 16, 8)
+
+
+def test_float64_falls_back_to_eager_in_auto_mode():
+    x = make_series(1, 2, 32, torch.float64)
+    w = make_weight(8, 16, torch.float64)
+    with dispatch.record_paths() as seen:
+        y = patch_embedding(x, w, 16, 8)
+    assert seen == {("patch_embedding", "eager"): 1}
+    assert torch.equal(y, patch_embedding_reference(x, w, 16, 8))
+
+
+def test_unknown_backend_value_is_rejected(monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match="TIMELLM_FAST_BACKEND"):
+        patch_embedding(make_series(1, 1, 32, torch.float32), make_weight(8, 16, torch.float32), 16, 8)
+
+
+def test_cpu_without_interpreter_falls_back(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = make_series(1, 2, 32, torch.float32).cpu()
+    w = make_weight(8, 16, torch.float32).cpu()
+    with dispatch.record_paths() as seen:
+        patch_embedding(x, w, 16, 8)
+    assert seen == {("patch_embedding", "eager"): 1}
+    assert "TRITON_INTERPRET" in dispatch.triton_device_problem(torch.device("cpu"))
