@@ -215,6 +215,13 @@ def select_gemm_config(k_total: int, out_cols: int, dot_dt: torch.dtype, dropout
     return GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
 
 
+def dweight_block_o(d_model: int, dropout: bool) -> int:
+    # Regenerating the dropout mask (Philox) next to an fp32 FMA dot spills at 32 columns.
+    if dropout:
+        return GEMM_BLOCK_O[0]
+    return min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(d_model)))
+
+
 def _gemm_constexprs(cfg: GemmConfig, allow_tf32: bool = False) -> dict:
     return dict(
         BLOCK_M=GEMM_BLOCK_M, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, USE_DOT=cfg.use_dot,
@@ -232,6 +239,8 @@ def patch_conv(
 ) -> torch.Tensor:
     B, n_vars, _ = src.shape
     M, out_cols = out.shape
+    if M == 0:
+        return out
     k_total = 3 * c_in
     dropout = dropout_p > 0.0
     cfg = select_gemm_config(k_total, out_cols, dot_dt, dropout)
@@ -280,6 +289,10 @@ def patch_embedding_bwd(
     k_total = 3 * patch_len
     dw = None
     g_masked = g
+    if M == 0:
+        dw = torch.zeros((D, patch_len, 3), device=g.device) if need_dw else None
+        dx = torch.zeros_like(x) if need_dx else None
+        return dx, dw
     if need_dw or (need_dx and dropout):
         # the dW pass regenerates the dropout mask anyway; when dx is wanted it also keeps
         # the masked gradient so the dx pass does not need Philox again.
@@ -289,7 +302,7 @@ def patch_embedding_bwd(
         num_chunks = min(MAX_DW_CHUNKS, max(1, triton.cdiv(M, DWEIGHT_BLOCK_M * 4)))
         rows_per_chunk = triton.cdiv(triton.cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
         num_chunks = triton.cdiv(M, rows_per_chunk)
-        block_o = min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(D)))
+        block_o = dweight_block_o(D, dropout)
         partial = torch.empty((num_chunks, k_total, D), device=g.device, dtype=torch.float32)
         dot_dt = dot_dtype(x.dtype, g.dtype, device=g.device) if not dropout else torch.float32
         grid = (num_chunks, triton.cdiv(k_total, DWEIGHT_BLOCK_K), triton.cdiv(D, block_o))
@@ -369,6 +382,8 @@ def aot_configs() -> list:
     }
     for dt, block_o, (dropout, write_masked) in itertools.product(
             _FLOAT_DTYPES, GEMM_BLOCK_O, ((False, False), (True, False), (True, True))):
+        if block_o != dweight_block_o(block_o, dropout):
+            continue
         dot_dt = dt if not dropout else torch.float32
         cx = dict(BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_K=DWEIGHT_BLOCK_K, BLOCK_O=block_o,
                   DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),

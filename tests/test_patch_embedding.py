@@ -328,3 +328,23 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
         patch_embedding(x, w, 16, 8)
     assert seen == {("patch_embedding", "eager"): 1}
     assert "TRITON_INTERPRET" in dispatch.triton_device_problem(torch.device("cpu"))
+
+
+@requires_triton
+def test_empty_batch_gives_empty_output_and_zero_weight_grad():
+    x = torch.zeros(0, 3, 64, device=DEVICE, requires_grad=True)
+    w = make_weight(16, 16, torch.float32).requires_grad_(True)
+    y = patch_embedding(x, w, 16, 8)
+    assert y.shape == (0, 8, 16)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
+@requires_triton
+def test_eval_mode_does_not_advance_the_rng():
+    layer = PatchEmbedding(16, 16, 8, 0.5).to(DEVICE).eval()
+    torch.manual_seed(0)
+    layer(make_series(2, 3, 64, torch.float32))
+    after_eval = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after_eval)

@@ -91,7 +91,8 @@ def patch_embedding(
     out_dtype = output_dtype(x, weight)
     path = dispatch.choose(OP_NAME, x.device, _unsupported(x, weight, P, p))
     if path == "triton":
-        return _PatchEmbeddingTriton.apply(x, weight, patch_len, stride, P, out_dtype, p, draw_seed())
+        seed = draw_seed() if p > 0 else 0  # eval must not advance the user's RNG stream
+        return _PatchEmbeddingTriton.apply(x, weight, patch_len, stride, P, out_dtype, p, seed)
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)
