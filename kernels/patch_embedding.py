@@ -317,7 +317,7 @@ def patch_embedding_bwd(
         )
         if need_dw:
             # [K, D] with K = (tap, channel) -> [D, patch_len, 3]
-            dw = partial.sum(0).view(3, patch_len, D).permute(2, 1, 0)
+            dw = partial.sum(0).view(3, patch_len, D).permute(2, 1, 0).contiguous()
     dx = None
     if need_dx:
         # d(patches)[r, p, c] = sum_{k, d} W[d, c, 2 - k] * g[r, (p + k - 1) mod P, d]

@@ -1,8 +1,6 @@
 """Input checks shared by the ops and modules: every error names the argument and what was expected."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -18,7 +16,7 @@ def dropout_prob(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+    if not 0.0 <= value < 1.0:  # also rejects NaN and inf (no math.isfinite: dynamo can't trace it)
         raise ValueError(f"{name} must be a finite float in [0, 1), got {value!r}")
     return value
 
