@@ -103,11 +103,13 @@ def _compile_indexed(job: tuple) -> AotResult:
 
 
 def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
-    """Compiles every configuration for every arch, in `jobs` worker processes."""
+    """Compiles every configuration for every arch it can be dispatched on (a config's "archs"
+    key, default all), in `jobs` worker processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the kernels "
                            "are interpreter objects otherwise); run this module in its own process")
-    work = [(i, arch) for i in range(len(all_configs())) for arch in archs]
+    work = [(i, arch) for i, cfg in enumerate(all_configs()) for arch in archs
+            if arch in cfg.get("archs", ARCHS)]
     if jobs <= 1:
         return [_compile_indexed(job) for job in work]
     import multiprocessing

@@ -74,3 +74,71 @@ def test_profiler_names_the_ops():
     names = {e.key for e in prof.key_averages()}
     assert "timellm_fast::patch_embedding_fwd" in names
     assert "timellm_fast::patch_embedding_bwd" in names
+
+
+# ---- reprogramming attention -------------------------------------------------------------------
+
+from timellm_fast import ReprogrammingLayer  # noqa: E402
+from timellm_fast.reprogramming import attention_bwd_op, attention_fwd_op  # noqa: E402
+from timellm_fast.reprogramming import draw_seed_tensor as attention_seed  # noqa: E402
+
+
+def reprogramming_problem(dtype=torch.float32, dropout=0.0, rows=(2, 8), S=37, d_llm=48):
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=d_llm, attention_dropout=dropout).to(DEVICE, dtype)
+    target = torch.randn(*rows, 16, device=DEVICE, dtype=dtype)
+    prototypes = torch.randn(S, d_llm, device=DEVICE, dtype=dtype)
+    return layer, target, prototypes
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_reprogramming_attention_ops(dtype, dropout_p):
+    g = torch.Generator().manual_seed(0)
+    R, DM, H, E, S = 10, 16, 2, 16, 37
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    target, wq, bq = rand(R, DM), rand(H * E, DM) / 4, rand(H * E)
+    kv = rand(S, 2 * H * E)
+    k, v = kv[:, :H * E], kv[:, H * E:]  # the layout of the shared K/V GEMM
+    seed = attention_seed(dropout_p)
+    args = (target.requires_grad_(True), wq.requires_grad_(True), bq, k, v, H, dropout_p, seed, False)
+    opcheck(attention_fwd_op, args)
+    out, lse = attention_fwd_op(*args)
+    for need_dkv in (True, False):
+        opcheck(attention_bwd_op, (target.detach(), wq.detach(), bq, k, v, torch.randn_like(out), lse.detach(),
+                                   H, dropout_p, seed, False, need_dkv))
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
+def test_reprogramming_compile_fullgraph_matches_eager_mode(training):
+    layer, target, prototypes = reprogramming_problem(dropout=0.2)
+    layer.train(training)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    out_ref = layer(target, prototypes, prototypes)
+    out_ref.square().sum().backward()
+    grads_ref = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    torch.manual_seed(5)
+    with dispatch.record_paths() as seen:
+        out = compiled(target, prototypes, prototypes)
+    out.square().sum().backward()
+    assert seen[("reprogramming_attention", "triton")] >= 1
+    assert torch.equal(out, out_ref)
+    for p, g_ref in zip(layer.parameters(), grads_ref):
+        assert torch.equal(p.grad, g_ref)
+
+
+@requires_triton
+def test_profiler_names_the_attention_ops():
+    layer, target, prototypes = reprogramming_problem()
+    with torch.profiler.profile() as prof:
+        layer(target, prototypes, prototypes).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "timellm_fast::reprogramming_attention_fwd" in names
+    assert "timellm_fast::reprogramming_attention_bwd" in names

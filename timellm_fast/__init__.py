@@ -1,6 +1,7 @@
 """timellm_fast: fused Triton kernels for Time-LLM's patch embedding and reprogramming layer."""
 from . import dispatch, reference
 from .patch_embedding import PatchEmbedding, patch_embedding
+from .reprogramming import ReprogrammingLayer
 
-__all__ = ["PatchEmbedding", "patch_embedding", "dispatch", "reference"]
+__all__ = ["PatchEmbedding", "ReprogrammingLayer", "patch_embedding", "dispatch", "reference"]
 __version__ = "0.1.0"

@@ -1,0 +1,481 @@
+"""ReprogrammingLayer: fused Triton path and eager fallback against the float64 oracle (SPEC §1.2, §4).
+
+On a machine without CUDA these tests exercise the kernels through Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py or in the environment before Python starts). Shapes are
+SPEC §2's with B'·L cut down, because the interpreter runs every program of the grid in numpy.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import assert_close_to_oracle, max_abs_err
+from timellm_fast import dispatch
+from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
+from timellm_fast.reprogramming import ReprogrammingLayer, draw_seed_tensor
+
+OP = "reprogramming_attention"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_PROBLEM = dispatch.triton_device_problem(DEVICE)
+needs_triton = pytest.mark.skipif(TRITON_PROBLEM is not None, reason=f"Triton cannot run: {TRITON_PROBLEM}")
+PARAM_NAMES = ("query_projection.weight", "query_projection.bias", "key_projection.weight",
+               "key_projection.bias", "value_projection.weight", "value_projection.bias",
+               "out_projection.weight", "out_projection.bias")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Forces a path: with "triton" a silent fallback would raise instead of passing unnoticed."""
+    def force(mode: str) -> None:
+        monkeypatch.setenv(dispatch.BACKEND_ENV, mode)
+    return force
+
+
+class OriginalReprogrammingLayer(nn.Module):
+    """Time-LLM's layer as SPEC §1.2 states it (materializes A); for the state-dict test."""
+
+    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1):
+        super().__init__()
+        d_keys = d_keys or (d_model // n_heads)
+        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
+        self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
+        self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
+        self.n_heads = n_heads
+        self.dropout = nn.Dropout(attention_dropout)
+
+    def forward(self, target_embedding, source_embedding, value_embedding):
+        B, L, _ = target_embedding.shape
+        S, _ = source_embedding.shape
+        H = self.n_heads
+        q = self.query_projection(target_embedding).view(B, L, H, -1)
+        k = self.key_projection(source_embedding).view(S, H, -1)
+        v = self.value_projection(value_embedding).view(S, H, -1)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        a = self.dropout(torch.softmax(scale * torch.einsum("blhe,she->bhls", q, k), dim=-1))
+        out = torch.einsum("bhls,she->blhe", a, v).reshape(B, L, -1)
+        return self.out_projection(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_problem(batch, seq, d_model, n_heads, d_keys, protos, d_llm, dtype, shared, seed=0):
+    """A layer and inputs in `dtype`, all leaves requiring grad, plus the upstream gradient."""
+    torch.manual_seed(seed)
+    layer = ReprogrammingLayer(d_model, n_heads, d_keys=d_keys, d_llm=d_llm, attention_dropout=0.0)
+    layer = layer.to(device=DEVICE, dtype=dtype)
+    # a target of scale 2 and a 4x query weight make the softmax far from uniform, so errors in P show
+    with torch.no_grad():
+        layer.query_projection.weight.mul_(4.0)
+    target = (2 * torch.randn(batch, seq, d_model, device=DEVICE)).to(dtype).requires_grad_()
+    source = torch.randn(protos, d_llm, device=DEVICE).to(dtype).requires_grad_()
+    value = source if shared else torch.randn(protos, d_llm, device=DEVICE).to(dtype).requires_grad_()
+    upstream = torch.randn(batch, seq, d_llm, device=DEVICE).to(dtype)
+    return layer, target, source, value, upstream
+
+
+def grads_of(out, upstream, named_leaves):
+    """Output and {name: grad} for every leaf, by autograd."""
+    leaves = list(named_leaves.values())
+    grads = torch.autograd.grad(out, leaves, upstream, allow_unused=False)
+    return {name: g for name, g in zip(named_leaves, grads)}
+
+
+def run_layer(layer, target, source, value, upstream):
+    out = layer(target, source, value)
+    leaves = {"target": target, "source": source}
+    if value is not source:
+        leaves["value"] = value
+    leaves.update(dict(layer.named_parameters()))
+    return out.detach(), grads_of(out, upstream, leaves)
+
+
+def run_reference(layer, target, source, value, upstream, dtype, mask=None):
+    """The literal reference in `dtype` on the same values (float64: the oracle).
+
+    `mask` ([B', H, L, S] of 0/1) replaces F.dropout, so a given dropout draw can be replayed.
+    """
+    def leaf(t):
+        return t.detach().to(dtype).requires_grad_()
+
+    params = {name: leaf(p) for name, p in layer.named_parameters()}
+    t, s = leaf(target), leaf(source)
+    v = s if value is source else leaf(value)
+    wq, bq, wk, bk, wv, bv, wo, bo = (params[n] for n in PARAM_NAMES)
+    if mask is None:
+        out = reprogramming_reference(t, s, v, wq, bq, wk, bk, wv, bv, wo, bo, layer.n_heads)
+    else:
+        out = masked_reference(t, s, v, wq, bq, wk, bk, wv, bv, wo, bo, layer.n_heads, mask, layer.dropout.p)
+    leaves = {"target": t, "source": s}
+    if v is not s:
+        leaves["value"] = v
+    leaves.update(params)
+    return out.detach(), grads_of(out, upstream.to(dtype), leaves)
+
+
+def masked_reference(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, mask, p):
+    Bp, L, _ = target.shape
+    S = source.shape[0]
+    E = wq.shape[0] // n_heads
+    q = (target @ wq.T + bq).view(Bp, L, n_heads, E)
+    k = (source @ wk.T + bk).view(S, n_heads, E)
+    v = (value @ wv.T + bv).view(S, n_heads, E)
+    a = torch.softmax(torch.einsum("blhe,she->bhls", q, k) / math.sqrt(E), dim=-1)
+    a = a * mask.to(a.dtype) / (1.0 - p)
+    o = torch.einsum("bhls,she->blhe", a, v).reshape(Bp, L, n_heads * E)
+    return o @ wo.T + bo
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics of the fused path against the float64 oracle
+# ---------------------------------------------------------------------------------------------
+
+# (id, B', L, d_model, H, d_keys, S, d_llm, source is value); SPEC §2 rows, B'·L cut to <= 128
+SHAPES = [
+    ("gpt2-example", 2, 16, 32, 4, 32, 1000, 768, True),
+    ("etth1-e128", 1, 32, 32, 2, 128, 1000, 96, True),
+    ("ecl-dm16-s37", 2, 64, 16, 8, 32, 37, 64, False),
+    ("m4-dm8", 1, 64, 8, 4, 32, 1000, 64, True),
+    ("e48-unpadded", 3, 20, 16, 2, 48, 37, 64, False),
+    ("dkdv-row-chunks", 8, 64, 16, 2, 16, 37, 64, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_fused_matches_oracle(shape, dtype, backend):
+    backend("triton")
+    _, batch, seq, d_model, n_heads, d_keys, protos, d_llm, shared = shape
+    layer, target, source, value, upstream = make_problem(batch, seq, d_model, n_heads, d_keys, protos, d_llm,
+                                                          dtype, shared)
+    with dispatch.record_paths() as seen:
+        out, grads = run_layer(layer, target, source, value, upstream)
+    assert seen[(OP, "triton")] == 1 and seen[(OP, "eager")] == 0
+    assert out.dtype == dtype and out.shape == (batch, seq, d_llm)
+
+    oracle_out, oracle_grads = run_reference(layer, target, source, value, upstream, torch.float64)
+    eager_out, eager_grads = (None, {})
+    if dtype != torch.float32:
+        eager_out, eager_grads = run_reference(layer, target, source, value, upstream, dtype)
+    assert_close_to_oracle("out", out, oracle_out, eager_out)
+    assert set(grads) == set(oracle_grads)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype
+        assert_close_to_oracle(f"grad {name}", grad, oracle_grads[name], eager_grads.get(name))
+
+
+@needs_triton
+def test_dkdv_row_chunks_are_used_and_deterministic(backend):
+    """The "dkdv-row-chunks" shape above must really split dK/dV over row chunks, and the split
+    sum must give the same bits on every run (no atomics)."""
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    backend("triton")
+    cfg = kern.select_config("bwd_dkdv", torch.float32, 16, False, DEVICE)
+    rows, protos, heads = 8 * 64, 37, 2
+    per_chunk = kern.dkdv_rows_per_chunk(rows, -(-protos // cfg.block_s), heads, cfg.block_r)
+    assert -(-rows // per_chunk) > 1
+    layer, target, source, value, upstream = make_problem(8, 64, 16, heads, 16, protos, 64, torch.float32, True)
+    first = run_layer(layer, target, source, value, upstream)[1]
+    second = run_layer(layer, target, source, value, upstream)[1]
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@needs_triton
+def test_noncontiguous_target(backend):
+    backend("triton")
+    layer, target, source, value, upstream = make_problem(2, 16, 32, 2, 32, 37, 64, torch.float32, False)
+    strided = target.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not strided.is_contiguous()
+    out, grads = run_layer(layer, strided, source, value, upstream)
+    oracle_out, oracle_grads = run_reference(layer, strided, source, value, upstream, torch.float64)
+    assert_close_to_oracle("out", out, oracle_out)
+    assert_close_to_oracle("grad target", grads["target"], oracle_grads["target"])
+
+
+@needs_triton
+def test_tf32_opt_in_is_close(backend):
+    backend("triton")
+    layer, target, source, value, upstream = make_problem(2, 16, 16, 2, 32, 37, 64, torch.float32, True)
+    layer.allow_tf32 = True
+    out = layer(target, source, value).detach()
+    oracle_out = run_reference(layer, target, source, value, upstream, torch.float64)[0]
+    # TF32 only exists on sm_80+; elsewhere the flag is ignored and this is the IEEE bound
+    assert max_abs_err(out, oracle_out) <= 5e-3 * (1 + oracle_out.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def dropout_problem(p=0.3):
+    layer, target, source, value, upstream = make_problem(2, 24, 16, 2, 32, 37, 64, torch.float32, True)
+    layer.dropout.p = p
+    return layer.train(), target, source, value, upstream
+
+
+@needs_triton
+def test_dropout_same_seed_is_bit_identical(backend):
+    backend("triton")
+    layer, target, source, value, upstream = dropout_problem()
+    torch.manual_seed(123)
+    out_a, grads_a = run_layer(layer, target, source, value, upstream)
+    torch.manual_seed(123)
+    out_b, grads_b = run_layer(layer, target, source, value, upstream)
+    out_c, _ = run_layer(layer, target, source, value, upstream)
+    assert torch.equal(out_a, out_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    assert not torch.equal(out_a, out_c), "a new seed must draw a new mask"
+
+
+@needs_triton
+def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
+    """Replays the kernels' own mask (materialized by the debug kernel for the seed the layer draws)
+    in the float64 oracle: output and every gradient must match, so both passes used that mask."""
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    backend("triton")
+    p = 0.3
+    layer, target, source, value, upstream = dropout_problem(p)
+    batch, seq = target.shape[:2]
+    torch.manual_seed(7)
+    seed = int(draw_seed_tensor(p).item())
+    keep = kern.dropout_keep_mask(batch * seq, source.shape[0], layer.n_heads, p, seed, DEVICE)  # [H, R, S]
+    mask = keep.view(layer.n_heads, batch, seq, -1).permute(1, 0, 2, 3)  # [B', H, L, S]
+    assert 0.5 < keep.float().mean().item() < 0.9
+
+    torch.manual_seed(7)
+    out, grads = run_layer(layer, target, source, value, upstream)
+    oracle_out, oracle_grads = run_reference(layer, target, source, value, upstream, torch.float64, mask=mask)
+    assert_close_to_oracle("out", out, oracle_out)
+    for name, grad in grads.items():
+        assert_close_to_oracle(f"grad {name}", grad, oracle_grads[name])
+
+
+@needs_triton
+def test_dropout_kept_fraction_and_independence():
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    p = 0.3
+    keep = kern.dropout_keep_mask(256, 1000, 4, p, seed=2024, device=DEVICE).float()  # [H, R, S], 1M draws
+    assert abs(keep.mean().item() - (1 - p)) < 0.01
+    # streams of different heads, rows and prototypes must not repeat each other
+    for a, b in ((keep[0], keep[1]), (keep[:, :128], keep[:, 128:]), (keep[..., :500], keep[..., 500:])):
+        disagree = (a != b).float().mean().item()
+        assert abs(disagree - 2 * p * (1 - p)) < 0.01
+
+
+def test_config_table_is_complete_and_consistent():
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    configs = kern.aot_configs()
+    names = [c["name"] for c in configs]
+    assert len(names) == len(set(names))
+    for cfg in configs:
+        assert set(cfg["signature"]) == set(cfg["fn"].arg_names), cfg["name"]
+        assert {n for n, t in cfg["signature"].items() if t == "constexpr"} == set(cfg["constexprs"])
+        assert set(cfg["archs"]) <= {75, 80, 90} and 80 in cfg["archs"]
+    # whatever a launcher asks for on this machine is one of the table's entries
+    table = set(kern.config_table().values())
+    for role in ("fwd", "bwd_dq", "bwd_dkdv"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for head_dim in (16, 24, 32, 48, 64, 100, 128):
+                for has_dropout in (False, True):
+                    assert kern.select_config(role, dtype, head_dim, has_dropout, DEVICE) in table
+
+
+def test_philox_counters_fit_int32():
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    for protos in (1, 37, 1000, 50_000, 2**20):
+        rows = kern.rows_per_philox_group(protos)
+        assert rows % kern.MAX_BLOCK_R == 0 and rows >= kern.MAX_BLOCK_R
+        # the largest counter any lane computes, padding lanes included
+        assert (rows - 1) * protos + protos + kern.MAX_BLOCK_R <= 2**31 - 1
+    assert kern.unsupported_reason(torch.float32, 32, 2**25, 100, has_dropout=True) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# eager fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sdpa_fold_matches_reference():
+    torch.manual_seed(0)
+    Bp, L, DM, H, E, S, DL = 3, 5, 8, 2, 4, 7, 6
+    f64 = dict(dtype=torch.float64)
+    target, source, value = torch.randn(Bp, L, DM, **f64), torch.randn(S, DL, **f64), torch.randn(S, DL, **f64)
+    weights = [torch.randn(H * E, DM, **f64), torch.randn(H * E, **f64), torch.randn(H * E, DL, **f64),
+               torch.randn(H * E, **f64), torch.randn(H * E, DL, **f64), torch.randn(H * E, **f64),
+               torch.randn(DL, H * E, **f64), torch.randn(DL, **f64)]
+    expected = reprogramming_reference(target, source, value, *weights, H)
+    got = reprogramming_sdpa_fold(target, source, value, *weights, H)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    wq, bq, wk, bk, wv, bv, wo, bo = weights
+    precomputed = (source @ wk.T + bk, value @ wv.T + bv)
+    got = reprogramming_sdpa_fold(target, source, value, *weights, H, key_value=precomputed)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["source-is-value", "separate"])
+def test_gradcheck_eager_float64(shared, backend):
+    backend("auto")  # float64 has no kernel: the op must fall back, and the fallback must be right
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(4, 2, d_keys=3, d_llm=5, attention_dropout=0.0).double().to(DEVICE)
+    target = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    source = torch.randn(6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    value = source if shared else torch.randn(6, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def fn(target, source, value, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (target, source, value))
+
+    inputs = (target, source, source if shared else value) + params
+    with dispatch.record_paths() as seen:
+        assert torch.autograd.gradcheck(fn, inputs)
+    assert seen[(OP, "eager")] > 0 and seen[(OP, "triton")] == 0
+
+
+def test_forced_eager_backend(backend):
+    backend("eager")
+    layer, target, source, value, upstream = make_problem(2, 8, 16, 2, 16, 11, 24, torch.float32, True)
+    with dispatch.record_paths() as seen:
+        out, grads = run_layer(layer, target, source, value, upstream)
+    assert seen == {(OP, "eager"): 1}
+    oracle_out, oracle_grads = run_reference(layer, target, source, value, upstream, torch.float64)
+    assert_close_to_oracle("out", out, oracle_out)
+    for name, grad in grads.items():
+        assert_close_to_oracle(f"grad {name}", grad, oracle_grads[name])
+
+
+def test_eager_training_dropout_uses_reference_semantics(backend):
+    backend("eager")
+    layer, target, source, value, _ = make_problem(2, 8, 16, 2, 16, 11, 24, torch.float32, True)
+    layer.dropout.p = 0.5
+    layer.train()
+    torch.manual_seed(3)
+    out_a = layer(target, source, value)
+    torch.manual_seed(3)
+    out_b = layer(target, source, value)
+    assert torch.equal(out_a, out_b)
+    layer.eval()
+    assert not torch.allclose(out_a, layer(target, source, value))
+
+
+@pytest.mark.parametrize("d_keys", [8, 136], ids=["e8", "e136"])
+def test_unsupported_head_width_falls_back(d_keys, backend):
+    layer, target, source, value, _ = make_problem(1, 4, 16, 2, d_keys, 9, 24, torch.float32, True)
+    backend("auto")
+    with dispatch.record_paths() as seen:
+        layer(target, source, value)
+    assert seen == {(OP, "eager"): 1}
+    if TRITON_PROBLEM is None:
+        backend("triton")
+        with pytest.raises(RuntimeError, match="d_keys"):
+            layer(target, source, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# module contract
+# ---------------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_with_original():
+    torch.manual_seed(0)
+    original = OriginalReprogrammingLayer(16, 4, d_keys=16, d_llm=48, attention_dropout=0.1).to(DEVICE).eval()
+    ours = ReprogrammingLayer(16, 4, d_keys=16, d_llm=48, attention_dropout=0.1).to(DEVICE).eval()
+    assert list(ours.state_dict()) == list(original.state_dict())
+    ours.load_state_dict(original.state_dict(), strict=True)
+    original.load_state_dict(ours.state_dict(), strict=True)
+    target, source = torch.randn(2, 8, 16, device=DEVICE), torch.randn(13, 48, device=DEVICE)
+    with torch.no_grad():
+        expected = original(target, source, source)
+        got = ours(target, source, source)
+    assert torch.allclose(got, expected, atol=1e-4 * (1 + expected.abs().max().item()), rtol=0)
+
+
+def test_kv_cache_hit_and_invalidation():
+    layer, target, source, _, _ = make_problem(2, 8, 16, 2, 16, 11, 24, torch.float32, True)
+    layer.eval()
+    source = source.detach()
+    with torch.no_grad():
+        first = layer(target, source, source)
+        assert (layer.kv_cache_hits, layer.kv_cache_misses) == (0, 1)
+        again = layer(target, source, source)
+        assert (layer.kv_cache_hits, layer.kv_cache_misses) == (1, 1)
+        assert torch.equal(first, again)
+
+        layer.key_projection.weight.add_(0.25)  # in place: same tensor, new version
+        changed = layer(target, source, source)
+        assert layer.kv_cache_misses == 2
+        expected = reprogramming_sdpa_fold(target.double(), source.double(), source.double(),
+                                           *(p.double() for p in layer.parameters()), layer.n_heads)
+        assert max_abs_err(changed, expected) <= 1e-4 * (1 + expected.abs().max().item())
+
+        source.mul_(2.0)
+        layer(target, source, source)
+        assert layer.kv_cache_misses == 3
+        layer(target, source.clone(), source.clone())  # new tensors: never trusted by address
+        assert layer.kv_cache_misses == 4
+    # with autograd on, K/V must be part of the graph: no cache
+    layer(target, source, source).sum().backward()
+    assert (layer.kv_cache_hits, layer.kv_cache_misses) == (1, 4)
+
+
+def test_autocast_computes_in_autocast_dtype():
+    layer, target, source, value, _ = make_problem(2, 8, 16, 2, 16, 11, 24, torch.float32, False)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = layer(target, source, value)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.query_projection.weight.grad.dtype == torch.float32
+    assert target.grad.dtype == torch.float32
+    bf16_copy = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.0).to(DEVICE, torch.bfloat16)
+    bf16_copy.load_state_dict(layer.state_dict())
+    expected = bf16_copy(target.bfloat16(), source.bfloat16(), value.bfloat16())
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d_model=0, n_heads=2, d_llm=8), "d_model"),
+    (dict(d_model=8, n_heads=-1, d_llm=8), "n_heads"),
+    (dict(d_model=8, n_heads=2, d_keys=0, d_llm=8), "d_keys"),
+    (dict(d_model=8, n_heads=2), "d_llm"),
+    (dict(d_model=8, n_heads=2, d_llm=8, attention_dropout=1.0), "attention_dropout"),
+    (dict(d_model=8, n_heads=2, d_llm=8, attention_dropout=-0.1), "attention_dropout"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ReprogrammingLayer(**kwargs)
+
+
+def test_forward_errors():
+    layer = ReprogrammingLayer(8, 2, d_keys=16, d_llm=12).to(DEVICE)
+    target, source = torch.randn(2, 3, 8, device=DEVICE), torch.randn(5, 12, device=DEVICE)
+    cases = [
+        ((target[0], source, source), "target"),
+        ((torch.randn(2, 3, 7, device=DEVICE), source, source), "d_model=8"),
+        ((target, torch.randn(5, 11, device=DEVICE), source), "source must have d_llm=12"),
+        ((target, source, torch.randn(5, 13, device=DEVICE)), "value must have d_llm=12"),
+        ((target, source, torch.randn(4, 12, device=DEVICE)), "value must have as many rows"),
+        ((target, source, source[None]), "value"),
+        ((target.double(), source, source), "target has dtype torch.float64"),
+        ((target, source.half(), source.half()), "source has dtype"),
+        ((target.long(), source, source), "target must be a floating tensor"),
+        ((target, source[:0], source[:0]), "source must have at least one"),
+        (("target", source, source), "target must be a torch.Tensor"),
+    ]
+    for args, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            layer(*args)

@@ -1,0 +1,305 @@
+"""ReprogrammingLayer: op (validation, dispatch, autograd) and the drop-in nn.Module (SPEC §1.2).
+
+The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention
+kernel that never materializes the [B', H, L, S] attention matrix:
+
+    forward:  K, V = source·Wkᵀ+bk, value·Wvᵀ+bv   (one GEMM when source is value)
+              O, lse = fused attention(target, Wq, bq, K, V)   (Q is built inside the kernel)
+              out = O·Woᵀ + bo
+    backward: dO = dout·Wo, dWo, dbo                 (GEMMs)
+              dQ, dK, dV = fused attention backward  (recomputes Q and P; same dropout mask)
+              d target, dWq, dbq from dQ; d source, d value, dWk, dbk, dWv, dbv from dK, dV
+
+The eager path runs the same math in PyTorch: `reprogramming_sdpa_fold` (no attention matrix)
+when dropout is inactive, the literal reference when attention dropout has to be applied.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dispatch, validation
+from .reference import reprogramming_reference, reprogramming_sdpa_fold
+
+OP_NAME = "reprogramming_attention"
+
+
+def working_dtype(target: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for the device (as nn.Linear would), else the input's."""
+    device_type = target.device.type
+    if torch.is_autocast_enabled(device_type) and target.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return target.dtype
+
+
+def _kernels():
+    from .kernels import reprogramming_attention
+
+    return reprogramming_attention
+
+
+def project_key_value(
+    source: torch.Tensor,  # source: [S, d_llm]
+    value: torch.Tensor,  # value: [S, d_llm]
+    wk: torch.Tensor, bk: torch.Tensor,  # [H*E, d_llm], [H*E]
+    wv: torch.Tensor, bv: torch.Tensor,  # [H*E, d_llm], [H*E]
+) -> Tuple[torch.Tensor, torch.Tensor]:  # k, v: [S, H*E] each (views of one [S, 2*H*E] GEMM when shared)
+    if source is value:
+        kv = F.linear(source, torch.cat([wk, wv]), torch.cat([bk, bv]))  # [S, 2*H*E]
+        return kv.split(wk.shape[0], dim=1)
+    return F.linear(source, wk, bk), F.linear(value, wv, bv)
+
+
+# The fused attention core is a pair of torch.library custom ops, so torch.compile sees only
+# their fake implementations (no graph break, no tracing into Triton) and torch.profiler shows
+# them as timellm_fast::reprogramming_attention_fwd / _bwd. The GEMMs around the core (K/V and
+# output projections) stay ordinary PyTorch ops with PyTorch's own autograd; the custom
+# backward covers exactly what the kernel computes: Q = target·Wqᵀ + bq, softmax, dropout, ·V.
+
+
+@torch.library.custom_op("timellm_fast::reprogramming_attention_fwd", mutates_args=())
+def attention_fwd_op(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
+    n_heads: int, dropout_p: float,
+    seed: torch.Tensor,  # seed: [1] int64 (CPU), read only when dropout_p > 0
+    allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
+    return _kernels().attention_forward(
+        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p,
+        int(seed.item()) if dropout_p > 0 else 0, allow_tf32)
+
+
+@attention_fwd_op.register_fake
+def _(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
+    R = target_rows.shape[0]
+    return (target_rows.new_empty((R, wq.shape[0])),
+            target_rows.new_empty((n_heads, R), dtype=torch.float32))
+
+
+@torch.library.custom_op("timellm_fast::reprogramming_attention_bwd", mutates_args=())
+def attention_bwd_op(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each
+    grad_heads: torch.Tensor,  # grad_heads: [R, H*E], gradient of heads_out
+    lse: torch.Tensor,  # lse: [H, R] fp32, the forward's
+    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # (dq: [R, H*E], dkv: [S, 2*H*E] fp32, or [0] if not needed)
+    dq, dkv = _kernels().attention_backward(
+        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, grad_heads.contiguous(), lse,
+        n_heads, dropout_p, int(seed.item()) if dropout_p > 0 else 0, allow_tf32, need_dkv=need_dkv)
+    return dq, (dkv if dkv is not None else lse.new_empty((0,)))
+
+
+@attention_bwd_op.register_fake
+def _(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_dkv):
+    R, HE = target_rows.shape[0], wq.shape[0]
+    dkv = lse.new_empty((k.shape[0], 2 * HE)) if need_dkv else lse.new_empty((0,))
+    return target_rows.new_empty((R, HE)), dkv
+
+
+def _setup_attention_context(ctx, inputs, output):
+    target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32 = inputs
+    ctx.save_for_backward(target_rows, wq, bq, k, v, output[1], seed)
+    ctx.config = (n_heads, dropout_p, allow_tf32)
+
+
+def _attention_backward(ctx, grad_heads, _grad_lse):
+    target_rows, wq, bq, k, v, lse, seed = ctx.saved_tensors
+    n_heads, dropout_p, allow_tf32 = ctx.config
+    need_target, need_wq, need_bq, need_k, need_v = ctx.needs_input_grad[:5]
+    dq, dkv = attention_bwd_op(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed,
+                               allow_tf32, need_k or need_v)  # [R, H*E], [S, 2*H*E] fp32
+    HE = wq.shape[0]
+    d_target = dq.mm(wq) if need_target else None  # [R, DM]
+    d_wq = dq.t().mm(target_rows) if need_wq else None  # [H*E, DM]
+    d_bq = dq.sum(0, dtype=torch.float32).to(bq.dtype) if need_bq else None
+    d_k = dkv[:, :HE].to(k.dtype) if need_k else None
+    d_v = dkv[:, HE:].to(v.dtype) if need_v else None
+    return d_target, d_wq, d_bq, d_k, d_v, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
+
+
+def draw_seed_tensor(dropout_p: float) -> torch.Tensor:
+    """A Philox seed from torch's default generator (torch.manual_seed reproduces dropout); no
+    random number is drawn without dropout, so eval never advances the user's RNG stream."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.zeros((1,), dtype=torch.int64)
+
+
+def fused_reprogramming(
+    target: torch.Tensor,  # target: [B', L, DM]
+    kv: Tuple[torch.Tensor, torch.Tensor],  # k, v: [S, H*E] each (projected, maybe cached)
+    wq: torch.Tensor, bq: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor,
+    n_heads: int, dropout_p: float, allow_tf32: bool,
+) -> torch.Tensor:  # out: [B', L, d_llm]
+    Bp, L, DM = target.shape
+    heads_out, _ = attention_fwd_op(target.reshape(Bp * L, DM), wq, bq, kv[0], kv[1], n_heads,
+                                    dropout_p, draw_seed_tensor(dropout_p), allow_tf32)  # [R, H*E]
+    return F.linear(heads_out, wo, bo).view(Bp, L, -1)
+
+
+class _KeyValueCache:
+    """K/V projections kept across calls while nothing they depend on has changed.
+
+    Only used when no autograd graph is needed. A tensor counts as unchanged while it is the same
+    live object (held by weak reference, so a new tensor that happens to reuse a freed address is
+    never mistaken for it) with the same storage pointer, version counter (bumped by every in-place
+    write), shape, strides, dtype and device.
+    """
+
+    def __init__(self):
+        self.hits = 0
+        self.misses = 0
+        self._key: Optional[tuple] = None
+        self._refs: tuple = ()
+        self._kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @staticmethod
+    def _fingerprint(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def __getstate__(self) -> dict:
+        # weak references cannot be pickled (torch.save of a whole model); a copy starts cold
+        state = dict(self.__dict__)
+        state.update(_key=None, _refs=(), _kv=None)
+        return state
+
+    def get(self, tensors: Tuple[torch.Tensor, ...], extra: tuple,
+            compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if any(t.is_inference() for t in tensors):
+            # inference tensors have no version counter, so in-place changes would go unseen
+            self.misses += 1
+            return compute()
+        key = tuple(self._fingerprint(t) for t in tensors) + extra
+        alive = len(self._refs) == len(tensors) and all(r() is t for r, t in zip(self._refs, tensors))
+        if alive and key == self._key:
+            self.hits += 1
+            return self._kv
+        self.misses += 1
+        self._kv = compute()
+        self._key = key
+        self._refs = tuple(weakref.ref(t) for t in tensors)
+        return self._kv
+
+
+def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
+    validation.float_tensor("target", target, 3, "[B', L, d_model]")
+    validation.float_tensor("source", source, 2, "[S, d_llm]")
+    validation.float_tensor("value", value, 2, "[S, d_llm]")
+    if target.shape[-1] != layer.d_model:
+        raise ValueError(f"target must have d_model={layer.d_model} features in its last dim, "
+                         f"got shape {tuple(target.shape)}")
+    for name, t in (("source", source), ("value", value)):
+        if t.shape[-1] != layer.d_llm:
+            raise ValueError(f"{name} must have d_llm={layer.d_llm} features in its last dim, "
+                             f"got shape {tuple(t.shape)}")
+    if source.shape[0] != value.shape[0]:
+        raise ValueError(f"value must have as many rows (prototypes S) as source: source has "
+                         f"{source.shape[0]}, value has {value.shape[0]}")
+    if source.shape[0] == 0:
+        raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
+    validation.same_device("source", source, "target", target)
+    validation.same_device("value", value, "target", target)
+    weight = layer.query_projection.weight
+    validation.same_device("target", target, "the layer's weights", weight)
+    if torch.is_autocast_enabled(target.device.type) and target.dtype != torch.float64:
+        return  # autocast casts everything to one dtype, as it would for nn.Linear
+    for name, t in (("target", target), ("source", source), ("value", value)):
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
+                            f"convert one of them (or run under torch.autocast)")
+
+
+class ReprogrammingLayer(nn.Module):
+    """Drop-in for Time-LLM's ReprogrammingLayer: same constructor, submodules and state-dict keys.
+
+    `allow_tf32=True` lets fp32 inputs use TF32 tensor cores in the fused kernel (faster, ~1e-3
+    relative error); by default fp32 dots are IEEE. ``kv_cache_hits`` / ``kv_cache_misses`` count
+    how often the no-grad path reused the K/V projections.
+    """
+
+    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1, *, allow_tf32=False):
+        super().__init__()
+        validation.positive_int("d_model", d_model)
+        validation.positive_int("n_heads", n_heads)
+        if d_llm is None:
+            raise ValueError("d_llm (the LLM's embedding width, e.g. 768 or 4096) is required")
+        validation.positive_int("d_llm", d_llm)
+        if d_keys is None:
+            d_keys = d_model // n_heads
+            if d_keys <= 0:
+                raise ValueError(f"d_keys defaults to d_model // n_heads = {d_model} // {n_heads} = 0; "
+                                 f"pass d_keys explicitly")
+        validation.positive_int("d_keys", d_keys)
+        validation.dropout_prob("attention_dropout", attention_dropout)
+        self.d_model, self.d_keys, self.d_llm = d_model, d_keys, d_llm
+        self.n_heads = n_heads
+        self.allow_tf32 = bool(allow_tf32)
+        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
+        self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
+        self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
+        self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
+        self.dropout = nn.Dropout(attention_dropout)
+        self._kv_cache = _KeyValueCache()
+
+    @property
+    def kv_cache_hits(self) -> int:
+        return self._kv_cache.hits
+
+    @property
+    def kv_cache_misses(self) -> int:
+        return self._kv_cache.misses
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, d_keys={self.d_keys}, d_llm={self.d_llm}"
+
+    def forward(self, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
+        check_inputs(self, target, source, value)
+        dtype = working_dtype(target)
+        params = (self.query_projection.weight, self.query_projection.bias,
+                  self.key_projection.weight, self.key_projection.bias,
+                  self.value_projection.weight, self.value_projection.bias,
+                  self.out_projection.weight, self.out_projection.bias)
+        dropout_p = validation.dropout_prob("dropout.p", self.dropout.p) if self.training else 0.0
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
+
+        cast = [t.to(dtype) for t in params]
+        target_c, source_c = target.to(dtype), source.to(dtype)
+        value_c = source_c if value is source else value.to(dtype)
+        wq, bq, wk, bk, wv, bv, wo, bo = cast
+        H, E = self.n_heads, self.d_keys
+        rows, protos = target.shape[0] * target.shape[1], source.shape[0]
+
+        reason = None
+        if dispatch.triton_import_error() is None:
+            reason = _kernels().unsupported_reason(dtype, E, protos, rows, dropout_p > 0.0, target.device,
+                                                   self.allow_tf32)
+        path = dispatch.choose(OP_NAME, target.device, reason)
+
+        def key_value():
+            if needs_grad:
+                return project_key_value(source_c, value_c, wk, bk, wv, bv)
+            watched = (source, value) + params[2:6]  # what K and V are computed from
+            return self._kv_cache.get(watched, (dtype,),
+                                      lambda: project_key_value(source_c, value_c, wk, bk, wv, bv))
+
+        with torch.autocast(target.device.type, enabled=False):
+            if path == "triton":
+                return fused_reprogramming(target_c, key_value(), wq, bq, wo, bo, H, dropout_p,
+                                           self.allow_tf32)
+            if dropout_p > 0:
+                return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
+                                               dropout_p=dropout_p, training=True)
+            return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
+                                           key_value=key_value())
