@@ -5,3 +5,6 @@ from .reprogramming import ReprogrammingLayer
 
 __all__ = ["PatchEmbedding", "ReprogrammingLayer", "patch_embedding", "dispatch", "reference"]
 __version__ = "0.1.0"
+from .patching import Replacement, patch_model, unpatch_model  # noqa: E402
+
+__all__ += ["patch_model", "unpatch_model", "Replacement"]

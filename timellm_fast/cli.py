@@ -1,10 +1,11 @@
-"""Command line: ``timellm-fast [check|bench|all]`` (default ``all``: check, then bench).
+"""Command line: ``timellm-fast [check|bench|all|forecast]`` (default ``all``: check, then bench).
 
 * ``check`` runs every op on the device present against the float64 oracle and prints the max
   errors, the SPEC §4 tolerance and which path ran. On a machine without CUDA it turns on
   Triton's interpreter so the kernels themselves are checked (slowly), not only the fallback.
 * ``bench`` times eager against our op per SPEC §2 shape. Kernel timings mean something only
   on a GPU; on the CPU it says so and times the eager paths.
+* ``forecast`` trains Time-LLM briefly with eager and with our layers (timellm_fast.forecast).
 """
 from __future__ import annotations
 
@@ -120,9 +121,19 @@ def bench(reps: int = 20) -> None:
 
 
 def main(argv=None) -> int:
+    from .forecast import add_forecast_arguments, forecast_main
+
     parser = argparse.ArgumentParser(prog="timellm-fast", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="all", choices=("all", "check", "bench"))
+    commands = parser.add_subparsers(dest="command", metavar="{all,check,bench,forecast}")
+    commands.add_parser("all", help="check, then bench (the default)")
+    commands.add_parser("check", help="every op against the float64 oracle")
+    commands.add_parser("bench", help="eager against our ops at the SPEC shapes")
+    add_forecast_arguments(commands.add_parser(
+        "forecast", help="train Time-LLM briefly on ETTh1 with eager and fast layers; MSE/MAE and step times"))
     args = parser.parse_args(argv)
+    if args.command == "forecast":
+        return forecast_main(args)
+    args.command = args.command or "all"
     ok = True
     if args.command in ("all", "check"):
         ok = check()

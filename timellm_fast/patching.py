@@ -1,0 +1,268 @@
+"""Swap Time-LLM's two eager layers for ours inside any model, in place, and back.
+
+    summary = patch_model(model)     # [Replacement(name, old_class, new_class), ...]
+    unpatch_model(model)             # the original module objects are back
+
+The original project's classes are never imported: a module is recognized by its structure,
+i.e. Time-LLM's class name (or our eager copies' in :mod:`timellm_fast.models`) *and* exactly
+the submodules, parameters and settings the layer has in Time-LLM (SPEC §1):
+
+* ``PatchEmbedding``: ``value_embedding.tokenConv`` an ``nn.Conv1d(patch_len, d_model, 3,
+  padding=1, padding_mode="circular", bias=False)``, int attributes ``patch_len`` and
+  ``stride``, an ``nn.Dropout`` ``dropout``, optionally a replication ``padding_patch_layer``
+  padding ``(0, stride)``; one parameter, no buffers.
+* ``ReprogrammingLayer``: ``query/key/value/out_projection`` ``nn.Linear`` with bias and
+  consistent shapes, int ``n_heads`` dividing the projection width, an ``nn.Dropout``
+  ``dropout``; those eight parameters, no buffers.
+
+A module with the right class name but another structure (e.g. PatchTST's PatchEmbedding,
+which adds a positional embedding) is left alone with a warning saying why.
+
+What is kept (documented contract):
+
+* **The same Parameter objects**: the new module is built on the meta device and the old
+  module's ``nn.Parameter`` objects are assigned into it. So an optimizer, an EMA, DDP /
+  accelerate, or anything else already holding the parameters keeps working, device, dtype and
+  ``requires_grad`` are exactly what they were, and the state-dict keys are unchanged
+  (checkpoints load in either direction).
+* The train / eval flag of the replaced module.
+* Not kept: forward / backward hooks registered on the replaced module objects themselves
+  (hooks on the parameters, or on other modules, are unaffected).
+
+Idempotent: our modules are never replaced again. ``unpatch_model`` puts the original objects
+back (with whatever Parameter objects our modules hold at that time, and their train / eval
+flag). Call ``patch_model`` before wrapping the model in DDP, FSDP or ``accelerator.prepare``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .patch_embedding import PatchEmbedding
+from .reprogramming import ReprogrammingLayer
+
+__all__ = ["Replacement", "patch_model", "unpatch_model"]
+
+# where a replacement keeps the module it replaced: a plain attribute, set around
+# nn.Module.__setattr__ so the original is not registered as a submodule (no duplicate state dict)
+ORIGINAL_ATTR = "_timellm_fast_replaced_module"
+
+PATCH_EMBEDDING_NAMES = ("PatchEmbedding", "EagerPatchEmbedding")
+REPROGRAMMING_NAMES = ("ReprogrammingLayer", "EagerReprogrammingLayer")
+OURS = (PatchEmbedding, ReprogrammingLayer)
+
+
+class Replacement(NamedTuple):
+    name: str  # qualified name in the model, e.g. "patch_embedding" or "encoder.layers.0"
+    old_class: type
+    new_class: type
+
+
+class NotRecognized(Exception):
+    """The module has the class name but not the structure; the message says what differs."""
+
+
+def _only(module: nn.Module, children: set, optional: set = frozenset()) -> None:
+    present = set(name for name, _ in module.named_children())
+    missing, extra = children - present, present - children - optional
+    if missing or extra:
+        raise NotRecognized(f"submodules {sorted(present)}; expected {sorted(children)}"
+                            + (f" (optionally {sorted(optional)})" if optional else ""))
+
+
+def _exact_state(module: nn.Module, parameter_names: set) -> None:
+    names = set(name for name, _ in module.named_parameters())
+    if names != parameter_names:
+        raise NotRecognized(f"parameters {sorted(names)}; expected {sorted(parameter_names)}")
+    buffers = [name for name, _ in module.named_buffers()]
+    if buffers:
+        raise NotRecognized(f"has buffers {buffers}; Time-LLM's layer has none")
+
+
+def _int_attr(module: nn.Module, name: str) -> int:
+    value = getattr(module, name, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise NotRecognized(f"attribute {name!r} is {value!r}, not a positive int")
+    return value
+
+
+def _dropout_p(module: nn.Module) -> float:
+    dropout = getattr(module, "dropout", None)
+    if not isinstance(dropout, nn.Dropout):
+        raise NotRecognized(f"'dropout' is {type(dropout).__name__}, not nn.Dropout")
+    return float(dropout.p)
+
+
+def patch_embedding_arguments(module: nn.Module) -> dict:
+    """Constructor arguments of a Time-LLM PatchEmbedding, read from its structure."""
+    _only(module, {"value_embedding", "dropout"}, optional={"padding_patch_layer"})
+    _only(module.value_embedding, {"tokenConv"})
+    _exact_state(module, {"value_embedding.tokenConv.weight"})
+    conv = module.value_embedding.tokenConv
+    if not isinstance(conv, nn.Conv1d):
+        raise NotRecognized(f"value_embedding.tokenConv is {type(conv).__name__}, not nn.Conv1d")
+    settings = dict(kernel_size=conv.kernel_size, padding=conv.padding, padding_mode=conv.padding_mode,
+                    stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    expected = dict(kernel_size=(3,), padding=(1,), padding_mode="circular", stride=(1,), dilation=(1,),
+                    groups=1, bias=False)
+    if settings != expected:
+        raise NotRecognized(f"tokenConv settings {settings}; expected {expected}")
+    patch_len, stride = _int_attr(module, "patch_len"), _int_attr(module, "stride")
+    if conv.in_channels != patch_len:
+        raise NotRecognized(f"tokenConv has {conv.in_channels} input channels but patch_len={patch_len}")
+    pad = getattr(module, "padding_patch_layer", None)
+    if pad is not None:
+        if "Replication" not in type(pad).__name__:
+            raise NotRecognized(f"padding_patch_layer is {type(pad).__name__}, not a replication pad")
+        if tuple(getattr(pad, "padding", ())) != (0, stride):
+            raise NotRecognized(f"padding_patch_layer pads {getattr(pad, 'padding', None)!r}, "
+                                f"expected (0, stride) = (0, {stride})")
+    return dict(d_model=conv.out_channels, patch_len=patch_len, stride=stride, dropout=_dropout_p(module))
+
+
+def reprogramming_arguments(module: nn.Module) -> dict:
+    """Constructor arguments of a Time-LLM ReprogrammingLayer, read from its structure."""
+    projections = ("query_projection", "key_projection", "value_projection", "out_projection")
+    _only(module, set(projections) | {"dropout"})
+    _exact_state(module, {f"{p}.{w}" for p in projections for w in ("weight", "bias")})
+    q, k, v, o = (getattr(module, p) for p in projections)
+    for name, linear in zip(projections, (q, k, v, o)):
+        if not isinstance(linear, nn.Linear) or linear.bias is None:
+            raise NotRecognized(f"{name} is not an nn.Linear with bias")
+    n_heads = _int_attr(module, "n_heads")
+    width = q.out_features  # H*E
+    d_llm = k.in_features
+    if width % n_heads:
+        raise NotRecognized(f"query_projection width {width} is not a multiple of n_heads={n_heads}")
+    if not (k.out_features == v.out_features == o.in_features == width and v.in_features == o.out_features == d_llm):
+        raise NotRecognized(f"projection shapes do not fit d_keys*n_heads={width}, d_llm={d_llm}: "
+                            f"key {k.in_features}->{k.out_features}, value {v.in_features}->{v.out_features}, "
+                            f"out {o.in_features}->{o.out_features}")
+    return dict(d_model=q.in_features, n_heads=n_heads, d_keys=width // n_heads, d_llm=d_llm,
+                attention_dropout=_dropout_p(module))
+
+
+def _recognizer(module: nn.Module) -> Optional[Tuple[type, Callable[[nn.Module], dict]]]:
+    if isinstance(module, OURS):
+        return None
+    name = type(module).__name__
+    if name in PATCH_EMBEDDING_NAMES:
+        return PatchEmbedding, patch_embedding_arguments
+    if name in REPROGRAMMING_NAMES:
+        return ReprogrammingLayer, reprogramming_arguments
+    return None
+
+
+def _set_parameter(root: nn.Module, dotted: str, parameter: nn.Parameter) -> None:
+    *path, leaf = dotted.split(".")
+    owner = root
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, leaf, parameter)
+
+
+def _move_parameters(src: nn.Module, dst: nn.Module) -> None:
+    """Puts src's Parameter objects into dst under the same names (identical name sets)."""
+    src_params = dict(src.named_parameters())
+    dst_names = set(name for name, _ in dst.named_parameters())
+    if set(src_params) != dst_names:
+        raise RuntimeError(f"timellm_fast: cannot carry parameters from {type(src).__name__} to "
+                           f"{type(dst).__name__}: {sorted(src_params)} vs {sorted(dst_names)}")
+    for name, parameter in src_params.items():
+        _set_parameter(dst, name, parameter)
+
+
+def replacement_for(module: nn.Module, new_class: type, arguments: dict) -> nn.Module:
+    """Our module with `module`'s Parameter objects, train/eval flag and a link back to it."""
+    with torch.device("meta"):  # no memory, no init: every parameter is replaced just below
+        new = new_class(**arguments)
+    _move_parameters(module, new)
+    leftovers = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"timellm_fast: {new_class.__name__} has state {leftovers} that "
+                           f"{type(module).__name__} does not provide")
+    new.train(module.training)
+    object.__setattr__(new, ORIGINAL_ATTR, module)
+    return new
+
+
+def _walk(parent: nn.Module, prefix: str, visit: Callable[[nn.Module, str, nn.Module, str], bool],
+          expanded: Optional[set] = None) -> None:
+    """Calls ``visit(parent, attribute, child, qualified name)`` for each child below `parent`, in
+    module order, and descends into the child when visit returns True. A module shared by
+    several parents is expanded once."""
+    expanded = set() if expanded is None else expanded
+    if id(parent) in expanded:
+        return
+    expanded.add(id(parent))
+    for attr, child in list(parent._modules.items()):  # visit may replace entries
+        if child is None:
+            continue
+        qualified = f"{prefix}.{attr}" if prefix else attr
+        if visit(parent, attr, child, qualified):
+            _walk(child, qualified, visit, expanded)
+
+
+def patch_model(model: nn.Module) -> List[Replacement]:
+    """Replaces, in place, every Time-LLM PatchEmbedding / ReprogrammingLayer below `model`
+    with timellm_fast's (same Parameter objects, train/eval flag); returns what was replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if _recognizer(model) is not None:
+        raise ValueError(f"model is itself a {type(model).__name__}; patch_model replaces submodules in "
+                         f"place, so pass the model that contains it")
+    summary: List[Replacement] = []
+    done: Dict[int, nn.Module] = {}  # id(old) -> new, so a module shared by two parents is built once
+
+    def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
+        if isinstance(child, OURS):
+            return False
+        recognized = _recognizer(child)
+        if recognized is None:
+            return True
+        new_class, read_arguments = recognized
+        if id(child) not in done:
+            try:
+                arguments = read_arguments(child)
+            except NotRecognized as why:
+                warnings.warn(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
+                              f"Time-LLM's structure and is left unchanged: {why}", stacklevel=2)
+                return True
+            done[id(child)] = replacement_for(child, new_class, arguments)
+        setattr(parent, attr, done[id(child)])
+        summary.append(Replacement(qualified, type(child), new_class))
+        return False
+
+    _walk(model, "", visit)
+    return summary
+
+
+def unpatch_model(model: nn.Module) -> List[Replacement]:
+    """Undoes :func:`patch_model`: puts the original module objects back, holding the Parameter
+    objects our modules hold now and their train/eval flag. Returns (name, our class, original class)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    summary: List[Replacement] = []
+    restored: Dict[int, nn.Module] = {}
+    ours: List[nn.Module] = []
+
+    def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
+        original = child.__dict__.get(ORIGINAL_ATTR)
+        if original is None:
+            return not isinstance(child, OURS)
+        if id(child) not in restored:
+            _move_parameters(child, original)
+            original.train(child.training)
+            restored[id(child)] = original
+            ours.append(child)
+        setattr(parent, attr, original)
+        summary.append(Replacement(qualified, type(child), type(original)))
+        return False
+
+    _walk(model, "", visit)
+    for module in ours:
+        del module.__dict__[ORIGINAL_ATTR]  # detached now; do not keep the original alive through it
+    return summary
