@@ -1,0 +1,188 @@
+"""Shared pieces of the benchmark suites: SPEC §2 shapes, the peers, timing, FLOP/byte models.
+
+Every case times all its implementations in the same process on the same device, so each
+claim is a ratio (SPEC §5). GPU timing is `triton.testing.do_bench` (warm-up, CUDA-event
+timing, L2 flush, median); CPU timing is a wall-clock median and says nothing about kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from timellm_fast import PatchEmbedding, ReprogrammingLayer
+from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
+from timellm_fast.reference import reprogramming_sdpa_fold
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+#: reduced shapes and eager-only peers on CPU (the suites must run in CI, not time kernels there)
+FULL = ON_GPU and os.environ.get("TIMELLM_FAST_BENCH_QUICK", "0") == "0"
+
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # fp32: no TF32
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    rows: int  # B·N series (patch embedding) = B' (reprogramming)
+    d_model: int
+    d_keys: int
+    d_llm: int
+    seq_len: int = 512
+    patch_len: int = 16
+    stride: int = 8
+    n_heads: int = 8
+    num_protos: int = 1000
+
+    @property
+    def patches(self) -> int:
+        return (self.seq_len + self.stride - self.patch_len) // self.stride + 1
+
+
+# SPEC §2 (folded B·N where the table gives one; channel-independent rows = 24)
+SPEC_SHAPES = [
+    Shape("explained-gpt2", 28, 32, 32, 768),
+    Shape("etth1-independent", 24, 32, 128, 4096),
+    Shape("etth1-folded", 168, 32, 128, 4096),
+    Shape("weather-folded", 504, 32, 32, 4096),
+    Shape("ecl-folded", 7704, 16, 32, 4096),
+    Shape("traffic-folded", 20688, 16, 32, 4096),
+]
+CPU_SHAPES = [Shape("cpu-tiny", 4, 16, 16, 64, seq_len=64, n_heads=2, num_protos=37)]
+SHAPES = SPEC_SHAPES if FULL else CPU_SHAPES
+DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def measure_seconds(fn: Callable[[], object]) -> float:
+    """Median seconds of fn()."""
+    if ON_GPU:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    import time
+
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak allocated bytes during one call, above what was allocated before it (GPU only)."""
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def rates(flops: float, bytes_moved: float, seconds: float, dtype: torch.dtype) -> Dict[str, float]:
+    tflops = flops / seconds / 1e12
+    gbs = bytes_moved / seconds / 1e9
+    return dict(tflops=tflops, gbs=gbs, frac_flops=tflops * 1e12 / H100_PEAK_FLOPS[dtype],
+                frac_hbm=gbs * 1e9 / H100_HBM_BYTES_PER_S)
+
+
+# ---- patch embedding ---------------------------------------------------------------------------
+
+def patch_embedding_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
+    """(FLOPs, minimum HBM bytes): read x and W, write y (and read dy, write dW for backward)."""
+    e = torch.finfo(dtype).bits // 8
+    m = s.rows * s.patches
+    flops = 2.0 * m * 3 * s.patch_len * s.d_model
+    nbytes = s.rows * s.seq_len * e + m * s.d_model * e
+    if backward:
+        flops *= 2  # dW only: the series carries no gradient in Time-LLM
+        nbytes += m * s.d_model * e
+    return flops, nbytes
+
+
+def patch_embedding_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
+    """name -> module factory; every module has the same weights."""
+    torch.manual_seed(0)
+    ours = PatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
+    eager = EagerPatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
+    eager.load_state_dict(ours.state_dict())
+    impls = {"eager": eager, "ours": ours}
+    if FULL:
+        impls["compile"] = torch.compile(eager)
+        impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
+    return impls
+
+
+def patch_embedding_input(s: Shape, dtype: torch.dtype) -> torch.Tensor:
+    from timellm_fast.data import ett_windows
+
+    windows, _ = ett_windows((s.rows + 6) // 7, s.seq_len)  # [B, T, 7] real ETTh1 when present
+    x = windows.permute(0, 2, 1).reshape(-1, s.seq_len)[:s.rows]
+    return x.reshape(s.rows, 1, s.seq_len).to(DEVICE, dtype)
+
+
+# ---- reprogramming -----------------------------------------------------------------------------
+
+def reprogramming_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
+    """(FLOPs, minimum HBM bytes) of SPEC §2.1: Q, K/V projections, QKᵀ + AV, out projection."""
+    e = torch.finfo(dtype).bits // 8
+    rows = s.rows * s.patches
+    he = s.n_heads * s.d_keys
+    flops = (2.0 * rows * s.d_model * he + 2 * 2.0 * s.num_protos * s.d_llm * he
+             + 4.0 * rows * s.num_protos * he + 2.0 * rows * he * s.d_llm)
+    nbytes = e * (rows * s.d_model + s.num_protos * s.d_llm + rows * s.d_llm
+                  + he * (s.d_model + 2 * s.d_llm) + s.d_llm * he)
+    if backward:
+        flops *= 3.5  # attention backward recomputes P: ~2.5x its forward; GEMMs 2x
+        nbytes *= 3
+    return flops, nbytes
+
+
+class SdpaFold(torch.nn.Module):
+    """SPEC §5 (c): cuBLAS projections + SDPA with all B'·L queries folded into one sequence."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, target, source, value):
+        m = self.layer
+        return reprogramming_sdpa_fold(
+            target, source, value, m.query_projection.weight, m.query_projection.bias,
+            m.key_projection.weight, m.key_projection.bias, m.value_projection.weight,
+            m.value_projection.bias, m.out_projection.weight, m.out_projection.bias, m.n_heads)
+
+
+def reprogramming_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
+    torch.manual_seed(0)
+    ours = ReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
+    eager = EagerReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
+    eager.load_state_dict(ours.state_dict())
+    impls = {"eager": eager, "sdpa-fold": SdpaFold(eager), "ours": ours}
+    if FULL:
+        impls["compile"] = torch.compile(eager)
+        impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
+    return impls
+
+
+def reprogramming_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(s.rows, s.patches, s.d_model, generator=g).to(DEVICE, dtype)
+    protos = (torch.randn(s.num_protos, s.d_llm, generator=g) / math.sqrt(s.d_llm)).to(DEVICE, dtype)
+    return target.requires_grad_(requires_grad), protos.requires_grad_(requires_grad)

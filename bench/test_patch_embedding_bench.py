@@ -1,0 +1,34 @@
+"""Patch embedding, forward and forward + backward (dW; the series has no gradient in Time-LLM)."""
+import pytest
+import torch
+
+from cases import run_case
+from common import DTYPES, SHAPES, dtype_name, patch_embedding_cost, patch_embedding_impls, patch_embedding_input
+from conftest import RESULTS
+
+IMPLS = ["eager", "compile", "compile-max-autotune", "ours"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_patch_embedding(benchmark, shape, dtype, impl, mode):
+    impls = patch_embedding_impls(shape, dtype)
+    if impl not in impls:
+        pytest.skip(f"{impl} runs only in the full GPU suite")
+    layer = impls[impl]
+    x = patch_embedding_input(shape, dtype)
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)[0]
+
+    def forward_backward():
+        y, _ = layer(x)
+        y.backward(torch.ones_like(y))
+
+    step = forward if mode == "fwd" else forward_backward
+    row = run_case(benchmark, RESULTS, op="patch_embedding", shape=shape, dtype=dtype, mode=mode, impl=impl,
+                   step=step, cost=patch_embedding_cost(shape, dtype, mode != "fwd"))
+    assert row["status"] in ("ok", "OOM")

@@ -1,0 +1,34 @@
+"""Reprogramming layer, forward and forward + backward, against eager, torch.compile and SDPA-fold."""
+import pytest
+
+from cases import run_case
+from common import DTYPES, SHAPES, dtype_name, reprogramming_cost, reprogramming_impls, reprogramming_inputs
+from conftest import RESULTS
+
+IMPLS = ["eager", "compile", "compile-max-autotune", "sdpa-fold", "ours"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_reprogramming(benchmark, shape, dtype, impl, mode):
+    impls = reprogramming_impls(shape, dtype)
+    if impl not in impls:
+        pytest.skip(f"{impl} runs only in the full GPU suite")
+    layer = impls[impl]
+    training = mode != "fwd"
+    target, protos = reprogramming_inputs(shape, dtype, requires_grad=training)
+    layer.train(training)
+
+    def forward():  # grad mode on for every peer: our eval K/V cache would skip the K/V GEMMs
+        return layer(target, protos, protos)
+
+    def forward_backward():
+        out = layer(target, protos, protos)
+        out.backward(out.detach())
+
+    step = forward_backward if training else forward
+    row = run_case(benchmark, RESULTS, op="reprogramming", shape=shape, dtype=dtype, mode=mode, impl=impl,
+                   step=step, cost=reprogramming_cost(shape, dtype, training))
+    assert row["status"] in ("ok", "OOM")
