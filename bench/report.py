@@ -46,6 +46,26 @@ def markdown(rows, env) -> str:
             lines.append(f"| {op} | {shape} | {dtype} | {mode} | {name} | {r['seconds'] * 1e3:.3f} | {speed} | "
                          f"{r['tflops']:.2f} | {r['gbs']:.0f} | {100 * r['frac_hbm']:.1f} | "
                          f"{100 * r['frac_flops']:.1f} | {peak} |")
+    shares = []
+    for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
+        if op != "timellm-input-stage":
+            continue
+        full = _groups(rows).get(("timellm-full-model", shape, dtype, mode), {})
+        for name, r in sorted(impls.items()):
+            f = full.get(name)
+            if r["status"] == "ok" and f and f["status"] == "ok":
+                shares.append(f"| {shape} | {dtype} | {mode} | {name} | {100 * r['seconds'] / f['seconds']:.1f}% |")
+    if shares:
+        lines += ["", "Share of a full Time-LLM step spent in the input stage (prototypes + patch "
+                  "embedding + reprogramming):", "", "| shape | dtype | mode | impl | input-stage share |",
+                  "|---|---|---|---|---|"] + shares
+    series = [r for r in rows if r.get("series_per_s") and r["mode"] == "inference" and r["op"] == "timellm-full-model"]
+    if series:
+        lines += ["", "Inference throughput (full model):", "", "| shape | impl | series/s |", "|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['impl']} | {r['series_per_s']:.0f} |" for r in series]
+    if env["device"] == "cpu":
+        lines += ["", "CPU run: `ours` executes in Triton's interpreter, so these times only prove "
+                  "the suites run; kernel timings need a GPU."]
     return "\n".join(lines) + "\n"
 
 
