@@ -66,7 +66,8 @@ def patch_conv_gemm(
     out_ptr,  # out: [M, OUT_COLS] (strides s_om, s_oc), dtype of the pointer
     M, P, N_VARS, K_TOTAL, C_IN, OUT_COLS, TIME_STRIDE, CLAMP,
     s_b, s_n, s_t, s_wk, s_wc, s_wo, s_om, s_oc,
-    seed, dropout_p, dropout_scale,
+    seed_ptr,  # seed: [1] int64 on the device (drawn there, so CUDA-graph replays draw anew)
+    dropout_p, dropout_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -97,7 +98,7 @@ def patch_conv_gemm(
             w = tl.load(w_ptr + kk * s_wk + cc * s_wc + outs * s_wo, mask=outs < OUT_COLS, other=0.0)
             acc += a.to(tl.float32) * w.to(tl.float32)[None, :]
     if DROPOUT:
-        keep = _dropout_keep(seed, rows, outs, OUT_COLS, dropout_p)
+        keep = _dropout_keep(tl.load(seed_ptr), rows, outs, OUT_COLS, dropout_p)
         acc = tl.where(keep, acc * dropout_scale, 0.0)
     mask = (rows < M)[:, None] & (outs < OUT_COLS)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * s_om + outs[None, :] * s_oc
@@ -112,7 +113,8 @@ def patch_conv_dweight(
     g_masked_ptr,  # g_masked: [M, D] fp32, written only when WRITE_MASKED_GRAD
     M, P, N_VARS, K_TOTAL, C_IN, D, TIME_STRIDE, CLAMP, ROWS_PER_CHUNK,
     s_b, s_n, s_t,
-    seed, dropout_p, dropout_scale,
+    seed_ptr,  # seed: [1] int64, the forward's
+    dropout_p, dropout_scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_MASKED_GRAD: tl.constexpr,
@@ -127,6 +129,8 @@ def patch_conv_dweight(
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     acc = tl.zeros((BLOCK_K, BLOCK_O), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     row_start = pid_chunk * ROWS_PER_CHUNK
     row_end = tl.minimum(row_start + ROWS_PER_CHUNK, M)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -235,7 +239,7 @@ def patch_conv(
     weight: torch.Tensor,  # weight: [d_out, c_in, 3] viewed through (s_wk, s_wc, s_wo) below
     out: torch.Tensor,  # out: [M, OUT_COLS], M = B*N_VARS*P
     *, P: int, c_in: int, time_stride: int, clamp: int, w_strides: tuple, dot_dt: torch.dtype,
-    seed: int = 0, dropout_p: float = 0.0,
+    seed: torch.Tensor, dropout_p: float = 0.0,  # seed: [1] int64 on the device
 ) -> torch.Tensor:
     B, n_vars, _ = src.shape
     M, out_cols = out.shape
@@ -259,7 +263,7 @@ def patch_embedding_fwd(
     x: torch.Tensor,  # x: [B, N, T], any float dtype and strides
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     out_dtype: torch.dtype, patch_len: int, stride: int, P: int,
-    seed: int = 0, dropout_p: float = 0.0,
+    seed: torch.Tensor, dropout_p: float = 0.0,  # seed: [1] int64 on x's device
 ) -> torch.Tensor:  # y: [B*N*P, D]
     B, N, T = x.shape
     D = weight.shape[0]
@@ -277,8 +281,9 @@ def patch_embedding_bwd(
     x: torch.Tensor,  # x: [B, N, T]
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     grad_y: torch.Tensor,  # grad_y: [B*N*P, D]
-    patch_len: int, stride: int, P: int, seed: int, dropout_p: float,
-    need_dx: bool, need_dw: bool,
+    patch_len: int, stride: int, P: int,
+    seed: torch.Tensor,  # seed: [1] int64 on the device, the forward's
+    dropout_p: float, need_dx: bool, need_dw: bool,
 ):  # -> (dx: [B, N, T] in x.dtype or None, dw: [D, patch_len, 3] fp32 or None)
     B, N, T = x.shape
     D = weight.shape[0]
@@ -327,7 +332,7 @@ def patch_embedding_bwd(
         patch_conv(
             src, weight[:, :, 2:], dpatch, P=P, c_in=D, time_stride=D, clamp=P * D - 1,
             w_strides=(-sw_k, sw_d, sw_c),
-            dot_dt=dot_dtype(g_masked.dtype, weight.dtype, device=g.device),
+            dot_dt=dot_dtype(g_masked.dtype, weight.dtype, device=g.device), seed=seed,
         )
         dx = torch.empty((B, N, T), device=x.device, dtype=store_dtype(x.dtype))
         R = B * N
@@ -355,7 +360,7 @@ def aot_configs() -> list:
         "M": "i32", "P": "i32", "N_VARS": "i32", "K_TOTAL": "i32", "C_IN": "i32",
         "OUT_COLS": "i32", "TIME_STRIDE": "i32", "CLAMP": "i32",
         "s_b": "i32", "s_n": "i32", "s_t": "i32", "s_wk": "i32", "s_wc": "i32", "s_wo": "i32",
-        "s_om": "i32", "s_oc": "i32", "seed": "i32", "dropout_p": "fp32", "dropout_scale": "fp32",
+        "s_om": "i32", "s_oc": "i32", "seed_ptr": "*i64", "dropout_p": "fp32", "dropout_scale": "fp32",
     }
     ptr_cases = [(torch.float32, torch.float32, torch.float32, torch.float32),
                  (torch.bfloat16, torch.float32, torch.float32, torch.float32),
@@ -377,7 +382,7 @@ def aot_configs() -> list:
     dw_sig_base = {
         "M": "i32", "P": "i32", "N_VARS": "i32", "K_TOTAL": "i32", "C_IN": "i32", "D": "i32",
         "TIME_STRIDE": "i32", "CLAMP": "i32", "ROWS_PER_CHUNK": "i32",
-        "s_b": "i32", "s_n": "i32", "s_t": "i32", "seed": "i32", "dropout_p": "fp32",
+        "s_b": "i32", "s_n": "i32", "s_t": "i32", "seed_ptr": "*i64", "dropout_p": "fp32",
         "dropout_scale": "fp32",
     }
     for dt, block_o, (dropout, write_masked) in itertools.product(

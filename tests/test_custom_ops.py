@@ -22,7 +22,7 @@ def series(B=2, N=3, T=40, dtype=torch.float32):
 def test_opcheck_patch_embedding_ops(dtype, dropout_p):
     x = series(dtype=dtype).requires_grad_(True)
     w = torch.randn(16, 8, 3, device=DEVICE, dtype=dtype, requires_grad=True)
-    seed = draw_seed_tensor(dropout_p)
+    seed = draw_seed_tensor(dropout_p, DEVICE)
     opcheck(patch_embedding_fwd_op, (x, w, 8, 4, dtype, dropout_p, seed))
     y = patch_embedding_fwd_op(x, w, 8, 4, dtype, dropout_p, seed)
     g = torch.randn_like(y)
@@ -142,3 +142,40 @@ def test_profiler_names_the_attention_ops():
     names = {e.key for e in prof.key_averages()}
     assert "timellm_fast::reprogramming_attention_fwd" in names
     assert "timellm_fast::reprogramming_attention_bwd" in names
+
+
+# ---- CUDA graphs (GPU only) --------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_draws_fresh_dropout_masks():
+    """The seed is drawn on the device, so each replay of a captured training step gets a new
+    mask, and the backward inside the same graph uses that replay's mask."""
+    torch.manual_seed(0)
+    layer = PatchEmbedding(16, 8, 4, 0.3).cuda().train()
+    x = series().cuda()
+    static_y = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph compiles the kernels
+        for _ in range(2):
+            y, _ = layer(x)
+            y.sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    layer.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, _ = layer(x)
+        static_y.sum().backward()
+    masks, grads = [], []
+    for _ in range(2):
+        layer.zero_grad(set_to_none=False)
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append((static_y != 0).clone())
+        grads.append(layer.value_embedding.tokenConv.weight.grad.clone())
+    assert not torch.equal(masks[0], masks[1]), "replays reused one dropout mask"
+    w = layer.value_embedding.tokenConv.weight.detach().double().requires_grad_(True)
+    for mask, grad in zip(masks, grads):
+        y64 = patch_embedding_reference(x.double(), w, 8, 4) * mask.double() / 0.7
+        (dw,) = torch.autograd.grad(y64.sum(), w)
+        assert_close_to_oracle("dW of a replay", grad, dw)

@@ -59,14 +59,13 @@ def patch_embedding_fwd_op(
     x: torch.Tensor,  # x: [B, N, T]
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     patch_len: int, stride: int, out_dtype: torch.dtype, dropout_p: float,
-    seed: torch.Tensor,  # seed: [1] int64 (CPU), read only when dropout_p > 0
+    seed: torch.Tensor,  # seed: [1] int64 on x's device, read only when dropout_p > 0
 ) -> torch.Tensor:  # y: [B*N, P, D]
     from .kernels import patch_embedding as kernel
 
     B, N, T = x.shape
     P = num_patches(T, patch_len, stride)
-    y = kernel.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P,
-                                   int(seed.item()) if dropout_p > 0 else 0, dropout_p)
+    y = kernel.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P, seed, dropout_p)
     return y.view(B * N, P, weight.shape[0])
 
 
@@ -89,8 +88,8 @@ def patch_embedding_bwd_op(
 
     P = num_patches(x.shape[-1], patch_len, stride)
     dx, dw = kernel.patch_embedding_bwd(
-        x, weight, grad_y.reshape(-1, weight.shape[0]), patch_len, stride, P,
-        int(seed.item()) if dropout_p > 0 else 0, dropout_p, need_dx, need_dw)
+        x, weight, grad_y.reshape(-1, weight.shape[0]), patch_len, stride, P, seed, dropout_p,
+        need_dx, need_dw)
     dx = dx if dx is not None else x.new_empty((0,))
     dw = dw.to(weight.dtype) if dw is not None else weight.new_empty((0,))
     return dx, dw
@@ -121,12 +120,17 @@ def _fwd_backward(ctx, grad_y):
 patch_embedding_fwd_op.register_autograd(_fwd_backward, setup_context=_setup_fwd_context)
 
 
-def draw_seed_tensor(dropout_p: float) -> torch.Tensor:
-    """A Philox seed from torch's default generator (so torch.manual_seed reproduces dropout);
-    without dropout no random number is drawn, so eval never advances the user's RNG stream."""
+def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
+    """A Philox seed, [1] int64 on `device`, from torch's generator of that device.
+
+    torch.manual_seed reproduces it. On CUDA the draw is a device op, so a captured CUDA graph
+    draws a fresh seed on every replay (torch advances graph-safe generators per replay) and the
+    backward, replayed in the same graph, reads the forward's. Without dropout nothing is drawn,
+    so eval never advances the user's RNG stream.
+    """
     if dropout_p > 0:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    return torch.zeros((1,), dtype=torch.int64)
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.zeros((1,), dtype=torch.int64, device=device)
 
 
 def patch_embedding(
@@ -143,7 +147,8 @@ def patch_embedding(
     out_dtype = output_dtype(x, weight)
     path = dispatch.choose(OP_NAME, x.device, _unsupported(x, weight, P, p))
     if path == "triton":
-        return patch_embedding_fwd_op(x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p))
+        seed = draw_seed_tensor(p, x.device)
+        return patch_embedding_fwd_op(x, weight, patch_len, stride, out_dtype, p, seed)
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)
