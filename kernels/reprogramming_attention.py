@@ -168,7 +168,7 @@ def _probs_and_grads(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def reprogramming_fwd_kernel(
     target_ptr,  # target: [R, DM]
     wq_ptr,  # wq: [H*E, DM]
@@ -185,7 +185,7 @@ def reprogramming_fwd_kernel(
     stride_kv,
     qk_scale_log2,  # log2(e) / sqrt(E)
     dropout_p,
-    seed,
+    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
     rows_per_group,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -195,6 +195,7 @@ def reprogramming_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
+    seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
     head = tl.program_id(1)
     offs_r = row_start + tl.arange(0, BLOCK_R)
@@ -241,7 +242,7 @@ def reprogramming_fwd_kernel(
     tl.store(lse_ptr + head * R + offs_r, row_max + tl.log2(row_sum), mask=r_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def reprogramming_bwd_dq_kernel(
     target_ptr,  # target: [R, DM]
     wq_ptr,  # wq: [H*E, DM]
@@ -261,7 +262,7 @@ def reprogramming_bwd_dq_kernel(
     qk_scale_log2,  # log2(e) / sqrt(E)
     sm_scale,  # 1 / sqrt(E)
     dropout_p,
-    seed,
+    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
     rows_per_group,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -271,6 +272,7 @@ def reprogramming_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
+    seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
     head = tl.program_id(1)
     offs_r = row_start + tl.arange(0, BLOCK_R)
@@ -312,7 +314,7 @@ def reprogramming_bwd_dq_kernel(
     tl.store(dq_ptr + re_offsets, dq.to(dq_ptr.dtype.element_ty), mask=re_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def reprogramming_bwd_dkdv_kernel(
     target_ptr,  # target: [R, DM]
     wq_ptr,  # wq: [H*E, DM]
@@ -333,7 +335,7 @@ def reprogramming_bwd_dkdv_kernel(
     qk_scale_log2,  # log2(e) / sqrt(E)
     sm_scale,  # 1 / sqrt(E)
     dropout_p,
-    seed,
+    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
     rows_per_group,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -343,6 +345,7 @@ def reprogramming_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
+    seed = tl.load(seed_ptr)
     proto_start = tl.program_id(0) * BLOCK_S
     head = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -397,19 +400,20 @@ def reprogramming_bwd_dkdv_kernel(
     tl.store(partial_ptrs + H * E, dv, mask=kv_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def dropout_keep_mask_kernel(
     keep_ptr,  # keep: [H, R, S] int8, written here (1 = kept)
     R,
     S,
     H,
     dropout_p,
-    seed,
+    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
     rows_per_group,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     """Debug/test entry: writes the mask the attention kernels draw, through the same helper."""
+    seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
     head = tl.program_id(1)
     offs_r = row_start + tl.arange(0, BLOCK_R)
@@ -515,7 +519,7 @@ _TILES = {
     ("fwd", "fp16", 64, False): (64, 32, 8, 2), ("fwd", "fp16", 64, True): (64, 32, 8, 2),
     ("fwd", "fp16", 128, False): (32, 32, 8, 2), ("fwd", "fp16", 128, True): (32, 32, 8, 2),
     ("bwd_dq", "fma", 32, False): (64, 32, 8, 1), ("bwd_dq", "fma", 32, True): (64, 32, 8, 1),
-    ("bwd_dq", "fma", 64, False): (32, 32, 8, 1), ("bwd_dq", "fma", 64, True): (32, 16, 8, 1),
+    ("bwd_dq", "fma", 64, False): (32, 32, 8, 1), ("bwd_dq", "fma", 64, True): (16, 16, 8, 1),
     ("bwd_dq", "fma", 128, False): (16, 16, 8, 1), ("bwd_dq", "fma", 128, True): (16, 16, 8, 1),
     ("bwd_dq", "tf32", 32, False): (64, 64, 8, 2), ("bwd_dq", "tf32", 32, True): (64, 32, 8, 2),
     ("bwd_dq", "tf32", 64, False): (32, 32, 4, 2), ("bwd_dq", "tf32", 64, True): (32, 32, 8, 2),
@@ -596,6 +600,8 @@ def _signature(cfg: KernelConfig) -> Dict[str, str]:
             signature[name] = "*fp32"
         elif name in _INT8_POINTERS:
             signature[name] = "*i8"
+        elif name == "seed_ptr":
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*" + SIG_DTYPE[cfg.data_dtype]
         elif name in _FLOAT_SCALARS:
@@ -650,8 +656,6 @@ def unsupported_reason(data_dtype: torch.dtype, head_dim: int, num_protos: int, 
         return f"dtype {data_dtype} has no kernel (float32, bfloat16, float16 only)"
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"head width d_keys={head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-    if num_rows == 0:
-        return "empty batch (B'·L = 0)"
     if has_dropout and rows_per_philox_group(num_protos) < MAX_BLOCK_R:
         return f"S={num_protos} prototypes is too many for the dropout counters"
     if device is not None and device.type == "cuda":
@@ -670,8 +674,16 @@ def _launch_params(cfg: KernelConfig) -> dict:
     return params
 
 
-def _philox_args(num_protos: int, dropout_p: float, seed: int) -> Tuple[float, int, int]:
-    return float(dropout_p), int(seed), rows_per_philox_group(num_protos)
+def _philox_args(num_protos: int, dropout_p: float, seed: torch.Tensor) -> Tuple[float, torch.Tensor, int]:
+    return float(dropout_p), seed, rows_per_philox_group(num_protos)
+
+
+def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> torch.Tensor:
+    if seed is None:
+        if dropout_p > 0.0:
+            raise ValueError("dropout_p > 0 needs a seed tensor ([1] int64 on the device)")
+        return torch.zeros((1,), dtype=torch.int64, device=device)
+    return seed
 
 
 def _shared_kv_stride(k: torch.Tensor, v: torch.Tensor) -> int:
@@ -688,16 +700,19 @@ def attention_forward(
     v: torch.Tensor,  # v: [S, H*E], same strides as k
     n_heads: int,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
     allow_tf32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # out: [R, H*E] in the data dtype, lse: [H, R] fp32 (base 2)
     R, DM = target.shape
     S, HE = k.shape
     E = HE // n_heads
+    seed = _seed_tensor(seed, dropout_p, target.device)
     cfg = select_config("fwd", target.dtype, E, dropout_p > 0.0, target.device, allow_tf32)
     stride_kv = _shared_kv_stride(k, v)
     out = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
     lse = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
+    if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
+        return out.to(target.dtype), lse
     grid = (triton.cdiv(R, cfg.block_r), n_heads)
     reprogramming_fwd_kernel[grid](
         target, wq, bq, k, v, out, lse, R, S, DM, n_heads, E, stride_kv, _LOG2E / math.sqrt(E),
@@ -727,7 +742,7 @@ def attention_backward(
     lse: torch.Tensor,  # lse: [H, R] fp32, from attention_forward
     n_heads: int,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
     allow_tf32: bool = False,
     need_dkv: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -737,9 +752,12 @@ def attention_backward(
     E = HE // n_heads
     has_dropout = dropout_p > 0.0
     stride_kv = _shared_kv_stride(k, v)
-    philox = _philox_args(S, dropout_p, seed)
+    philox = _philox_args(S, dropout_p, _seed_tensor(seed, dropout_p, target.device))
     qk_scale_log2, sm_scale = _LOG2E / math.sqrt(E), 1.0 / math.sqrt(E)
 
+    if R == 0:  # empty batch: dQ is empty and dK, dV are sums over no rows
+        dq = torch.empty((0, HE), dtype=target.dtype, device=target.device)
+        return dq, (torch.zeros((S, 2 * HE), dtype=torch.float32, device=target.device) if need_dkv else None)
     dq_cfg = select_config("bwd_dq", target.dtype, E, has_dropout, target.device, allow_tf32)
     delta = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
     dq = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
@@ -774,6 +792,7 @@ def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: f
     cfg = select_config("dropout_mask", torch.float32, 0, True, device)
     keep = torch.empty((n_heads, num_rows, num_protos), dtype=torch.int8, device=device)
     grid = (triton.cdiv(num_rows, cfg.block_r), n_heads)
-    dropout_keep_mask_kernel[grid](keep, num_rows, num_protos, n_heads, *_philox_args(num_protos, dropout_p, seed),
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dropout_keep_mask_kernel[grid](keep, num_rows, num_protos, n_heads, *_philox_args(num_protos, dropout_p, seed_t),
                                    **_launch_params(cfg))
     return keep.bool()

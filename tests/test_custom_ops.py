@@ -104,7 +104,7 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p):
     target, wq, bq = rand(R, DM), rand(H * E, DM) / 4, rand(H * E)
     kv = rand(S, 2 * H * E)
     k, v = kv[:, :H * E], kv[:, H * E:]  # the layout of the shared K/V GEMM
-    seed = attention_seed(dropout_p)
+    seed = attention_seed(dropout_p, DEVICE)
     args = (target.requires_grad_(True), wq.requires_grad_(True), bq, k, v, H, dropout_p, seed, False)
     opcheck(attention_fwd_op, args)
     out, lse = attention_fwd_op(*args)
@@ -179,3 +179,27 @@ def test_cuda_graph_replay_draws_fresh_dropout_masks():
         y64 = patch_embedding_reference(x.double(), w, 8, 4) * mask.double() / 0.7
         (dw,) = torch.autograd.grad(y64.sum(), w)
         assert_close_to_oracle("dW of a replay", grad, dw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_reprogramming_with_dropout():
+    layer, target, prototypes = reprogramming_problem(dropout=0.3)
+    layer.cuda().train()
+    target, prototypes = target.cuda(), prototypes.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            layer(target, prototypes, prototypes).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(target, prototypes, prototypes)
+        static_out.sum().backward()
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(static_out.clone())
+    assert not torch.equal(outs[0], outs[1]), "replays reused one attention-dropout mask"
+    assert all(torch.isfinite(o).all() for o in outs)

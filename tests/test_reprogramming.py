@@ -249,7 +249,7 @@ def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
     layer, target, source, value, upstream = dropout_problem(p)
     batch, seq = target.shape[:2]
     torch.manual_seed(7)
-    seed = int(draw_seed_tensor(p).item())
+    seed = int(draw_seed_tensor(p, DEVICE).item())
     keep = kern.dropout_keep_mask(batch * seq, source.shape[0], layer.n_heads, p, seed, DEVICE)  # [H, R, S]
     mask = keep.view(layer.n_heads, batch, seq, -1).permute(1, 0, 2, 3)  # [B', H, L, S]
     assert 0.5 < keep.float().mean().item() < 0.9

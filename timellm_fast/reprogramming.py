@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch, validation
+from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both ops
 from .reference import reprogramming_reference, reprogramming_sdpa_fold
 
 OP_NAME = "reprogramming_attention"
@@ -67,12 +68,11 @@ def attention_fwd_op(
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
     k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
     n_heads: int, dropout_p: float,
-    seed: torch.Tensor,  # seed: [1] int64 (CPU), read only when dropout_p > 0
+    seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
     allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
     return _kernels().attention_forward(
-        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p,
-        int(seed.item()) if dropout_p > 0 else 0, allow_tf32)
+        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p, seed, allow_tf32)
 
 
 @attention_fwd_op.register_fake
@@ -93,7 +93,7 @@ def attention_bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (dq: [R, H*E], dkv: [S, 2*H*E] fp32, or [0] if not needed)
     dq, dkv = _kernels().attention_backward(
         target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, grad_heads.contiguous(), lse,
-        n_heads, dropout_p, int(seed.item()) if dropout_p > 0 else 0, allow_tf32, need_dkv=need_dkv)
+        n_heads, dropout_p, seed, allow_tf32, need_dkv=need_dkv)
     return dq, (dkv if dkv is not None else lse.new_empty((0,)))
 
 
@@ -128,14 +128,6 @@ def _attention_backward(ctx, grad_heads, _grad_lse):
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
 
 
-def draw_seed_tensor(dropout_p: float) -> torch.Tensor:
-    """A Philox seed from torch's default generator (torch.manual_seed reproduces dropout); no
-    random number is drawn without dropout, so eval never advances the user's RNG stream."""
-    if dropout_p > 0:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    return torch.zeros((1,), dtype=torch.int64)
-
-
 def fused_reprogramming(
     target: torch.Tensor,  # target: [B', L, DM]
     kv: Tuple[torch.Tensor, torch.Tensor],  # k, v: [S, H*E] each (projected, maybe cached)
@@ -144,8 +136,8 @@ def fused_reprogramming(
 ) -> torch.Tensor:  # out: [B', L, d_llm]
     Bp, L, DM = target.shape
     heads_out, _ = attention_fwd_op(target.reshape(Bp * L, DM), wq, bq, kv[0], kv[1], n_heads,
-                                    dropout_p, draw_seed_tensor(dropout_p), allow_tf32)  # [R, H*E]
-    return F.linear(heads_out, wo, bo).view(Bp, L, -1)
+                                    dropout_p, draw_seed_tensor(dropout_p, target.device), allow_tf32)  # [R, H*E]
+    return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
 
 
 class _KeyValueCache:
