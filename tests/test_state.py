@@ -1,0 +1,277 @@
+"""Caches and module state under copy.deepcopy, state_dict round trips, .to(dtype / device),
+torch.no_grad, torch.inference_mode and pickling (torch.save / torch.load of whole modules).
+
+The two caches: the ReprogrammingLayer's eval K/V cache (`_KeyValueCache`) and TimeLLM's prototype
+cache (`PrototypeCache`). Neither may ever serve K/V or prototypes computed from weights or inputs
+that have since changed, whatever path the change took. Every check compares against a fresh
+computation (a new module with the same weights), bit for bit where the computation is the same.
+"""
+import copy
+import io
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from timellm_fast import PatchEmbedding, dispatch
+from timellm_fast.reprogramming import ReprogrammingLayer
+
+
+def layer_and_inputs(dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=12, attention_dropout=0.1).to(DEVICE, dtype).eval()
+    target = torch.randn(2, 4, 16, device=DEVICE).to(dtype)
+    source = torch.randn(37, 12, device=DEVICE).to(dtype)
+    return layer, target, source
+
+
+def fresh(layer):
+    """A new layer with the same weights and no cache history."""
+    clone = ReprogrammingLayer(layer.d_model, layer.n_heads, d_keys=layer.d_keys, d_llm=layer.d_llm,
+                               attention_dropout=layer.dropout.p)
+    p = next(layer.parameters())
+    clone = clone.to(p.device, p.dtype).eval()
+    clone.load_state_dict(layer.state_dict())
+    return clone
+
+
+def warm(layer, target, source):
+    with torch.no_grad():
+        first = layer(target, source, source)
+        again = layer(target, source, source)
+    assert layer.kv_cache_hits >= 1, "the cache must be in use for this test to mean anything"
+    assert torch.equal(first, again)
+    return first
+
+
+def check_not_stale(layer, target, source, what):
+    with torch.no_grad():
+        got = layer(target, source, source)
+        expected = fresh(layer)(target, source, source)
+    assert torch.equal(got, expected), f"{what}: the layer served stale K/V"
+    return got
+
+
+def test_deepcopy_then_in_place_edit_of_the_copy():
+    layer, target, source = layer_and_inputs()
+    before = warm(layer, target, source)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.key_projection.weight.mul_(-1.5)
+        twin.value_projection.bias.add_(1.0)
+    changed = check_not_stale(twin, target, source, "deepcopy + in-place edit")
+    assert not torch.allclose(changed, before)
+    hits = layer.kv_cache_hits
+    with torch.no_grad():
+        assert torch.equal(layer(target, source, source), before), "the original must be untouched"
+    assert layer.kv_cache_hits == hits + 1
+
+
+def test_deepcopy_of_a_warm_cache_starts_cold_and_is_correct():
+    layer, target, source = layer_and_inputs()
+    warm(layer, target, source)
+    twin = copy.deepcopy(layer)
+    assert twin._kv_cache._kv is None
+    check_not_stale(twin, target, source, "deepcopy")
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "assign_parameter", "optimizer_step"])
+def test_weight_changes_invalidate_the_cache(how):
+    layer, target, source = layer_and_inputs()
+    before = warm(layer, target, source)
+    torch.manual_seed(1)
+    other = ReprogrammingLayer(16, 2, d_keys=16, d_llm=12).to(DEVICE)
+    if how == "load_state_dict":
+        layer.load_state_dict(other.state_dict())
+    elif how == "assign_parameter":
+        layer.key_projection.weight = torch.nn.Parameter(other.key_projection.weight.detach().clone())
+    else:
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(target.requires_grad_(), source, source).square().sum().backward()  # grad mode: no cache
+        optimizer.step()
+    after = check_not_stale(layer, target.detach(), source, how)
+    assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_to_dtype_invalidates_the_cache(dtype):
+    layer, target, source = layer_and_inputs()
+    warm(layer, target, source)
+    layer.to(dtype)
+    out = check_not_stale(layer, target.to(dtype), source.to(dtype), f".to({dtype})")
+    assert out.dtype == dtype
+
+
+def test_to_device_round_trip_invalidates_the_cache():
+    """.to(another device) and back: new storages, so a cold cache (meta stands in on a CPU machine)."""
+    layer, target, source = layer_and_inputs()
+    warm(layer, target, source)
+    state = copy.deepcopy(layer.state_dict())
+    if DEVICE.type == "cpu":  # weights on meta lose their values: back with to_empty, then reload
+        layer.to("meta").to_empty(device=DEVICE)
+        layer.load_state_dict(state)
+    else:
+        layer.to("cpu").to(DEVICE)
+    check_not_stale(layer, target, source, ".to(device) and back")
+
+
+def test_source_changes_invalidate_the_cache():
+    layer, target, source = layer_and_inputs()
+    before = warm(layer, target, source)
+    with torch.no_grad():
+        source[3].mul_(4.0)  # in place
+        changed = check_not_stale(layer, target, source, "in-place source edit")
+        assert not torch.equal(changed, before)
+        other = source.clone()  # a new tensor with the same values: recomputed, same result
+        assert torch.equal(layer(target, other, other), changed)
+        flipped = source.flip(0)  # a view with other strides
+        check_not_stale(layer, target, flipped, "strided view of the source")
+        value = torch.randn_like(source)  # same source, another value tensor
+        assert torch.equal(layer(target, source, value), fresh(layer)(target, source, value))
+
+
+def test_inference_mode_bypasses_the_cache_and_matches_no_grad():
+    layer, target, source = layer_and_inputs()
+    expected = warm(layer, target, source)
+    misses = layer.kv_cache_misses
+    with torch.inference_mode():
+        inf_source = source.clone()  # an inference tensor: no version counter
+        assert torch.equal(layer(target, inf_source, inf_source), expected)
+        inf_source.mul_(2.0)
+        again = layer(target, inf_source, inf_source)
+    assert layer.kv_cache_misses == misses + 2 and layer.kv_cache_hits == 1
+    with torch.no_grad():
+        assert torch.equal(again, fresh(layer)(target, source * 2.0, source * 2.0))
+
+
+def test_grad_mode_never_uses_the_cache_and_trains_through_k_v():
+    layer, target, source = layer_and_inputs()
+    warm(layer, target, source)
+    hits = layer.kv_cache_hits
+    source = source.clone().requires_grad_()
+    layer(target, source, source).sum().backward()
+    assert layer.kv_cache_hits == hits
+    assert source.grad is not None and layer.key_projection.weight.grad is not None
+
+
+def _roundtrip(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_torch_save_load_whole_reprogramming_layer():
+    layer, target, source = layer_and_inputs()
+    expected = warm(layer, target, source)
+    loaded = _roundtrip(layer)
+    assert loaded._kv_cache._kv is None  # weak references do not pickle: a loaded cache starts cold
+    with torch.no_grad():
+        assert torch.equal(loaded(target, source, source), expected)
+        loaded.key_projection.weight.add_(0.5)
+    check_not_stale(loaded, target, source, "torch.load + in-place edit")
+    with torch.no_grad():
+        assert torch.equal(layer(target, source, source), expected)
+
+
+def test_patch_embedding_deepcopy_state_dict_pickle_and_dtype():
+    torch.manual_seed(0)
+    layer = PatchEmbedding(16, 8, 4, 0.1).to(DEVICE).eval()
+    x = torch.randn(2, 3, 40, device=DEVICE)
+    with torch.no_grad():
+        expected, _ = layer(x)
+    for what, other in (("deepcopy", copy.deepcopy(layer)), ("torch.load", _roundtrip(layer))):
+        with torch.no_grad():
+            assert torch.equal(other(x)[0], expected), what
+    twin = PatchEmbedding(16, 8, 4, 0.1).to(DEVICE).eval()
+    twin.load_state_dict(layer.state_dict(), strict=True)
+    with torch.inference_mode():
+        assert torch.equal(twin(x)[0], expected)
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        y, _ = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - expected).abs().max() <= 2 ** -7 * (1 + expected.abs().max())
+
+
+# ------------------------------------------------------------------------ TimeLLM prototype cache
+
+def tiny_model(seed=0):
+    from timellm_fast.models import TimeLLM, TimeLLMConfig
+
+    torch.manual_seed(seed)
+    config = TimeLLMConfig(seq_len=32, pred_len=8, patch_len=8, stride=4, d_model=8, d_ff=8, n_heads=2,
+                           num_tokens=10, dropout=0.0, attention_dropout=0.0, backbone="gpt2", llm_layers=1,
+                           d_llm=16, llm_heads=2, backbone_dropout=0.0)
+    return TimeLLM(config).to(DEVICE).eval()
+
+
+def fresh_prototypes(model):
+    with torch.no_grad():
+        return model.mapping_layer(model.word_embeddings.t()).t()
+
+
+def warm_prototypes(model):
+    with torch.no_grad():
+        first = model.prototypes()
+        assert torch.equal(model.prototypes(), first)
+    assert model.prototype_cache_hits >= 1
+    return first
+
+
+def test_prototype_cache_deepcopy_load_state_dict_to_dtype_and_pickle():
+    model = tiny_model()
+    before = warm_prototypes(model)
+    x = torch.randn(2, 32, 3, device=DEVICE)
+    with torch.no_grad():
+        forecast = model(x)
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.mapping_layer.weight.mul_(-2.0)
+        assert torch.equal(twin.prototypes(), fresh_prototypes(twin))
+        assert not torch.allclose(twin.prototypes(), before)
+        assert torch.equal(model.prototypes(), before), "the original keeps its own cache"
+        assert not torch.allclose(twin(x), forecast)
+
+    other = tiny_model(seed=1)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.prototypes(), fresh_prototypes(model))
+        assert torch.equal(model(x), other(x))
+
+    model.to(torch.float64)
+    with torch.no_grad():
+        protos = model.prototypes()
+    assert protos.dtype == torch.float64 and torch.equal(protos, fresh_prototypes(model))
+
+    loaded = _roundtrip(other)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), other(x))
+        loaded.mapping_layer.bias.add_(1.0)
+        assert torch.equal(loaded.prototypes(), fresh_prototypes(loaded))
+
+
+def test_prototype_cache_inference_mode_and_grad_mode():
+    model = tiny_model()
+    before = warm_prototypes(model)
+    with torch.inference_mode():
+        assert torch.equal(model.prototypes(), before)
+    hits = model.prototype_cache_hits
+    protos = model.prototypes()  # grad mode, trainable mapping layer: recomputed with a graph
+    assert protos.requires_grad and model.prototype_cache_hits == hits
+    protos.sum().backward()
+    assert model.mapping_layer.weight.grad is not None
+    with torch.no_grad():
+        model.mapping_layer.weight.sub_(model.mapping_layer.weight.grad)  # an optimizer-like step
+        assert torch.equal(model.prototypes(), fresh_prototypes(model))
+
+
+def test_dispatch_counters_survive_deepcopy_of_modules():
+    """Global state is module-level, not per-instance: copying a module never duplicates or resets it."""
+    layer, target, source = layer_and_inputs()
+    twin = copy.deepcopy(layer)
+    with dispatch.record_paths() as seen, torch.no_grad():
+        layer(target, source, source)
+        twin(target, source, source)
+    assert sum(seen.values()) == 2
