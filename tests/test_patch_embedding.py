@@ -14,36 +14,7 @@ from conftest import DEVICE, requires_triton
 from helpers import assert_close_to_oracle
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.reference import num_patches, patch_embedding_reference
-
-
-class OriginalTokenEmbedding(nn.Module):
-    """Time-LLM's TokenEmbedding as SPEC §1.1 describes it (eager, for comparison only)."""
-
-    def __init__(self, c_in, d_model):
-        super().__init__()
-        self.tokenConv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1,
-                                   padding_mode="circular", bias=False)
-
-    def forward(self, x):
-        return self.tokenConv(x.permute(0, 2, 1)).transpose(1, 2)
-
-
-class OriginalPatchEmbedding(nn.Module):
-    """Time-LLM's PatchEmbedding (eager): the layer our users have today."""
-
-    def __init__(self, d_model, patch_len, stride, dropout):
-        super().__init__()
-        self.patch_len, self.stride = patch_len, stride
-        self.padding_patch_layer = nn.ReplicationPad1d((0, stride))
-        self.value_embedding = OriginalTokenEmbedding(patch_len, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        n_vars = x.shape[1]
-        x = self.padding_patch_layer(x)
-        x = x.unfold(dimension=-1, size=self.patch_len, step=self.stride)
-        x = torch.reshape(x, (x.shape[0] * x.shape[1], x.shape[2], x.shape[3]))
-        return self.dropout(self.value_embedding(x)), n_vars
+from timellm_original import PatchEmbedding as OriginalPatchEmbedding
 
 
 # (name, B, N, T, patch_len, stride, d_model): SPEC §2 shapes with B·N reduced, plus awkward ones.

@@ -5,7 +5,6 @@ submodules (including its own right-only ReplicationPad1d); timellm_fast never i
 must recognize them by structure alone.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -15,73 +14,10 @@ import timellm_fast
 from conftest import DEVICE, TRITON_RUNS
 from timellm_fast import Replacement, dispatch, patch_model, unpatch_model
 from timellm_fast.models import TimeLLM, TimeLLMConfig
+from timellm_original import PatchEmbedding, ReplicationPad1d, ReprogrammingLayer, TokenEmbedding  # noqa: F401
 
 OurPatchEmbedding = timellm_fast.PatchEmbedding
 OurReprogrammingLayer = timellm_fast.patching.ReprogrammingLayer
-
-
-# ------------------------------------------------------------------ Time-LLM's originals
-
-class ReplicationPad1d(nn.Module):
-    """Time-LLM's pad: repeats the last value `padding[-1]` times on the right."""
-
-    def __init__(self, padding):
-        super().__init__()
-        self.padding = padding
-
-    def forward(self, x):
-        return torch.cat([x, x[:, :, -1:].repeat(1, 1, self.padding[-1])], dim=-1)
-
-
-class TokenEmbedding(nn.Module):
-    def __init__(self, c_in, d_model):
-        super().__init__()
-        self.tokenConv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
-        nn.init.kaiming_normal_(self.tokenConv.weight, mode="fan_in", nonlinearity="leaky_relu")
-
-    def forward(self, x):
-        return self.tokenConv(x.permute(0, 2, 1)).transpose(1, 2)
-
-
-class PatchEmbedding(nn.Module):
-    def __init__(self, d_model, patch_len, stride, dropout):
-        super().__init__()
-        self.patch_len = patch_len
-        self.stride = stride
-        self.padding_patch_layer = ReplicationPad1d((0, stride))
-        self.value_embedding = TokenEmbedding(patch_len, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        n_vars = x.shape[1]
-        x = self.padding_patch_layer(x)
-        x = x.unfold(dimension=-1, size=self.patch_len, step=self.stride)
-        x = torch.reshape(x, (x.shape[0] * x.shape[1], x.shape[2], x.shape[3]))
-        return self.dropout(self.value_embedding(x)), n_vars
-
-
-class ReprogrammingLayer(nn.Module):
-    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1):
-        super().__init__()
-        d_keys = d_keys or (d_model // n_heads)
-        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
-        self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
-        self.n_heads = n_heads
-        self.dropout = nn.Dropout(attention_dropout)
-
-    def forward(self, target_embedding, source_embedding, value_embedding):
-        B, L, _ = target_embedding.shape
-        S, _ = source_embedding.shape
-        H = self.n_heads
-        q = self.query_projection(target_embedding).view(B, L, H, -1)
-        k = self.key_projection(source_embedding).view(S, H, -1)
-        v = self.value_projection(value_embedding).view(S, H, -1)
-        scores = torch.einsum("blhe,she->bhls", q, k)
-        a = self.dropout(torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1))
-        out = torch.einsum("bhls,she->blhe", a, v).reshape(B, L, -1)
-        return self.out_projection(out)
 
 
 class InputStage(nn.Module):

@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from helpers import assert_close_to_oracle, max_abs_err
 from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer, draw_seed_tensor
+from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 
 OP = "reprogramming_attention"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,37 +32,6 @@ def backend(monkeypatch):
     def force(mode: str) -> None:
         monkeypatch.setenv(dispatch.BACKEND_ENV, mode)
     return force
-
-
-class OriginalReprogrammingLayer(nn.Module):
-    """Time-LLM's layer as SPEC §1.2 states it (materializes A); for the state-dict test."""
-
-    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1):
-        super().__init__()
-        d_keys = d_keys or (d_model // n_heads)
-        self.query_projection = nn.Linear(d_model, d_keys * n_heads)
-        self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
-        self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
-        self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
-        self.n_heads = n_heads
-        self.dropout = nn.Dropout(attention_dropout)
-
-    def forward(self, target_embedding, source_embedding, value_embedding):
-        B, L, _ = target_embedding.shape
-        S, _ = source_embedding.shape
-        H = self.n_heads
-        q = self.query_projection(target_embedding).view(B, L, H, -1)
-        k = self.key_projection(source_embedding).view(S, H, -1)
-        v = self.value_projection(value_embedding).view(S, H, -1)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        a = self.dropout(torch.softmax(scale * torch.einsum("blhe,she->bhls", q, k), dim=-1))
-        out = torch.einsum("bhls,she->blhe", a, v).reshape(B, L, -1)
-        return self.out_projection(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
 
 
 def make_problem(batch, seq, d_model, n_heads, d_keys, protos, d_llm, dtype, shared, seed=0):
