@@ -39,15 +39,18 @@ KERNEL_HEAD_DIMS = (16, 128)  # kernels/reprogramming_attention.py MIN_HEAD_DIM,
 #:   * eager fallback, d key_projection.bias (exactly 0: bk shifts all scores of a row equally): SDPA
 #:     rounds each dK element once and their sum is noise up to 2.7x the literal eager's (1 in 5 random
 #:     half problems), 1.3e-3 vs 1e-6 at E = 1.
-#: Every one is below one unit roundoff of its scale; a real defect (wrong row, head, block or mask)
-#: is off by O(scale). fp32 keeps SPEC §4's 1e-4·scale bar with no floor.
+#:   * found by the first clean CI run (same tiny regime): bf16 d_llm = 1, S = 17, E = 3 (eager
+#:     fallback), d key_projection.bias 1.2e-2 = 3u at scale 1; fp16 d_llm = 3, S = 151, eager
+#:     fallback, d target 9.5e-4 = 1.7u·scale. Both are eager-vs-eager differences.
+#: Every one is below two ulps (4 unit roundoffs) of its scale; a real defect (wrong row, head,
+#: block or mask) is off by O(scale). fp32 keeps SPEC §4's 1e-4·scale bar with no floor.
 def assert_half_close(what, got, oracle, eager):
     assert got.shape == oracle.shape and torch.isfinite(got).all(), what
     scale = 1.0 + oracle.abs().max().item()
     err, eager_err = max_abs_err(got, oracle), max_abs_err(eager, oracle)
     unit_roundoff = torch.finfo(got.dtype).eps / 2
-    tol = 2.0 * eager_err + unit_roundoff * scale
-    assert err <= tol, f"{what}: max abs err {err:.3e} > 2x eager {got.dtype} error {eager_err:.3e} + u·scale"
+    tol = 2.0 * eager_err + 4.0 * unit_roundoff * scale
+    assert err <= tol, f"{what}: max abs err {err:.3e} > 2x eager {got.dtype} error {eager_err:.3e} + 4u·scale"
 
 
 @st.composite
@@ -152,6 +155,8 @@ def problem(**overrides):
 @example(problem(L=4, d_keys=128, S=300, d_llm=8, n_heads=4, dtype="fp16", target_layout="sliced", shared=False))
 @example(problem(L=4, d_keys=15, S=16, d_llm=8, dtype="bf16"))  # just below the kernel's range: eager
 @example(problem(d_keys=129, S=17, target_layout="permuted"))  # just above: eager
+@example(problem(L=3, d_model=53, d_keys=3, S=17, d_llm=1, dtype="bf16", shared=False, sharpness=4.0,
+                 seed=353))  # found by CI, see assert_half_close
 def test_auto_dispatch_matches_oracle(p):
     """Automatic dispatch: the kernel where it takes the head width, eager otherwise."""
     path = "triton" if kernel_takes(p) else "eager"
@@ -163,6 +168,8 @@ def test_auto_dispatch_matches_oracle(p):
 @settings(max_examples=100, **SETTINGS)
 @given(reprogramming_problems())
 @example(problem(L=4, d_keys=1, S=16, d_llm=8, dtype="bf16", shared=False, sharpness=0.5))  # shrunk, d bk
+@example(problem(L=3, S=151, d_llm=3, dtype="fp16", source_layout="transposed", sharpness=4.0,
+                 seed=3))  # found by CI, see assert_half_close
 def test_eager_path_matches_oracle(p):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(dispatch.BACKEND_ENV, "eager")
