@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cases import run_case
-from common import DEVICE, FULL, ON_GPU, Shape, dtype_name
+from common import DEVICE, FULL, ON_GPU, Shape
 from conftest import RESULTS
 from timellm_fast.data import ett_windows
 from timellm_fast.models import TimeLLM, TimeLLMConfig

@@ -14,7 +14,7 @@ import timellm_fast
 from conftest import DEVICE, TRITON_RUNS
 from timellm_fast import Replacement, dispatch, patch_model, unpatch_model
 from timellm_fast.models import TimeLLM, TimeLLMConfig
-from timellm_original import PatchEmbedding, ReplicationPad1d, ReprogrammingLayer, TokenEmbedding  # noqa: F401
+from timellm_original import PatchEmbedding, ReprogrammingLayer
 
 OurPatchEmbedding = timellm_fast.PatchEmbedding
 OurReprogrammingLayer = timellm_fast.patching.ReprogrammingLayer

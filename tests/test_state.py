@@ -1,7 +1,7 @@
 """Caches and module state under copy.deepcopy, state_dict round trips, .to(dtype / device),
 torch.no_grad, torch.inference_mode and pickling (torch.save / torch.load of whole modules).
 
-The two caches: the ReprogrammingLayer's eval K/V cache (`_KeyValueCache`) and TimeLLM's prototype
+The two caches: the ReprogrammingLayer's eval K/V cache (`timellm_fast.cache.TensorCache`) and TimeLLM's prototype
 cache (`PrototypeCache`). Neither may ever serve K/V or prototypes computed from weights or inputs
 that have since changed, whatever path the change took. Every check compares against a fresh
 computation (a new module with the same weights), bit for bit where the computation is the same.
@@ -71,7 +71,7 @@ def test_deepcopy_of_a_warm_cache_starts_cold_and_is_correct():
     layer, target, source = layer_and_inputs()
     warm(layer, target, source)
     twin = copy.deepcopy(layer)
-    assert twin._kv_cache._kv is None
+    assert twin._kv_cache._value is None
     check_not_stale(twin, target, source, "deepcopy")
 
 
@@ -165,7 +165,7 @@ def test_torch_save_load_whole_reprogramming_layer():
     layer, target, source = layer_and_inputs()
     expected = warm(layer, target, source)
     loaded = _roundtrip(layer)
-    assert loaded._kv_cache._kv is None  # weak references do not pickle: a loaded cache starts cold
+    assert loaded._kv_cache._value is None  # weak references do not pickle: a loaded cache starts cold
     with torch.no_grad():
         assert torch.equal(loaded(target, source, source), expected)
         loaded.key_projection.weight.add_(0.5)

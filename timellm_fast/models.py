@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import weakref
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from . import validation
+from .cache import TensorCache
 from .patch_embedding import PatchEmbedding
 from .reference import num_patches, patch_embedding_reference, reprogramming_reference
 from .reprogramming import ReprogrammingLayer
@@ -301,45 +301,9 @@ def build_backbone(name: str, vocab_size: int, d_llm: int, n_layers: int, n_head
 
 # --------------------------------------------------------------------------- prototype cache
 
-class PrototypeCache:
-    """Keeps ``mapping_layer(word_embeddings.T).T`` while none of the tensors it depends on changed.
-
-    A tensor counts as unchanged while it is the same live object (weak reference) with the same
-    storage pointer and version counter (bumped by every in-place write, e.g. an optimizer step
-    or load_state_dict), shape, dtype and device; the autocast state is part of the key because
-    it changes the result's dtype.
-    """
-
-    def __init__(self):
-        self.hits = 0
-        self.misses = 0
-        self._key: Optional[tuple] = None
-        self._refs: tuple = ()
-        self._value: Optional[torch.Tensor] = None
-
-    def __getstate__(self) -> dict:  # weak references do not pickle; a copy starts empty
-        state = dict(self.__dict__)
-        state.update(_key=None, _refs=(), _value=None)
-        return state
-
-    def clear(self) -> None:
-        self._key, self._refs, self._value = None, (), None
-
-    def get(self, tensors: Tuple[torch.Tensor, ...], extra: tuple,
-            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if any(t.is_inference() for t in tensors):  # no version counter: changes would go unseen
-            self.misses += 1
-            return compute()
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors) + extra
-        alive = len(self._refs) == len(tensors) and all(r() is t for r, t in zip(self._refs, tensors))
-        if alive and key == self._key:
-            self.hits += 1
-            return self._value
-        self.misses += 1
-        self._value = compute()
-        self._key = key
-        self._refs = tuple(weakref.ref(t) for t in tensors)
-        return self._value
+#: ``mapping_layer(word_embeddings.T).T`` kept while the mapping layer and word embeddings are
+#: unchanged; the autocast state is part of the key because it changes the result's dtype.
+PrototypeCache = TensorCache
 
 
 # --------------------------------------------------------------------------- the model
