@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import TRITON_RUNS
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer
+from timellm_original import InputStage
 
 WORLD_SIZE = 2
 BATCH, SEQ_LEN = 4, 32  # each rank gets BATCH // WORLD_SIZE series
@@ -26,26 +27,21 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-class InputStage(nn.Module):
+class InputStageWithHead(InputStage):
     """Time-LLM's input stage with our layers, and a linear read-out so there is a loss."""
 
-    def __init__(self, d_model=16, d_llm=24, vocab=40, num_tokens=30, n_heads=2, d_keys=16):
-        super().__init__()
-        self.patch_embedding = PatchEmbedding(d_model, 8, 4, 0.0)
-        self.word_embeddings = nn.Parameter(torch.randn(vocab, d_llm))
-        self.mapping_layer = nn.Linear(vocab, num_tokens)
-        self.reprogramming_layer = ReprogrammingLayer(d_model, n_heads, d_keys, d_llm, attention_dropout=0.0)
+    def __init__(self, d_llm=24):
+        super().__init__(d_llm=d_llm, patch_embedding_class=PatchEmbedding,
+                         reprogramming_class=ReprogrammingLayer)
         self.head = nn.Linear(d_llm, 1)
 
     def forward(self, x):  # x: [B, T, N] -> [B*N, P]
-        source = self.mapping_layer(self.word_embeddings.t()).t()
-        enc, _ = self.patch_embedding(x.permute(0, 2, 1))
-        return self.head(self.reprogramming_layer(enc, source, source)).squeeze(-1)
+        return self.head(super().forward(x)).squeeze(-1)
 
 
 def make_model_and_data():
     torch.manual_seed(0)
-    model = InputStage()
+    model = InputStageWithHead()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, SEQ_LEN, 1, generator=g)
     target = torch.randn(BATCH, (SEQ_LEN + 4 - 8) // 4 + 1, generator=g)  # [B*N, P]

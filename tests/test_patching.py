@@ -14,26 +14,10 @@ import timellm_fast
 from conftest import DEVICE, TRITON_RUNS
 from timellm_fast import Replacement, dispatch, patch_model, unpatch_model
 from timellm_fast.models import TimeLLM, TimeLLMConfig
-from timellm_original import PatchEmbedding, ReprogrammingLayer
+from timellm_original import InputStage, PatchEmbedding, ReprogrammingLayer
 
 OurPatchEmbedding = timellm_fast.PatchEmbedding
 OurReprogrammingLayer = timellm_fast.patching.ReprogrammingLayer
-
-
-class InputStage(nn.Module):
-    """Time-LLM's input stage alone: patches -> reprogramming against mapped prototypes."""
-
-    def __init__(self, d_model=16, d_llm=24, vocab=40, num_tokens=30, n_heads=2, d_keys=16):
-        super().__init__()
-        self.patch_embedding = PatchEmbedding(d_model, 8, 4, 0.0)
-        self.word_embeddings = nn.Parameter(torch.randn(vocab, d_llm))
-        self.mapping_layer = nn.Linear(vocab, num_tokens)
-        self.reprogramming_layer = ReprogrammingLayer(d_model, n_heads, d_keys, d_llm, attention_dropout=0.0)
-
-    def forward(self, x):  # x: [B, T, N]
-        source = self.mapping_layer(self.word_embeddings.t()).t()
-        enc, _ = self.patch_embedding(x.permute(0, 2, 1))
-        return self.reprogramming_layer(enc, source, source)
 
 
 def series(B=2, T=32, N=3, dtype=torch.float32, seed=0):

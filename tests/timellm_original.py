@@ -72,3 +72,23 @@ class ReprogrammingLayer(nn.Module):
         a = self.dropout(torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1))
         out = torch.einsum("bhls,she->blhe", a, v).reshape(B, L, -1)
         return self.out_projection(out)
+
+
+class InputStage(nn.Module):
+    """Time-LLM's input stage alone: patches -> reprogramming against mapped prototypes.
+
+    Built from Time-LLM's original layers by default; pass our classes to build it with ours.
+    """
+
+    def __init__(self, d_model=16, d_llm=24, vocab=40, num_tokens=30, n_heads=2, d_keys=16,
+                 patch_embedding_class=PatchEmbedding, reprogramming_class=ReprogrammingLayer):
+        super().__init__()
+        self.patch_embedding = patch_embedding_class(d_model, 8, 4, 0.0)
+        self.word_embeddings = nn.Parameter(torch.randn(vocab, d_llm))
+        self.mapping_layer = nn.Linear(vocab, num_tokens)
+        self.reprogramming_layer = reprogramming_class(d_model, n_heads, d_keys, d_llm, attention_dropout=0.0)
+
+    def forward(self, x):  # x: [B, T, N] -> [B*N, P, d_llm]
+        source = self.mapping_layer(self.word_embeddings.t()).t()
+        enc, _ = self.patch_embedding(x.permute(0, 2, 1))
+        return self.reprogramming_layer(enc, source, source)
