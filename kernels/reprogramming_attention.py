@@ -36,6 +36,7 @@ lists the same table for ahead-of-time compilation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -480,6 +481,8 @@ class KernelConfig:
     def archs(self) -> Tuple[int, ...]:
         """Compute capabilities (75, 80, 90 stand for sm_75, sm_80..89, sm_90+) this configuration
         can be chosen on: bf16 MMA and TF32 need sm_80."""
+        if self.data_dtype == torch.bfloat16 and self.dot_dtype == torch.float32:
+            return (75,)  # bf16 data takes fp32 dots only where there is no bf16 MMA
         needs_sm80 = self.dot_dtype == torch.bfloat16 or self.input_precision == "tf32"
         # Turing's fp16 MMA spills at E = 128 even with 16-row tiles: eager runs there instead
         needs_sm80 = needs_sm80 or (self.dot_dtype == torch.float16 and self.block_e == 128)
@@ -501,7 +504,9 @@ class KernelConfig:
 
 # (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, dot regime, BLOCK_E, dropout): the largest
 # tile found spill-free (ptxas -v) on every GPU the configuration can run on, within sm_75's 64 KiB
-# of shared memory. Three register regimes: IEEE fp32 dots ("fma", also bf16 data where there is no
+# of shared memory, with both Triton 3.6 (the GPU machine's) and 3.9 (CI's): their register
+# allocations differ by up to ~40 registers at the same tile, so four tiles that fit 3.9 were
+# shrunk or re-warped after 3.6 spilled on them. Three register regimes: IEEE fp32 dots ("fma", also bf16 data where there is no
 # bf16 MMA) run on FMA units, whose operand layouts hold whole rows of both operands per thread, so
 # their tiles are small; TF32 and half-precision MMA hold fragments only. fp16 must also fit Turing
 # (sm_75), whose MMA lowering needs more registers than sm_80's.
@@ -514,14 +519,14 @@ _TILES = {
     ("fwd", "tf32", 128, False): (64, 64, 8, 2), ("fwd", "tf32", 128, True): (64, 32, 8, 2),
     ("fwd", "bf16", 32, False): (128, 64, 8, 2), ("fwd", "bf16", 32, True): (128, 64, 8, 2),
     ("fwd", "bf16", 64, False): (128, 64, 8, 2), ("fwd", "bf16", 64, True): (128, 64, 8, 2),
-    ("fwd", "bf16", 128, False): (64, 64, 4, 2), ("fwd", "bf16", 128, True): (64, 64, 8, 2),
+    ("fwd", "bf16", 128, False): (64, 64, 8, 2), ("fwd", "bf16", 128, True): (64, 32, 8, 2),
     ("fwd", "fp16", 32, False): (64, 32, 4, 2), ("fwd", "fp16", 32, True): (64, 32, 4, 2),
     ("fwd", "fp16", 64, False): (64, 32, 8, 2), ("fwd", "fp16", 64, True): (64, 32, 8, 2),
     ("fwd", "fp16", 128, False): (32, 32, 8, 2), ("fwd", "fp16", 128, True): (32, 32, 8, 2),
     ("bwd_dq", "fma", 32, False): (64, 32, 8, 1), ("bwd_dq", "fma", 32, True): (64, 32, 8, 1),
-    ("bwd_dq", "fma", 64, False): (32, 32, 8, 1), ("bwd_dq", "fma", 64, True): (16, 16, 8, 1),
+    ("bwd_dq", "fma", 64, False): (32, 32, 8, 1), ("bwd_dq", "fma", 64, True): (16, 16, 4, 2),
     ("bwd_dq", "fma", 128, False): (16, 16, 8, 1), ("bwd_dq", "fma", 128, True): (16, 16, 8, 1),
-    ("bwd_dq", "tf32", 32, False): (64, 64, 8, 2), ("bwd_dq", "tf32", 32, True): (64, 32, 8, 2),
+    ("bwd_dq", "tf32", 32, False): (64, 32, 8, 2), ("bwd_dq", "tf32", 32, True): (64, 32, 8, 2),
     ("bwd_dq", "tf32", 64, False): (32, 32, 4, 2), ("bwd_dq", "tf32", 64, True): (32, 32, 8, 2),
     ("bwd_dq", "tf32", 128, False): (32, 16, 8, 2), ("bwd_dq", "tf32", 128, True): (32, 16, 8, 2),
     ("bwd_dq", "bf16", 32, False): (64, 64, 4, 2), ("bwd_dq", "bf16", 32, True): (64, 64, 4, 2),
@@ -582,12 +587,40 @@ def block_e_for(head_dim: int) -> int:
     return max(BLOCK_E_CHOICES[0], next_pow2(head_dim))
 
 
+#: tile overrides for tuning (bench/tune_attention.py): (role, dot regime, BLOCK_E, dropout) ->
+#: (BLOCK_R, BLOCK_S, num_warps, num_stages). Empty in normal use; set only through override_tiles.
+_TILE_OVERRIDES: Dict[tuple, tuple] = {}
+
+
+@contextlib.contextmanager
+def override_tiles(overrides: Dict[tuple, tuple]):
+    """Launch with other tiles inside the block (tuning only: a tile here has not been through
+    the ahead-of-time spill check of tests/test_aot.py)."""
+    for key, tile in overrides.items():
+        if key not in _TILES:
+            raise KeyError(f"no such tile key {key}; keys look like ('fwd', 'bf16', 32, False)")
+        if len(tile) != 4 or tile[0] > MAX_BLOCK_R:
+            raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
+    saved = dict(_TILE_OVERRIDES)
+    _TILE_OVERRIDES.update(overrides)
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDES.clear()
+        _TILE_OVERRIDES.update(saved)
+
+
 def select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout: bool,
                   device: torch.device, allow_tf32: bool = False) -> KernelConfig:
     if role == "dropout_mask":
         return config_table()[("dropout_mask",)]
     dot, precision = _dot_path(data_dtype, device, allow_tf32)
-    return config_table()[(role, data_dtype, dot, precision, block_e_for(head_dim), bool(has_dropout))]
+    block_e = block_e_for(head_dim)
+    cfg = config_table()[(role, data_dtype, dot, precision, block_e, bool(has_dropout))]
+    tile = _TILE_OVERRIDES.get((role, dot_regime(dot, precision), block_e, bool(has_dropout)))
+    if tile is not None:
+        cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
+    return cfg
 
 
 def _signature(cfg: KernelConfig) -> Dict[str, str]:
@@ -634,6 +667,11 @@ def aot_configs() -> List[dict]:
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+
+
+#: role -> what the last launch of that role returned (on a GPU, the compiled kernel, whose
+#: n_regs / n_spills the tuner reports)
+last_launch: Dict[str, object] = {}
 
 
 def rows_per_philox_group(num_protos: int) -> int:
@@ -714,7 +752,7 @@ def attention_forward(
     if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
         return out.to(target.dtype), lse
     grid = (triton.cdiv(R, cfg.block_r), n_heads)
-    reprogramming_fwd_kernel[grid](
+    last_launch["fwd"] = reprogramming_fwd_kernel[grid](
         target, wq, bq, k, v, out, lse, R, S, DM, n_heads, E, stride_kv, _LOG2E / math.sqrt(E),
         *_philox_args(S, dropout_p, seed), **_launch_params(cfg))
     return out.to(target.dtype), lse
@@ -762,7 +800,7 @@ def attention_backward(
     delta = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
     dq = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
     grid = (triton.cdiv(R, dq_cfg.block_r), n_heads)
-    reprogramming_bwd_dq_kernel[grid](
+    last_launch["bwd_dq"] = reprogramming_bwd_dq_kernel[grid](
         target, wq, bq, k, v, dout, lse, delta, dq, R, S, DM, n_heads, E, stride_kv, qk_scale_log2, sm_scale,
         *philox, **_launch_params(dq_cfg))
     dq = dq.to(target.dtype)
@@ -776,7 +814,7 @@ def attention_backward(
     # one fp32 slab per row chunk, summed in a fixed order below: deterministic, no float atomics
     dkv_partial = torch.empty((n_chunks, S, 2 * HE), dtype=torch.float32, device=target.device)
     grid = (proto_blocks, n_heads, n_chunks)
-    reprogramming_bwd_dkdv_kernel[grid](
+    last_launch["bwd_dkdv"] = reprogramming_bwd_dkdv_kernel[grid](
         target, wq, bq, k, v, dout, lse, delta, dkv_partial, R, S, DM, n_heads, E, stride_kv, rows_per_chunk,
         qk_scale_log2, sm_scale, *philox, **_launch_params(kv_cfg))
     dkv = dkv_partial[0] if n_chunks == 1 else dkv_partial.sum(0)
