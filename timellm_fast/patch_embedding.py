@@ -130,7 +130,25 @@ def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
     """
     if dropout_p > 0:
         return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    return torch.zeros((1,), dtype=torch.int64, device=device)
+    return _unused_seed(torch.device(device))
+
+
+_UNUSED_SEEDS = {}
+
+
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of a call without dropout (never read by the kernels): one cached zero
+    per device, so an eval forward is one kernel launch, not a memset and a launch. Not cached
+    while torch.compile traces or a CUDA graph captures (a tensor made there is a fake, or is
+    filled only when the graph replays)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros((1,), dtype=torch.int64, device=device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    seed = _UNUSED_SEEDS.get(device)
+    if seed is None:
+        seed = _UNUSED_SEEDS[device] = torch.zeros((1,), dtype=torch.int64, device=device)
+    return seed
 
 
 def patch_embedding(
