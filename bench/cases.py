@@ -1,29 +1,52 @@
 """One benchmark case: time, memory and rates of one implementation, recorded for the report."""
 from __future__ import annotations
 
+import gc
+import time
 from typing import Callable
 
 import torch
 
-from common import ON_GPU, dtype_name, is_oom, measure_seconds, peak_memory_bytes, rates
+from common import ON_GPU, dtype_name, gpu_kernel_count, is_oom, measure_seconds, peak_memory_bytes, rates
+
+
+def synchronized(step: Callable[[], object]) -> Callable[[], None]:
+    """step, then wait for the GPU: pytest-benchmark's own clock would otherwise time launches."""
+    def run():
+        step()
+        if ON_GPU:
+            torch.cuda.synchronize()
+    return run
 
 
 def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mode: str, impl: str,
              step: Callable[[], object], cost: tuple) -> dict:
-    """Times `step` (a forward, or forward + backward) and appends a result row."""
+    """Times `step` (a forward, or forward + backward) and appends a result row.
+
+    The reported time is `measure_seconds` (do_bench on a GPU); pytest-benchmark's pedantic
+    rounds (synchronized) are kept for its own table and history, fewer for slow steps.
+    """
     row = dict(op=op, shape=shape.name, rows=shape.rows, dtype=dtype_name(dtype), mode=mode, impl=impl,
                device=torch.cuda.get_device_name() if ON_GPU else "cpu", flops=cost[0], bytes=cost[1])
+    timed = synchronized(step)
+    oom = False
     try:
-        benchmark.pedantic(step, rounds=10 if ON_GPU else 2, iterations=1, warmup_rounds=1)
+        t0 = time.perf_counter()
+        timed()  # warm-up: compiles Triton kernels and torch.compile graphs
+        first = time.perf_counter() - t0
+        rounds = (10 if first < 0.05 else 3) if ON_GPU else 2
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
         seconds = measure_seconds(step)
         row.update(status="ok", seconds=seconds, peak_bytes=peak_memory_bytes(step),
-                   **rates(cost[0], cost[1], seconds, dtype))
+                   gpu_kernels=gpu_kernel_count(step), **rates(cost[0], cost[1], seconds, dtype))
     except Exception as exc:  # an OOM is a result (eager at Traffic scale), not a crash
         if not is_oom(exc):
             raise
         row.update(status="OOM")
-        if ON_GPU:
-            torch.cuda.empty_cache()
+        oom = True
+    if oom and ON_GPU:  # outside the except block: the traceback no longer pins the tensors
+        gc.collect()
+        torch.cuda.empty_cache()
     benchmark.extra_info.update(row)
     results.append(row)
     return row

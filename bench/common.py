@@ -91,6 +91,20 @@ def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
     return torch.cuda.max_memory_allocated() - base
 
 
+def gpu_kernel_count(fn: Callable[[], object]) -> Optional[int]:
+    """Device activities (kernels, memsets, copies) of one call, from torch.profiler (GPU only):
+    the launch count that dominates the small official shapes."""
+    if not ON_GPU:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -186,3 +200,95 @@ def reprogramming_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> t
     target = torch.randn(s.rows, s.patches, s.d_model, generator=g).to(DEVICE, dtype)
     protos = (torch.randn(s.num_protos, s.d_llm, generator=g) / math.sqrt(s.d_llm)).to(DEVICE, dtype)
     return target.requires_grad_(requires_grad), protos.requires_grad_(requires_grad)
+
+
+# ---- the attention core alone (issue 6 target: ours vs SDPA on the same folded problem) -------
+
+def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
+    """(FLOPs, minimum HBM bytes) of Q = target·Wqᵀ + bq and softmax(QKᵀ/√E)·V over the folded
+    rows. Forward + backward counts what a recomputing backward executes: the Q projection three
+    times (forward, dQ·Wq, dQᵀ·target) and the attention 3.5 times (FlashAttention's convention:
+    the backward is 2.5 forward GEMM-pairs, QKᵀ recomputed)."""
+    e = torch.finfo(dtype).bits // 8
+    rows = s.rows * s.patches
+    he = s.n_heads * s.d_keys
+    q_flops, att_flops = 2.0 * rows * s.d_model * he, 4.0 * rows * s.num_protos * he
+    nbytes = e * (rows * s.d_model + he * s.d_model + 2 * s.num_protos * he + rows * he)
+    if not backward:
+        return q_flops + att_flops, nbytes
+    # backward reads target, Wq, K, V, O's gradient again and writes dQ, dK, dV (and d target)
+    nbytes += e * (rows * s.d_model + 2 * s.num_protos * he + 2 * rows * he + 2 * s.num_protos * he)
+    return 3 * q_flops + 3.5 * att_flops, nbytes
+
+
+class AttentionCoreEager(torch.nn.Module):
+    """Time-LLM's attention math on the folded rows: the [H, R, S] matrix is materialized."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, rows, wq, bq, k, v):
+        R, HE = rows.shape[0], wq.shape[0]
+        H = self.n_heads
+        E = HE // H
+        q = torch.nn.functional.linear(rows, wq, bq).view(R, H, E)
+        scores = torch.einsum("rhe,she->hrs", q, k.view(-1, H, E))
+        a = torch.softmax(scores / math.sqrt(E), dim=-1)
+        return torch.einsum("hrs,she->rhe", a, v.view(-1, H, E)).reshape(R, HE)
+
+
+class AttentionCoreSdpa(torch.nn.Module):
+    """SPEC §5 (c) for the core: cuBLAS Q projection, the head split copy SDPA needs, one SDPA call
+    with every row folded into one sequence per head, and the head merge copy back."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, rows, wq, bq, k, v):
+        R, HE = rows.shape[0], wq.shape[0]
+        H = self.n_heads
+        E = HE // H
+
+        def heads_first(x, n):  # [n, H*E] -> [1, H, n, E]
+            return x.reshape(n, H, E).transpose(0, 1).unsqueeze(0)
+
+        q = torch.nn.functional.linear(rows, wq, bq)
+        S = k.shape[0]
+        o = torch.nn.functional.scaled_dot_product_attention(heads_first(q, R), heads_first(k, S),
+                                                             heads_first(v, S))  # [1, H, R, E]
+        return o.squeeze(0).transpose(0, 1).reshape(R, HE)
+
+
+class AttentionCoreOurs(torch.nn.Module):
+    """Our fused core: the timellm_fast::reprogramming_attention_fwd custom op (Q built inside)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, rows, wq, bq, k, v):
+        from timellm_fast.patch_embedding import draw_seed_tensor
+        from timellm_fast.reprogramming import attention_fwd_op
+
+        return attention_fwd_op(rows, wq, bq, k, v, self.n_heads, 0.0, draw_seed_tensor(0.0, rows.device),
+                                False)[0]
+
+
+def attention_core_impls(s: Shape) -> Dict[str, Callable]:
+    return {"eager": AttentionCoreEager(s.n_heads), "sdpa-fold": AttentionCoreSdpa(s.n_heads),
+            "ours": AttentionCoreOurs(s.n_heads)}
+
+
+def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:
+    """(rows [R, DM], wq [H*E, DM], bq [H*E], k, v [S, H*E]: views of one K/V GEMM output as in the layer)."""
+    g = torch.Generator().manual_seed(0)
+    he = s.n_heads * s.d_keys
+    rows = torch.randn(s.rows * s.patches, s.d_model, generator=g)
+    wq = torch.randn(he, s.d_model, generator=g) / math.sqrt(s.d_model)
+    bq = torch.randn(he, generator=g) / 10
+    kv = torch.randn(s.num_protos, 2 * he, generator=g)
+    leaves = [t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (rows, wq, bq, kv)]
+    k, v = leaves[3].split(he, dim=1)
+    return leaves[0], leaves[1], leaves[2], k, v

@@ -27,25 +27,79 @@ def _groups(rows):
     return groups
 
 
+def _find(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _ratio(rows, peer: str, **match):
+    """peer time / ours for the case `match`, or None when either did not run ok."""
+    ours, other = _find(rows, impl="ours", **match), _find(rows, impl=peer, **match)
+    if not ours or not other or ours.get("status") != "ok" or other.get("status") != "ok":
+        return None
+    return other["seconds"] / ours["seconds"]
+
+
+def targets(rows) -> list:
+    """Issue 6's performance targets evaluated on these rows: (target, measured, verdict)."""
+    out = []
+
+    def add(name, value, goal, fmt="{:.2f}x"):
+        verdict = "unmeasured" if value is None else ("met" if value >= goal else "MISSED")
+        out.append((name, "" if value is None else fmt.format(value), verdict))
+
+    for shape, e in (("weather-folded", 32), ("etth1-folded", 128)):
+        add(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= 1.3x",
+            _ratio(rows, "sdpa-fold", op="attention-core", shape=shape, dtype="bfloat16", mode="fwd"), 1.3)
+        add(f"attention core vs SDPA-fold, fwd+bwd, bf16, E={e} ({shape}) >= 1.2x",
+            _ratio(rows, "sdpa-fold", op="attention-core", shape=shape, dtype="bfloat16", mode="fwd+bwd"), 1.2)
+    layer = dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd+bwd")
+    for peer, goal in (("sdpa-fold", 1.1), ("compile", 1.5), ("eager", 3.0)):
+        add(f"reprogramming layer fwd+bwd bf16 ETTh1-folded vs {peer} >= {goal}x", _ratio(rows, peer, **layer), goal)
+    pe = _find(rows, op="patch_embedding", shape="traffic-folded", dtype="bfloat16", mode="fwd", impl="ours")
+    add("patch embedding fwd bf16, 20688 rows: >= 70% of HBM bandwidth",
+        pe["frac_hbm"] if pe and pe.get("status") == "ok" else None, 0.70, "{:.0%}")
+    small = _find(rows, op="patch_embedding", shape="explained-gpt2", dtype="bfloat16", mode="fwd", impl="ours")
+    launches = small.get("gpu_kernels") if small and small.get("status") == "ok" else None
+    out.append(("patch embedding fwd at the small official shape: one launch",
+                "" if launches is None else f"{launches} GPU kernel(s)",
+                "unmeasured" if launches is None else ("met" if launches == 1 else "MISSED")))
+    add("full GPT-2 Time-LLM training step vs eager >= 1.2x",
+        _ratio(rows, "eager", op="timellm-full-model", shape="explained-gpt2", mode="train-step"), 1.2)
+    add("large-batch inference (prototype cache) vs eager, series/s >= 2x",
+        _ratio(rows, "eager", op="timellm-full-model", shape="large-batch", mode="inference"), 2.0)
+    traffic = _find(rows, op="reprogramming", shape="traffic-folded", dtype="bfloat16", mode="fwd+bwd", impl="ours")
+    peak = traffic.get("peak_bytes") if traffic and traffic.get("status") == "ok" else None
+    out.append(("reprogramming fwd+bwd bf16, 20688 rows, fits in 80 GB",
+                "" if peak is None else f"peak {peak / 2**30:.1f} GiB",
+                "unmeasured" if peak is None else ("met" if peak < 80 * 2**30 else "MISSED")))
+    eager = _find(rows, op="reprogramming", shape="traffic-folded", dtype="bfloat16", mode="fwd+bwd", impl="eager")
+    if peak and eager and eager.get("status") == "ok" and eager.get("peak_bytes"):
+        add("... with >= 10x less peak memory than eager (activation memory: tests/test_memory.py)",
+            eager["peak_bytes"] / peak, 10.0)
+    elif peak and eager and eager.get("status") == "OOM":
+        out.append(("... with >= 10x less memory than eager", "eager: OOM", "met (eager does not fit)"))
+    return out
+
+
 def markdown(rows, env) -> str:
     lines = [f"# Benchmark results: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
              "Median times; speedup = peer time / ours (> 1: ours is faster); fraction of the H100 "
              "limits: 3.35 TB/s HBM, 790 TFLOP/s bf16 dense (67 fp32).", "",
              "| op | shape | dtype | mode | impl | ms | speedup of ours | TFLOP/s | GB/s | % HBM | "
-             "% FLOP | peak MiB |", "|" + "---|" * 12]
+             "% FLOP | peak MiB | GPU kernels |", "|" + "---|" * 13]
     for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
         ours = impls.get("ours", {})
         for name, r in sorted(impls.items()):
             if r["status"] != "ok":
-                lines.append(f"| {op} | {shape} | {dtype} | {mode} | {name} | {r['status']} |  |  |  |  |  |  |")
+                lines.append(f"| {op} | {shape} | {dtype} | {mode} | {name} | {r['status']} |  |  |  |  |  |  |  |")
                 continue
             speed = (f"{r['seconds'] / ours['seconds']:.2f}x" if ours.get("status") == "ok" and name != "ours"
                      else "")
             peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") is not None else "n/a"
             lines.append(f"| {op} | {shape} | {dtype} | {mode} | {name} | {r['seconds'] * 1e3:.3f} | {speed} | "
                          f"{r['tflops']:.2f} | {r['gbs']:.0f} | {100 * r['frac_hbm']:.1f} | "
-                         f"{100 * r['frac_flops']:.1f} | {peak} |")
+                         f"{100 * r['frac_flops']:.1f} | {peak} | {r.get('gpu_kernels') or 'n/a'} |")
     shares = []
     for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
         if op != "timellm-input-stage":
@@ -63,13 +117,17 @@ def markdown(rows, env) -> str:
     if series:
         lines += ["", "Inference throughput (full model):", "", "| shape | impl | series/s |", "|---|---|---|"]
         lines += [f"| {r['shape']} | {r['impl']} | {r['series_per_s']:.0f} |" for r in series]
+    if env["device"] != "cpu":
+        lines += ["", "Issue 6 targets, evaluated on this run (bench/report.py `targets`):", "",
+                  "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {name} | {value} | {verdict} |" for name, value, verdict in targets(rows)]
     if env["device"] == "cpu":
         lines += ["", "CPU run: `ours` executes in Triton's interpreter, so these times only prove "
                   "the suites run; kernel timings need a GPU."]
     return "\n".join(lines) + "\n"
 
 
-def plots(rows, out):
+def make_plots(rows, out):
     try:
         import matplotlib
 
@@ -106,12 +164,24 @@ def plots(rows, out):
         plt.close(fig)
 
 
-def write_results(out: str, rows: list) -> None:
+def _replace(path: str, text: str) -> None:
+    """Write then rename, so a run killed mid-write leaves the previous complete file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_results(out: str, rows: list, over_budget=(), plots: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
     env = environment()
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(environment=env, results=rows), f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(rows, env))
-    plots(rows, out)
-    print(f"\nbenchmark results written to {out}/results.json, results.md")
+    _replace(os.path.join(out, "results.json"),
+             json.dumps(dict(environment=env, results=rows, over_budget=list(over_budget),
+                             targets=[dict(target=t, measured=m, verdict=v) for t, m, v in targets(rows)]),
+                        indent=1))
+    md = markdown(rows, env)
+    if over_budget:
+        md += f"\n{len(over_budget)} cases did not run: they would have started after the time budget.\n"
+    _replace(os.path.join(out, "results.md"), md)
+    if plots and rows:
+        make_plots(rows, out)
+        print(f"\nbenchmark results written to {out}/results.json, results.md")

@@ -45,6 +45,10 @@ def stage_cost(s: Shape, vocab: int) -> tuple:
             pe[1] + rp[1] + e * (vocab * s.d_llm + vocab * s.num_protos))
 
 
+def priority(params) -> int:
+    return 1  # after the kernel targets, before the rest of the grid
+
+
 @pytest.mark.parametrize("mode", ["train-step", "inference"])
 @pytest.mark.parametrize("what", ["input-stage", "full-model"])
 @pytest.mark.parametrize("impl", ["eager", "ours"])

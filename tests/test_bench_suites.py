@@ -48,3 +48,72 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
     render_readme.ROOT = tmp_path
     text = render_readme.render([path])
     assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x | 10 | 400 |" in text
+
+
+def _bench(args, tmp_path, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO / "bench")})
+
+
+def test_bench_runs_targets_first_and_max_autotune_last(tmp_path):
+    proc = _bench(["--collect-only"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    # the CPU grid has one shape, so priorities come from the suites' rules alone:
+    # whole-model rows (1) before the kernel grid (2), max-autotune (3) last
+    assert ids[0].startswith("bench/test_timellm_bench.py"), ids[:3]
+    autotune = [i for i, name in enumerate(ids) if "compile-max-autotune" in name]
+    assert autotune and autotune == list(range(len(ids) - len(autotune), len(ids)))
+
+
+def test_bench_budget_skips_and_lists_what_did_not_run(tmp_path):
+    out = tmp_path / "results"
+    proc = _bench([f"--bench-out={out}", "--bench-budget-s=0", "-k", "patch_embedding and eager"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["results"] == [] and len(data["over_budget"]) == 2  # eager fwd, fwd+bwd on cpu-tiny fp32
+    assert "2 cases did not run" in (out / "results.md").read_text()
+
+
+def test_attention_tuner_smoke_run(tmp_path):
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tune_attention.py"), "--dtype", "float32",
+                           "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {r["role"] for r in data["results"] if r["status"] == "ok"} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r["rel_err"] < 1e-5 for r in data["results"] if r["status"] == "ok")
+    assert len(data["best"]) == 3
+
+
+def test_targets_verdicts_follow_the_measured_ratios():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def row(op, shape, mode, impl, seconds, **extra):
+        return dict(op=op, shape=shape, dtype="bfloat16", mode=mode, impl=impl, status="ok", seconds=seconds, **extra)
+
+    rows = [row("attention-core", "weather-folded", "fwd", "ours", 1.0),
+            row("attention-core", "weather-folded", "fwd", "sdpa-fold", 1.5),
+            row("attention-core", "weather-folded", "fwd+bwd", "ours", 1.0),
+            row("attention-core", "weather-folded", "fwd+bwd", "sdpa-fold", 1.1),
+            row("patch_embedding", "traffic-folded", "fwd", "ours", 1.0, frac_hbm=0.8),
+            row("patch_embedding", "explained-gpt2", "fwd", "ours", 1.0, gpu_kernels=2),
+            row("reprogramming", "traffic-folded", "fwd+bwd", "ours", 1.0, peak_bytes=30 * 2**30),
+            dict(op="reprogramming", shape="traffic-folded", dtype="bfloat16", mode="fwd+bwd", impl="eager",
+                 status="OOM")]
+    verdicts = {name: (value, verdict) for name, value, verdict in report.targets(rows)}
+    assert verdicts["attention core vs SDPA-fold, fwd, bf16, E=32 (weather-folded) >= 1.3x"] == ("1.50x", "met")
+    assert verdicts["attention core vs SDPA-fold, fwd+bwd, bf16, E=32 (weather-folded) >= 1.2x"] == ("1.10x", "MISSED")
+    assert verdicts["attention core vs SDPA-fold, fwd, bf16, E=128 (etth1-folded) >= 1.3x"] == ("", "unmeasured")
+    assert verdicts["patch embedding fwd bf16, 20688 rows: >= 70% of HBM bandwidth"] == ("80%", "met")
+    assert verdicts["patch embedding fwd at the small official shape: one launch"][1] == "MISSED"
+    assert verdicts["reprogramming fwd+bwd bf16, 20688 rows, fits in 80 GB"] == ("peak 30.0 GiB", "met")
+    assert verdicts["... with >= 10x less memory than eager"][1].startswith("met")
+    assert verdicts["full GPT-2 Time-LLM training step vs eager >= 1.2x"] == ("", "unmeasured")

@@ -140,8 +140,11 @@ def bench_suite_dir() -> Optional[Path]:
     return candidate if (candidate / "conftest.py").is_file() else None
 
 
-def bench(out: Optional[str] = None) -> int:
-    """Runs the pytest-benchmark suites on the device present and writes JSON, markdown and plots."""
+def bench(out: Optional[str] = None, budget_s: Optional[float] = None, select: Optional[str] = None) -> int:
+    """Runs the pytest-benchmark suites on the device present and writes JSON, markdown and plots.
+
+    budget_s: cases run in priority order (the issue's targets first) and those that would start
+    after budget_s seconds are skipped and listed. select: a pytest -k expression."""
     suite = bench_suite_dir()
     if suite is None:
         print("\nbench: the suites live in the source checkout's bench/ folder; running the quick "
@@ -156,6 +159,10 @@ def bench(out: Optional[str] = None) -> int:
               "reduced CPU form (our path in Triton's interpreter), to prove they run, not to time.")
     cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
            f"--bench-out={out}", "--benchmark-columns=median,rounds"]
+    if budget_s is not None:
+        cmd.append(f"--bench-budget-s={budget_s}")
+    if select:
+        cmd += ["-k", select]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=str(suite.parent))
 
@@ -186,6 +193,10 @@ def main(argv=None) -> int:
     commands.add_parser("check", help="every op against the float64 oracle")
     bench_parser = commands.add_parser("bench", help="pytest-benchmark suites against every peer")
     bench_parser.add_argument("--out", help="results folder (default bench/results/<device>-<date>)")
+    bench_parser.add_argument("--budget-s", type=float, default=None,
+                              help="run the cases in priority order (targets first) and skip those "
+                                   "that would start after this many seconds")
+    bench_parser.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting cases")
     add_forecast_arguments(commands.add_parser(
         "forecast", help="train Time-LLM briefly on ETTh1 with eager and fast layers; MSE/MAE and step times"))
     args = parser.parse_args(argv)
@@ -196,7 +207,8 @@ def main(argv=None) -> int:
     if args.command in ("all", "check"):
         ok = check()
     if args.command in ("all", "bench"):
-        ok &= bench(getattr(args, "out", None)) == 0
+        ok &= bench(getattr(args, "out", None), getattr(args, "budget_s", None),
+                     getattr(args, "select", None)) == 0
     if not ok:
         print("\nFAILED: an op is outside its tolerance or a benchmark failed", file=sys.stderr)
     return 0 if ok else 1

@@ -1,0 +1,39 @@
+"""The fused attention core alone against SDPA on the same folded problem (issue 6's first
+target): Q projection + softmax(QKᵀ/√E)·V over all B'·L rows, given projected K and V. SDPA's
+row includes the Q projection and the head split/merge copies it needs; eager materializes
+[H, R, S] as Time-LLM does."""
+import pytest
+
+from cases import run_case
+from common import (DTYPES, SHAPES, attention_core_cost, attention_core_impls, attention_core_inputs, dtype_name)
+from conftest import RESULTS
+
+IMPLS = ["eager", "sdpa-fold", "ours"]
+
+
+def priority(params) -> int:
+    """Run order under a time budget: the two target shapes (E = 32 and E = 128) in bf16 first."""
+    first = params["shape"].name in ("weather-folded", "etth1-folded") and dtype_name(params["dtype"]) == "bfloat16"
+    return 0 if first else 2
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_attention_core(benchmark, shape, dtype, impl, mode):
+    core = attention_core_impls(shape)[impl]
+    training = mode != "fwd"
+    rows, wq, bq, k, v = attention_core_inputs(shape, dtype, requires_grad=training)
+
+    def forward():
+        return core(rows, wq, bq, k, v)
+
+    def forward_backward():
+        out = core(rows, wq, bq, k, v)
+        out.backward(out.detach())
+
+    row = run_case(benchmark, RESULTS, op="attention-core", shape=shape, dtype=dtype, mode=mode, impl=impl,
+                   step=forward_backward if training else forward,
+                   cost=attention_core_cost(shape, dtype, training))
+    assert row["status"] in ("ok", "OOM")
