@@ -16,8 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(out)],
-                   check=True, timeout=600)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(out)]
+    # with this environment's setuptools first (the GPU machine has no package index); an old
+    # setuptools without `wheel` (a fresh Python 3.11 venv) fails at once, then pip builds in
+    # an isolated environment from the index
+    if subprocess.run(cmd + ["--no-build-isolation", "--no-index"], capture_output=True, timeout=600).returncode:
+        subprocess.run(cmd, check=True, timeout=600)
     (whl,) = out.glob("timellm_fast-*.whl")
     return whl
 
