@@ -13,8 +13,8 @@ sweep costs little more than the timing itself. It prints the best tile per
 into that table only after tests/test_aot.py shows it spill-free on every architecture the
 configuration serves.
 
-Without CUDA it runs in Triton's interpreter on a tiny shape with two candidates, to prove the
-script works (CI-style smoke run), not to tune.
+Without CUDA (or with --smoke) it runs on a tiny shape with two candidates, in Triton's
+interpreter on a CPU, to prove the script works, not to tune.
 """
 from __future__ import annotations
 
@@ -122,15 +122,18 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--out", default="tune.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, two candidates: proves the script runs (the default without CUDA)")
     args = parser.parse_args(argv)
 
     start = time.monotonic()
     device = torch.device("cuda" if ON_GPU else "cpu")
     dtype = getattr(torch, args.dtype)
-    smoke = not ON_GPU
+    smoke = args.smoke or not ON_GPU
     shapes = CPU_SHAPES if smoke else [s for s in SPEC_SHAPES if s.name in args.shapes.split(",")]
     roles = [r for r in args.roles.split(",") if r]
-    env = dict(device=torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter smoke run)",
+    device_name = torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter)"
+    env = dict(device=device_name + (" smoke run" if smoke else ""),
                torch=torch.__version__, triton=attn.triton.__version__, dtype=args.dtype, dropout=args.dropout)
     print(env, flush=True)
     results, best = [], {}
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
             if shipped not in cands:
                 cands.append(shipped)
             errors = {}
-            if ON_GPU and args.jobs > 1:
+            if ON_GPU and args.jobs > 1 and not smoke:
                 jobs = [(shape, args.dtype, role, args.dropout, c) for c in cands]
                 # spawn: a forked child must not inherit this process's CUDA context
                 import multiprocessing
