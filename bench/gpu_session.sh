@@ -20,12 +20,16 @@
 #   session.log (env, install, check, profile), tests.log, bench.log, tune.json,
 #   results/results.json, results/results.md, results/speedup.png, results/memory.png
 # Copy them to bench/results/<gpu>-<date>/ and commit; then `python bench/render_readme.py`.
+# Real data: ../shared/data does not travel to the device machine. Copy the ETT CSVs into
+# .gpu-data/ (git-ignored) and name it in the device call's carry; this script then points
+# TIMELLM_FAST_DATA there (otherwise the inputs are the seeded synthetic series, and say so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}
+[ -f .gpu-data/ETTh1.csv ] && export TIMELLM_FAST_DATA="$PWD/.gpu-data"
 LOG="$OUT/session.log"
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env tests check bench profile)
