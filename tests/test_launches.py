@@ -84,3 +84,28 @@ def test_reprogramming_eval_forward_launches(monkeypatch, grad):
         assert [op for op in ops if op not in ("aten.addmm", "aten.cat")] == attention, ops
     else:  # eval without autograd reuses the cached K/V: attention, then the output GEMM
         assert ops == attention + ["aten.addmm"], ops
+
+
+@requires_triton
+def test_training_steps_launch_no_fills_and_one_op_each_way():
+    """Forward + backward in training: our custom ops once each way, no zero-fills (autograd
+    would materialize a zero gradient for the attention's unused lse output)."""
+    layer = ReprogrammingLayer(32, 8, 32, 96, 0.1).to(DEVICE).train()
+    target = torch.randn(2, 16, 32, device=DEVICE, requires_grad=True)
+    protos = torch.randn(100, 96, device=DEVICE, requires_grad=True)
+    upstream = torch.randn(2, 16, 96, device=DEVICE)
+    layer(target, protos, protos).backward(upstream)  # .grad tensors exist from here on
+    ops = compute_ops(lambda: layer(target, protos, protos).backward(upstream))
+    assert ops.count("timellm_fast.reprogramming_attention_fwd") == 1
+    assert ops.count("timellm_fast.reprogramming_attention_bwd") == 1
+    assert not [op for op in ops if op in ("aten.zeros", "aten.zero_", "aten.fill_", "aten.new_zeros")], ops
+
+    patch = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).train()
+    x = torch.randn(4, 7, 512, device=DEVICE)
+    grad = torch.randn(28, 64, 32, device=DEVICE)
+    patch(x)[0].backward(grad)
+    ops = compute_ops(lambda: patch(x)[0].backward(grad))
+    # the dropout seed drawn on the device, the fused forward, the fused backward (dW), and the
+    # accumulation into the existing .grad
+    assert ops == ["aten.randint", "timellm_fast.patch_embedding_fwd", "timellm_fast.patch_embedding_bwd",
+                   "aten.add_"], ops

@@ -108,9 +108,14 @@ def _setup_attention_context(ctx, inputs, output):
     target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32 = inputs
     ctx.save_for_backward(target_rows, wq, bq, k, v, output[1], seed)
     ctx.config = (n_heads, dropout_p, allow_tf32)
+    # lse never receives a gradient: without this autograd would fill a zero [H, R] for it
+    # on every backward (one more launch)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_heads, _grad_lse):
+    if grad_heads is None:  # the attention output did not reach the loss
+        return None, None, None, None, None, None, None, None, None
     target_rows, wq, bq, k, v, lse, seed = ctx.saved_tensors
     n_heads, dropout_p, allow_tf32 = ctx.config
     need_target, need_wq, need_bq, need_k, need_v = ctx.needs_input_grad[:5]
