@@ -20,7 +20,9 @@ from timellm_fast.reference import reprogramming_sdpa_fold
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 #: reduced shapes and eager-only peers on CPU (the suites must run in CI, not time kernels there)
-FULL = ON_GPU and os.environ.get("TIMELLM_FAST_BENCH_QUICK", "0") == "0"
+#: TIMELLM_FAST_BENCH_FULL=1 forces the full grid anywhere (to list or order it: --collect-only)
+FULL = (ON_GPU and os.environ.get("TIMELLM_FAST_BENCH_QUICK", "0") == "0") or \
+    os.environ.get("TIMELLM_FAST_BENCH_FULL", "0") == "1"
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # fp32: no TF32
@@ -55,7 +57,7 @@ SPEC_SHAPES = [
 ]
 CPU_SHAPES = [Shape("cpu-tiny", 4, 16, 16, 64, seq_len=64, n_heads=2, num_protos=37)]
 SHAPES = SPEC_SHAPES if FULL else CPU_SHAPES
-DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+DTYPES = [torch.bfloat16, torch.float32] if ON_GPU or FULL else [torch.float32]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -46,7 +46,7 @@ def _fresh_compile_caches():
     yield
 
 
-def case_priority(item) -> int:
+def case_priority(item) -> float:
     params = getattr(getattr(item, "callspec", None), "params", {})
     if params.get("impl") == "compile-max-autotune":
         return 3  # minutes of autotuning per case: only when everything else has run

@@ -118,3 +118,23 @@ def test_targets_verdicts_follow_the_measured_ratios():
     assert verdicts["reprogramming fwd+bwd bf16, 20688 rows, fits in 80 GB"] == ("peak 30.0 GiB", "met")
     assert verdicts["... with >= 10x less memory than eager"][1].startswith("met")
     assert verdicts["full GPT-2 Time-LLM training step vs eager >= 1.2x"] == ("", "unmeasured")
+
+
+def test_full_grid_order_puts_issue_6_targets_first():
+    """The GPU grid, listed on any machine (TIMELLM_FAST_BENCH_FULL=1, collection only)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", "--collect-only"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**QUICK_ENV, "TIMELLM_FAST_BENCH_QUICK": "0", "TIMELLM_FAST_BENCH_FULL": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [line.split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
+    first = ids[:26]
+    assert all("bfloat16" in i for i in first)
+    assert sum("test_attention_core[" in i and ("etth1-folded" in i or "weather-folded" in i) for i in first) == 12
+    assert "test_patch_embedding[traffic-folded-bfloat16-ours-fwd]" in first
+    assert "test_patch_embedding[explained-gpt2-bfloat16-ours-fwd]" in first
+    assert "test_reprogramming[etth1-folded-bfloat16-ours-fwd+bwd]" in first
+    assert "test_reprogramming[etth1-folded-bfloat16-compile-fwd+bwd]" in first
+    assert ids.index("test_timellm[explained-gpt2-ours-full-model-train-step]") < 50
+    autotune = [i for i, name in enumerate(ids) if "compile-max-autotune" in name]
+    assert autotune == list(range(len(ids) - len(autotune), len(ids)))
