@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         if gpu:
             torch.cuda.synchronize()
     prof.export_chrome_trace(args.out)
-    sort_by = "cuda_time_total" if gpu else "cpu_time_total"
+    sort_by = "device_time_total" if gpu else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top))
     print(f"Chrome trace written to {args.out}")
     return 0
