@@ -504,12 +504,13 @@ class KernelConfig:
 
 # (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, dot regime, BLOCK_E, dropout): the largest
 # tile found spill-free (ptxas -v) on every GPU the configuration can run on, within sm_75's 64 KiB
-# of shared memory, with both Triton 3.6 (the GPU machine's) and 3.9 (CI's): their register
-# allocations differ by up to ~40 registers at the same tile, so four tiles that fit 3.9 were
-# shrunk or re-warped after 3.6 spilled on them. Three register regimes: IEEE fp32 dots ("fma", also bf16 data where there is no
-# bf16 MMA) run on FMA units, whose operand layouts hold whole rows of both operands per thread, so
-# their tiles are small; TF32 and half-precision MMA hold fragments only. fp16 must also fit Turing
-# (sm_75), whose MMA lowering needs more registers than sm_80's.
+# of shared memory, with both Triton 3.6 (the GPU machines') and 3.9 (CI's): at the same tile
+# their register counts differ by tens of registers either way, so four tiles that fit 3.9 were
+# shrunk or re-warped after 3.6 spilled on them. Three register regimes: IEEE fp32 dots ("fma",
+# also bf16 data where there is no bf16 MMA) run on FMA units, whose operand layouts hold whole
+# rows of both operands per thread, so their tiles are small; TF32 and half-precision MMA hold
+# fragments only. fp16 must also fit Turing (sm_75), whose MMA lowering needs more registers
+# than sm_80's.
 _TILES = {
     ("fwd", "fma", 32, False): (64, 32, 8, 1), ("fwd", "fma", 32, True): (64, 32, 8, 1),
     ("fwd", "fma", 64, False): (64, 32, 8, 1), ("fwd", "fma", 64, True): (64, 32, 8, 1),
