@@ -6,16 +6,18 @@ timing, L2 flush, median); CPU timing is a wall-clock median and says nothing ab
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from timellm_fast import PatchEmbedding, ReprogrammingLayer
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
-from timellm_fast.reference import reprogramming_sdpa_fold
+from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -223,64 +225,29 @@ def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     return 3 * q_flops + 3.5 * att_flops, nbytes
 
 
-class AttentionCoreEager(torch.nn.Module):
-    """Time-LLM's attention math on the folded rows: the [H, R, S] matrix is materialized."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, rows, wq, bq, k, v):
-        R, HE = rows.shape[0], wq.shape[0]
-        H = self.n_heads
-        E = HE // H
-        q = torch.nn.functional.linear(rows, wq, bq).view(R, H, E)
-        scores = torch.einsum("rhe,she->hrs", q, k.view(-1, H, E))
-        a = torch.softmax(scores / math.sqrt(E), dim=-1)
-        return torch.einsum("hrs,she->rhe", a, v.view(-1, H, E)).reshape(R, HE)
+def _core_eager(rows, wq, bq, k, v, n_heads):
+    """Time-LLM's attention on the folded rows (B' = 1, L = R): [1, H, R, S] is materialized."""
+    return attention_materialized(F.linear(rows, wq, bq).unsqueeze(0), k, v, n_heads).squeeze(0)
 
 
-class AttentionCoreSdpa(torch.nn.Module):
-    """SPEC §5 (c) for the core: cuBLAS Q projection, the head split copy SDPA needs, one SDPA call
-    with every row folded into one sequence per head, and the head merge copy back."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, rows, wq, bq, k, v):
-        R, HE = rows.shape[0], wq.shape[0]
-        H = self.n_heads
-        E = HE // H
-
-        def heads_first(x, n):  # [n, H*E] -> [1, H, n, E]
-            return x.reshape(n, H, E).transpose(0, 1).unsqueeze(0)
-
-        q = torch.nn.functional.linear(rows, wq, bq)
-        S = k.shape[0]
-        o = torch.nn.functional.scaled_dot_product_attention(heads_first(q, R), heads_first(k, S),
-                                                             heads_first(v, S))  # [1, H, R, E]
-        return o.squeeze(0).transpose(0, 1).reshape(R, HE)
+def _core_sdpa(rows, wq, bq, k, v, n_heads):
+    """SPEC §5 (c) for the core: cuBLAS Q projection, one SDPA call over all rows folded into
+    one sequence per head, and the head-merge copy back."""
+    return attention_sdpa_folded(F.linear(rows, wq, bq), k, v, n_heads)
 
 
-class AttentionCoreOurs(torch.nn.Module):
+def _core_ours(rows, wq, bq, k, v, n_heads):
     """Our fused core: the timellm_fast::reprogramming_attention_fwd custom op (Q built inside)."""
+    from timellm_fast.patch_embedding import draw_seed_tensor
+    from timellm_fast.reprogramming import attention_fwd_op
 
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, rows, wq, bq, k, v):
-        from timellm_fast.patch_embedding import draw_seed_tensor
-        from timellm_fast.reprogramming import attention_fwd_op
-
-        return attention_fwd_op(rows, wq, bq, k, v, self.n_heads, 0.0, draw_seed_tensor(0.0, rows.device),
-                                False)[0]
+    return attention_fwd_op(rows, wq, bq, k, v, n_heads, 0.0, draw_seed_tensor(0.0, rows.device), False)[0]
 
 
 def attention_core_impls(s: Shape) -> Dict[str, Callable]:
-    return {"eager": AttentionCoreEager(s.n_heads), "sdpa-fold": AttentionCoreSdpa(s.n_heads),
-            "ours": AttentionCoreOurs(s.n_heads)}
+    """name -> core(rows, wq, bq, k, v): [R, H*E]."""
+    return {name: functools.partial(fn, n_heads=s.n_heads)
+            for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
 
 
 def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:

@@ -1,11 +1,10 @@
 """The fused attention core alone against SDPA on the same folded problem (issue 6's first
 target): Q projection + softmax(QKᵀ/√E)·V over all B'·L rows, given projected K and V. SDPA's
-row includes the Q projection and the head split/merge copies it needs; eager materializes
+row includes the Q projection and the head-merge copy it needs; eager materializes
 [H, R, S] as Time-LLM does."""
-import pytest
 
-from cases import run_case
-from common import (DTYPES, SHAPES, attention_core_cost, attention_core_impls, attention_core_inputs, dtype_name)
+from cases import kernel_grid, run_case
+from common import attention_core_cost, attention_core_impls, attention_core_inputs, dtype_name
 from conftest import RESULTS
 
 IMPLS = ["eager", "sdpa-fold", "ours"]
@@ -17,10 +16,7 @@ def priority(params) -> int:
     return 0 if first else 2
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@kernel_grid(IMPLS)
 def test_attention_core(benchmark, shape, dtype, impl, mode):
     core = attention_core_impls(shape)[impl]
     training = mode != "fwd"

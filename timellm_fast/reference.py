@@ -71,18 +71,28 @@ def reprogramming_reference(
     training: bool = False,
 ) -> torch.Tensor:  # out: [B', L, d_llm]
     """The literal form of SPEC §1.2: materializes A [B', H, L, S]. Oracle use only."""
-    Bp, L, _ = target.shape
-    S = source.shape[0]
+    q = linear(target, wq, bq)
+    k, v = linear(source, wk, bk), linear(value, wv, bv)
+    return linear(attention_materialized(q, k, v, n_heads, dropout_p, training), wo, bo)
+
+
+def attention_materialized(
+    q: torch.Tensor,  # q: [B', L, H*E], the projected queries
+    k: torch.Tensor,  # k: [S, H*E]
+    v: torch.Tensor,  # v: [S, H*E]
+    n_heads: int,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:  # o: [B', L, H*E], heads merged
+    """The attention core as Time-LLM computes it: A [B', H, L, S] exists."""
+    Bp, L, HE = q.shape
+    S = k.shape[0]
     H = n_heads
-    E = wq.shape[0] // H
-    q = linear(target, wq, bq).view(Bp, L, H, E)
-    k = linear(source, wk, bk).view(S, H, E)
-    v = linear(value, wv, bv).view(S, H, E)
-    scores = torch.einsum("blhe,she->bhls", q, k)
+    E = HE // H
+    scores = torch.einsum("blhe,she->bhls", q.view(Bp, L, H, E), k.view(S, H, E))
     a = torch.softmax(scores / math.sqrt(E), dim=-1)
     a = F.dropout(a, p=dropout_p, training=training)
-    o = torch.einsum("bhls,she->blhe", a, v)
-    return linear(o.reshape(Bp, L, H * E), wo, bo)
+    return torch.einsum("bhls,she->blhe", a, v.view(S, H, E)).reshape(Bp, L, HE)
 
 
 def reprogramming_sdpa_fold(
@@ -103,19 +113,30 @@ def reprogramming_sdpa_fold(
     runs it with the fused (flash / memory-efficient) backends where PyTorch has them.
     """
     Bp, L, d_model = target.shape
-    H = n_heads
-    E = wq.shape[0] // H
-    rows = Bp * L
-    q = linear(target.reshape(rows, d_model), wq, bq)  # [R, H*E]
+    q = linear(target.reshape(Bp * L, d_model), wq, bq)  # [R, H*E]
     if key_value is None:
         k, v = linear(source, wk, bk), linear(value, wv, bv)  # [S, H*E] each
     else:
         k, v = key_value
+    o = attention_sdpa_folded(q, k, v, n_heads)  # [R, H*E]
+    return linear(o.reshape(Bp, L, wq.shape[0]), wo, bo)
+
+
+def attention_sdpa_folded(
+    q: torch.Tensor,  # q: [R, H*E], all B'·L query rows
+    k: torch.Tensor,  # k: [S, H*E]
+    v: torch.Tensor,  # v: [S, H*E]
+    n_heads: int,
+) -> torch.Tensor:  # o: [R, H*E], heads merged
+    """The attention core as one scaled_dot_product_attention call: [1, H, R, E] against
+    [1, H, S, E] (the head split is a view; merging the heads back is a copy)."""
+    R, HE = q.shape
     S = k.shape[0]
+    H = n_heads
+    E = HE // H
 
     def heads_first(x: torch.Tensor, n: int) -> torch.Tensor:  # [n, H*E] -> [1, H, n, E]
         return x.reshape(n, H, E).transpose(0, 1).unsqueeze(0)
 
-    o = F.scaled_dot_product_attention(heads_first(q, rows), heads_first(k, S), heads_first(v, S))  # [1, H, R, E]
-    o = o.squeeze(0).transpose(0, 1).reshape(Bp, L, H * E)
-    return linear(o, wo, bo)
+    o = F.scaled_dot_product_attention(heads_first(q, R), heads_first(k, S), heads_first(v, S))  # [1, H, R, E]
+    return o.squeeze(0).transpose(0, 1).reshape(R, HE)
