@@ -5,9 +5,28 @@ import gc
 import time
 from typing import Callable
 
+import pytest
 import torch
 
-from common import ON_GPU, dtype_name, gpu_kernel_count, is_oom, measure_seconds, peak_memory_bytes, rates
+from common import DTYPES, ON_GPU, SHAPES, dtype_name, gpu_kernel_count, is_oom, measure_seconds, peak_memory_bytes, rates
+
+
+def kernel_grid(impls):
+    """The kernel suites' grid: every shape x dtype x implementation x (fwd, fwd+bwd); test ids
+    read shape-dtype-impl-mode."""
+    def decorate(test):
+        test = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)(test)
+        test = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)(test)
+        test = pytest.mark.parametrize("impl", impls)(test)
+        return pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])(test)
+    return decorate
+
+
+def pick(impls: dict, impl: str):
+    """impls[impl], or a skip where the grid names a peer that runs only on a GPU."""
+    if impl not in impls:
+        pytest.skip(f"{impl} runs only in the full GPU suite")
+    return impls[impl]
 
 
 def synchronized(step: Callable[[], object]) -> Callable[[], None]:

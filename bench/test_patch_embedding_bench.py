@@ -1,9 +1,8 @@
 """Patch embedding, forward and forward + backward (dW; the series has no gradient in Time-LLM)."""
-import pytest
 import torch
 
-from cases import run_case
-from common import DTYPES, SHAPES, dtype_name, patch_embedding_cost, patch_embedding_impls, patch_embedding_input
+from cases import kernel_grid, pick, run_case
+from common import dtype_name, patch_embedding_cost, patch_embedding_impls, patch_embedding_input
 from conftest import RESULTS
 
 IMPLS = ["eager", "compile", "compile-max-autotune", "ours"]
@@ -17,15 +16,10 @@ def priority(params) -> int:
     return 0 if first else 2
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@kernel_grid(IMPLS)
 def test_patch_embedding(benchmark, shape, dtype, impl, mode):
     impls = patch_embedding_impls(shape, dtype)
-    if impl not in impls:
-        pytest.skip(f"{impl} runs only in the full GPU suite")
-    layer = impls[impl]
+    layer = pick(impls, impl)
     x = patch_embedding_input(shape, dtype)
 
     def forward():

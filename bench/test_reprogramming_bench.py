@@ -1,8 +1,7 @@
 """Reprogramming layer, forward and forward + backward, against eager, torch.compile and SDPA-fold."""
-import pytest
 
-from cases import run_case
-from common import DTYPES, SHAPES, dtype_name, reprogramming_cost, reprogramming_impls, reprogramming_inputs
+from cases import kernel_grid, pick, run_case
+from common import dtype_name, reprogramming_cost, reprogramming_impls, reprogramming_inputs
 from conftest import RESULTS
 
 IMPLS = ["eager", "compile", "compile-max-autotune", "sdpa-fold", "ours"]
@@ -19,15 +18,10 @@ def priority(params) -> int:
     return 2
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@kernel_grid(IMPLS)
 def test_reprogramming(benchmark, shape, dtype, impl, mode):
     impls = reprogramming_impls(shape, dtype)
-    if impl not in impls:
-        pytest.skip(f"{impl} runs only in the full GPU suite")
-    layer = impls[impl]
+    layer = pick(impls, impl)
     training = mode != "fwd"
     target, protos = reprogramming_inputs(shape, dtype, requires_grad=training)
     layer.train(training)
