@@ -86,7 +86,8 @@ def _project_query(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """q: [BLOCK_R, BLOCK_E] fp32, this head's query projection of the given target rows."""
+    """q: [BLOCK_R, BLOCK_E] in DOT_DTYPE, this head's query projection of the given target rows
+    (accumulated and biased in fp32, rounded once for the attention dots)."""
     offs_dm = tl.arange(0, BLOCK_DM)
     target_rows = target_ptr + offs_r.to(tl.int64)[:, None] * DM  # [BLOCK_R, 1]
     wq_cols = wq_ptr + (head * E + offs_e)[None, :] * DM  # [1, BLOCK_E]
@@ -99,7 +100,17 @@ def _project_query(
         # target_tile: [BLOCK_R, BLOCK_DM], wq_tile: [BLOCK_DM, BLOCK_E]
         q = tl.dot(target_tile.to(DOT_DTYPE), wq_tile.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
     bias = tl.load(bq_ptr + head * E + offs_e, mask=e_mask, other=0.0).to(tl.float32)
-    return q + bias[None, :]
+    return (q + bias[None, :]).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE: tl.constexpr):
+    """(k, v): [BLOCK_S, BLOCK_E] each in DOT_DTYPE, this head's prototypes offs_s (0 outside S, E)."""
+    offsets = offs_s[:, None] * stride_kv + head_cols[None, :]
+    mask = s_mask[:, None] & e_mask[None, :]
+    k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(DOT_DTYPE)
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(DOT_DTYPE)
+    return k, v
 
 
 @triton.jit
@@ -150,10 +161,7 @@ def _probs_and_grads(
     """
     offs_s = proto_start + tl.arange(0, BLOCK_S)
     s_mask = offs_s < S
-    kv_offsets = offs_s[:, None] * stride_kv + head_cols[None, :]
-    kv_mask = s_mask[:, None] & e_mask[None, :]
-    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
-    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
+    k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
     probs = tl.where(s_mask[None, :], tl.exp2(scores - lse[:, None]), 0.0)
     dprobs = tl.dot(dout, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -206,7 +214,6 @@ def reprogramming_fwd_kernel(
 
     q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
                        BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
-    q = q.to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
 
     head_cols = head * E + offs_e
     row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -215,10 +222,7 @@ def reprogramming_fwd_kernel(
     for proto_start in range(0, S, BLOCK_S):
         offs_s = proto_start + tl.arange(0, BLOCK_S)
         s_mask = offs_s < S
-        kv_offsets = offs_s[:, None] * stride_kv + head_cols[None, :]
-        kv_mask = s_mask[:, None] & e_mask[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
+        k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
 
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2  # [BLOCK_R, BLOCK_S]
         scores = tl.where(s_mask[None, :], scores, float("-inf"))
@@ -286,7 +290,6 @@ def reprogramming_bwd_dq_kernel(
 
     q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
                        BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
-    q = q.to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
     dout = tl.load(dout_ptr + re_offsets, mask=re_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
     lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
 
@@ -355,10 +358,8 @@ def reprogramming_bwd_dkdv_kernel(
     s_mask = offs_s < S
     e_mask = offs_e < E
     head_cols = head * E + offs_e
-    kv_offsets = offs_s[:, None] * stride_kv + head_cols[None, :]
-    kv_mask = s_mask[:, None] & e_mask[None, :]
-    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
-    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_S, BLOCK_E]
+    k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
+    kv_mask = s_mask[:, None] & e_mask[None, :]  # for the dK/dV partial stores
 
     dk = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
@@ -369,7 +370,6 @@ def reprogramming_bwd_dkdv_kernel(
         r_mask = offs_r < R
         q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
                            BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
-        q = q.to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
         dout_ptrs = dout_ptr + offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
         dout = tl.load(dout_ptrs, mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(DOT_DTYPE)
         lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
