@@ -12,11 +12,16 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK_ENV = {**os.environ, "PYTHONPATH": str(REPO / "bench"), "TIMELLM_FAST_BENCH_QUICK": "1"}
 
 
+def _bench(args, timeout=600, **env):
+    """pytest on bench/ in a child process, reduced grid unless `env` says otherwise."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**QUICK_ENV, **env})
+
+
 def test_bench_suites_run_and_write_results(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider",
-         f"--bench-out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900, env=QUICK_ENV)
+    proc = _bench([f"--bench-out={out}"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert {"device", "torch", "triton", "date"} <= set(data["environment"])
@@ -51,14 +56,8 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
     assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x | 10 | 400 |" in text
 
 
-def _bench(args, tmp_path, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=QUICK_ENV)
-
-
-def test_bench_runs_targets_first_and_max_autotune_last(tmp_path):
-    proc = _bench(["--collect-only"], tmp_path)
+def test_bench_runs_targets_first_and_max_autotune_last():
+    proc = _bench(["--collect-only"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     # the CPU grid has one shape, so priorities come from the suites' rules alone:
@@ -70,7 +69,7 @@ def test_bench_runs_targets_first_and_max_autotune_last(tmp_path):
 
 def test_bench_budget_skips_and_lists_what_did_not_run(tmp_path):
     out = tmp_path / "results"
-    proc = _bench([f"--bench-out={out}", "--bench-budget-s=0", "-k", "patch_embedding and eager"], tmp_path)
+    proc = _bench([f"--bench-out={out}", "--bench-budget-s=0", "-k", "patch_embedding and eager"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     skipped = data["over_budget"]  # eager fwd and fwd+bwd on cpu-tiny, per dtype of the machine
@@ -122,10 +121,7 @@ def test_targets_verdicts_follow_the_measured_ratios():
 
 def test_full_grid_order_puts_issue_6_targets_first():
     """The GPU grid, listed on any machine (TIMELLM_FAST_BENCH_FULL=1, collection only)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", "--collect-only"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**QUICK_ENV, "TIMELLM_FAST_BENCH_QUICK": "0", "TIMELLM_FAST_BENCH_FULL": "1"})
+    proc = _bench(["--collect-only"], TIMELLM_FAST_BENCH_QUICK="0", TIMELLM_FAST_BENCH_FULL="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ids = [line.split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
     first = ids[:26]
