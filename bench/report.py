@@ -88,7 +88,8 @@ def markdown(rows, env) -> str:
              "limits: 3.35 TB/s HBM, 790 TFLOP/s bf16 dense (67 fp32).", "",
              "| op | shape | dtype | mode | impl | ms | speedup of ours | TFLOP/s | GB/s | % HBM | "
              "% FLOP | peak MiB | GPU kernels |", "|" + "---|" * 13]
-    for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
+    groups = _groups(rows)
+    for (op, shape, dtype, mode), impls in sorted(groups.items()):
         ours = impls.get("ours", {})
         for name, r in sorted(impls.items()):
             if r["status"] != "ok":
@@ -101,10 +102,10 @@ def markdown(rows, env) -> str:
                          f"{r['tflops']:.2f} | {r['gbs']:.0f} | {100 * r['frac_hbm']:.1f} | "
                          f"{100 * r['frac_flops']:.1f} | {peak} | {r.get('gpu_kernels') or 'n/a'} |")
     shares = []
-    for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
+    for (op, shape, dtype, mode), impls in sorted(groups.items()):
         if op != "timellm-input-stage":
             continue
-        full = _groups(rows).get(("timellm-full-model", shape, dtype, mode), {})
+        full = groups.get(("timellm-full-model", shape, dtype, mode), {})
         for name, r in sorted(impls.items()):
             f = full.get(name)
             if r["status"] == "ok" and f and f["status"] == "ok":
