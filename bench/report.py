@@ -56,8 +56,14 @@ def targets(rows) -> list:
     for peer, goal in (("sdpa-fold", 1.1), ("compile", 1.5), ("eager", 3.0)):
         add(f"reprogramming layer fwd+bwd bf16 ETTh1-folded vs {peer} >= {goal}x", _ratio(rows, peer, **layer), goal)
     pe = _find(rows, op="patch_embedding", shape="traffic-folded", dtype="bfloat16", mode="fwd", impl="ours")
-    add("patch embedding fwd bf16, 20688 rows: >= 70% of HBM bandwidth",
-        pe["frac_hbm"] if pe and pe.get("status") == "ok" else None, 0.70, "{:.0%}")
+    ok = pe and pe.get("status") == "ok"
+    if ok and pe.get("frac_hbm_device") is not None:
+        # judged against the HBM of the GPU that ran it (an H200 has 4.8 TB/s, not the H100's 3.35)
+        add(f"patch embedding fwd bf16, 20688 rows: >= 70% of this GPU's HBM bandwidth "
+            f"({pe['frac_hbm']:.0%} of the H100's)", pe["frac_hbm_device"], 0.70, "{:.0%}")
+    else:
+        add("patch embedding fwd bf16, 20688 rows: >= 70% of HBM bandwidth",
+            pe["frac_hbm"] if ok else None, 0.70, "{:.0%}")
     small = _find(rows, op="patch_embedding", shape="explained-gpt2", dtype="bfloat16", mode="fwd", impl="ours")
     launches = small.get("gpu_kernels") if small and small.get("status") == "ok" else None
     out.append(("patch embedding fwd at the small official shape: one launch",
