@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
-from common import DTYPES, ON_GPU, SHAPES, dtype_name, gpu_kernel_count, is_oom, measure_seconds, peak_memory_bytes, rates
+from common import DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, measure_seconds, peak_memory_bytes, rates
 
 
 def kernel_grid(impls):
@@ -56,8 +56,9 @@ def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mo
         rounds = (10 if first < 0.05 else 3) if ON_GPU else 2
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
         seconds = measure_seconds(step)
-        row.update(status="ok", seconds=seconds, peak_bytes=peak_memory_bytes(step),
-                   gpu_kernels=gpu_kernel_count(step), **rates(cost[0], cost[1], seconds, dtype))
+        activity = gpu_activity(step)
+        row.update(status="ok", seconds=seconds, peak_bytes=peak_memory_bytes(step), **activity,
+                   **rates(cost[0], cost[1], seconds, dtype, activity["device_seconds"]))
     except Exception as exc:  # an OOM is a result (eager at Traffic scale), not a crash
         if not is_oom(exc):
             raise

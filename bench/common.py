@@ -106,31 +106,45 @@ def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
     return torch.cuda.max_memory_allocated() - base
 
 
-def gpu_kernel_count(fn: Callable[[], object]) -> Optional[int]:
-    """Device activities (kernels, memsets, copies) of one call, from torch.profiler (GPU only):
-    the launch count that dominates the small official shapes."""
+def gpu_activity(fn: Callable[[], object], calls: int = 3) -> Dict[str, Optional[float]]:
+    """Device activities (kernels, memsets, copies) per call of fn, and their summed device time
+    per call, from torch.profiler (GPU only). The count is the launch count that dominates the
+    small official shapes; the time is what the GPU itself spent, without the host's launch
+    overhead that the wall-clock median includes (one stream: the activities do not overlap)."""
     if not ON_GPU:
-        return None
+        return dict(gpu_kernels=None, device_seconds=None)
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return dict(gpu_kernels=round(len(events) / calls),
+                device_seconds=sum(e.time_range.elapsed_us() for e in events) / calls / 1e6)
 
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def rates(flops: float, bytes_moved: float, seconds: float, dtype: torch.dtype) -> Dict[str, float]:
+def rates(flops: float, bytes_moved: float, seconds: float, dtype: torch.dtype,
+          device_seconds: Optional[float] = None) -> Dict[str, float]:
+    """Rates over the wall-clock median `seconds`; the `kernel_` ones over the GPU's own busy
+    time (`device_seconds`, profiler), which is what a roofline fraction of a kernel means."""
     tflops = flops / seconds / 1e12
     gbs = bytes_moved / seconds / 1e9
     device_hbm = device_hbm_bytes_per_s()
-    return dict(tflops=tflops, gbs=gbs, frac_flops=tflops * 1e12 / H100_PEAK_FLOPS[dtype],
-                frac_hbm=gbs * 1e9 / H100_HBM_BYTES_PER_S,
-                frac_hbm_device=None if device_hbm is None else gbs * 1e9 / device_hbm)
+    out = dict(tflops=tflops, gbs=gbs, frac_flops=tflops * 1e12 / H100_PEAK_FLOPS[dtype],
+               frac_hbm=gbs * 1e9 / H100_HBM_BYTES_PER_S,
+               frac_hbm_device=None if device_hbm is None else gbs * 1e9 / device_hbm)
+    if device_seconds:
+        kernel_bw = bytes_moved / device_seconds
+        out.update(kernel_tflops=flops / device_seconds / 1e12, kernel_gbs=kernel_bw / 1e9,
+                   kernel_frac_hbm=kernel_bw / H100_HBM_BYTES_PER_S,
+                   kernel_frac_hbm_device=None if device_hbm is None else kernel_bw / device_hbm)
+    return out
 
 
 # ---- patch embedding ---------------------------------------------------------------------------

@@ -2,20 +2,21 @@
 # The prepared device run: what a lent GPU has to prove, in bounded time, in one call.
 #
 #   bash bench/gpu_session.sh [PHASE ...]      default phases: env tests check bench profile
-#   PHASE: env | tests | check | bench | profile | tune
+#   PHASE: env | tests | check | bench | profile | profile-model | tune
 #
 # Made for the workplace's device tool (one command of at most 10 minutes, 15 minutes of device
 # time per session, at most 8 files back from $OUT), but it runs on any CUDA machine with torch,
 # triton, pytest, pytest-xdist, pytest-benchmark and hypothesis installed and no network.
 # Every phase has its own time limit (seconds; override through the environment):
-#   TESTS_S=200  the whole test suite, natively (pytest -n 8)
+#   TESTS_S=200  the whole test suite, natively (pytest -n 8; TESTS_ARGS: other pytest arguments)
 #   CHECK_S=60   timellm-fast check
 #   BENCH_BUDGET_S=150  benchmark cases start in priority order (issue 6 targets first) until then;
-#                BENCH_S=220 hard limit of the bench phase
-#   PROFILE_S=60 bench/profile_trace.py
+#                BENCH_S=220 hard limit of the bench phase; BENCH_K: a pytest -k selection
+#   PROFILE_S=60 bench/profile_trace.py (profile-model: twice, eager and ours)
 #   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit)
 # The default phases' limits add up to 540 s, so they fit one 600 s call (run it with
-# timeout_s 590); `tune` needs its own call. None of this has been timed on a GPU yet.
+# timeout_s 590); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
+# phases took 327 s (tests 101 s, check 9 s, bench 164 s, profile 12 s), tune with a 90 s budget 98 s.
 # Files written to $OUT (./gpu-session-out without $OUT), 8 at most:
 #   session.log (env, install, check, profile), tests.log, bench.log, tune.json,
 #   results/results.json, results/results.md, results/speedup.png, results/memory.png
@@ -58,7 +59,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
     tests)
       install
       say "tests (limit ${TESTS_S:-200} s)"
-      TIMELLM_FAST_AOT_JOBS=8 timeout "${TESTS_S:-200}" $PY -m pytest tests -q -n 8 -p no:cacheprovider \
+      TIMELLM_FAST_AOT_JOBS=8 timeout "${TESTS_S:-200}" $PY -m pytest ${TESTS_ARGS:-tests} -q -n 8 -p no:cacheprovider \
         -rfEsx --durations=15 >"$OUT/tests.log" 2>&1
       say "tests rc $? : $(tail -1 "$OUT/tests.log")" ;;
     check)
@@ -70,13 +71,21 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       install
       say "bench (cases start until ${BENCH_BUDGET_S:-150} s, limit ${BENCH_S:-220} s)"
       timeout "${BENCH_S:-220}" $PY -m timellm_fast bench --out "$OUT/results" \
-        --budget-s "${BENCH_BUDGET_S:-150}" >"$OUT/bench.log" 2>&1
+        --budget-s "${BENCH_BUDGET_S:-150}" ${BENCH_K:+-k "$BENCH_K"} >"$OUT/bench.log" 2>&1
       say "bench rc $? : $(tail -1 "$OUT/bench.log")" ;;
     profile)
       install
       say "profile (input stage, training step, ETTh1-folded rows)"
       timeout "${PROFILE_S:-60}" $PY bench/profile_trace.py --rows 168 --out /tmp/timellm_fast_trace.json >>"$LOG" 2>&1
       say "profile rc $?" ;;
+    profile-model)
+      install
+      say "profile-model (full GPT-2 Time-LLM training step, explained-example rows, eager then ours)"
+      for flag in --eager ""; do
+        timeout "${PROFILE_S:-60}" $PY bench/profile_trace.py --what model --rows 28 --d-llm 768 --d-keys 32 \
+          $flag --top 25 --out /tmp/timellm_fast_model_trace.json >>"$LOG" 2>&1
+        say "profile-model ${flag:-ours} rc $?"
+      done ;;
     tune)
       install
       say "tune (budget ${TUNE_BUDGET_S:-200} s)"
@@ -84,7 +93,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
         --out "$OUT/tune.json" >>"$LOG" 2>&1
       say "tune rc $?" ;;
     *)
-      say "unknown phase $phase (env tests check bench profile tune)"; exit 2 ;;
+      say "unknown phase $phase (env tests check bench profile profile-model tune)"; exit 2 ;;
   esac
 done
 say "done"

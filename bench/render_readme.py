@@ -13,6 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from report import targets  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS = ("eager", "compile", "compile-max-autotune", "sdpa-fold")
 
@@ -32,9 +35,10 @@ def render(files) -> str:
         data = json.loads(path.read_text())
         env = data["environment"]
         lines += [f"**{env['device']}**, torch {env['torch']}, triton {env['triton']}, {env['date']} "
-                  f"(`{path.relative_to(ROOT)}`). Speedup = peer's median time / ours.", "",
+                  f"(`{path.relative_to(ROOT)}`). Speedup = peer's median time / ours (wall clock, "
+                  f"do_bench); GPU busy = the kernels' own device time (profiler, where recorded).", "",
                   "| op | shape | dtype | mode | ours ms | " + " | ".join(f"vs {p}" for p in PEERS)
-                  + " | ours peak MiB | eager peak MiB |", "|" + "---|" * (7 + len(PEERS))]
+                  + " | ours GPU busy ms | ours peak MiB | eager peak MiB |", "|" + "---|" * (8 + len(PEERS))]
         groups = defaultdict(dict)
         for r in data["results"]:
             groups[(r["op"], r["shape"], r["dtype"], r["mode"])][r["impl"]] = r
@@ -52,8 +56,12 @@ def render(files) -> str:
                 return "" if not r or r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.0f}"
 
             eager = impls.get("eager")
-            lines.append(f"| {' | '.join(key)} | {ours['seconds'] * 1e3:.3f} | {' | '.join(cells)} | "
+            busy = f"{ours['device_seconds'] * 1e3:.3f}" if ours.get("device_seconds") else "n/a"
+            lines.append(f"| {' | '.join(key)} | {ours['seconds'] * 1e3:.3f} | {' | '.join(cells)} | {busy} | "
                          f"{mib(ours)} | {mib(eager) if eager and eager['status'] == 'ok' else (eager or {}).get('status', '')} |")
+        lines += ["", "Issue 6 targets on this run (`bench/report.py` `targets`; unmeasured = the case did not "
+                  "run in this session's time budget):", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {name} | {value} | {verdict} |" for name, value, verdict in targets(data["results"])]
         lines.append("")
     return "\n".join(lines).rstrip()
 

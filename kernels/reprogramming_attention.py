@@ -478,6 +478,10 @@ class KernelConfig:
         return f"reprogramming_{self.role}[{SIG_DTYPE[self.data_dtype]},dot={dot},E={self.block_e}{drop}]"
 
     @property
+    def tile_key(self) -> tuple:
+        return (self.role, dot_regime(self.dot_dtype, self.input_precision), self.block_e, self.has_dropout)
+
+    @property
     def archs(self) -> Tuple[int, ...]:
         """Compute capabilities (75, 80, 90 stand for sm_75, sm_80..89, sm_90+) this configuration
         can be chosen on: bf16 MMA and TF32 need sm_80."""
@@ -502,11 +506,15 @@ class KernelConfig:
         }
 
 
-# (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, dot regime, BLOCK_E, dropout): the largest
-# tile found spill-free (ptxas -v) on every GPU the configuration can run on, within sm_75's 64 KiB
-# of shared memory, with both Triton 3.6 (the GPU machines') and 3.9 (CI's): at the same tile
-# their register counts differ by tens of registers either way, so four tiles that fit 3.9 were
-# shrunk or re-warped after 3.6 spilled on them. Three register regimes: IEEE fp32 dots ("fma",
+# (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, dot regime, BLOCK_E, dropout): a tile
+# spill-free (ptxas -v, compiled as the JIT specializes SPEC §2 shapes: kernels/report.py
+# jit_specialization) on every GPU the configuration can run on, within sm_75's 64 KiB of shared
+# memory, with both Triton 3.6 (the GPU machines') and 3.9 (CI's), whose register counts differ by
+# tens of registers either way. Measured tiles: the bf16 entries without dropout at E = 32 and
+# 128 are the fastest such tile of a sweep on an H200 (bench/tune_attention.py, Triton 3.6,
+# 2026-11-26, ETTh1- and Weather-folded rows; bench/results/nvidia-h200-2026-11-26-run1/tune.json,
+# filtered by bench/aot_filter_tiles.py). Every other entry is the largest tile that fits, not yet
+# timed on a GPU. Three register regimes: IEEE fp32 dots ("fma",
 # also bf16 data where there is no bf16 MMA) run on FMA units, whose operand layouts hold whole
 # rows of both operands per thread, so their tiles are small; TF32 and half-precision MMA hold
 # fragments only. fp16 must also fit Turing (sm_75), whose MMA lowering needs more registers
@@ -515,12 +523,12 @@ _TILES = {
     ("fwd", "fma", 32, False): (64, 32, 8, 1), ("fwd", "fma", 32, True): (64, 32, 8, 1),
     ("fwd", "fma", 64, False): (64, 32, 8, 1), ("fwd", "fma", 64, True): (64, 32, 8, 1),
     ("fwd", "fma", 128, False): (32, 16, 8, 1), ("fwd", "fma", 128, True): (32, 16, 8, 1),
-    ("fwd", "tf32", 32, False): (128, 64, 8, 2), ("fwd", "tf32", 32, True): (128, 64, 8, 2),
+    ("fwd", "tf32", 32, False): (128, 64, 4, 2), ("fwd", "tf32", 32, True): (128, 64, 8, 2),
     ("fwd", "tf32", 64, False): (128, 64, 8, 2), ("fwd", "tf32", 64, True): (64, 32, 4, 2),
     ("fwd", "tf32", 128, False): (64, 64, 8, 2), ("fwd", "tf32", 128, True): (64, 32, 8, 2),
-    ("fwd", "bf16", 32, False): (128, 64, 8, 2), ("fwd", "bf16", 32, True): (128, 64, 8, 2),
+    ("fwd", "bf16", 32, False): (64, 64, 4, 3), ("fwd", "bf16", 32, True): (128, 64, 8, 2),
     ("fwd", "bf16", 64, False): (128, 64, 8, 2), ("fwd", "bf16", 64, True): (128, 64, 8, 2),
-    ("fwd", "bf16", 128, False): (64, 64, 8, 2), ("fwd", "bf16", 128, True): (64, 32, 8, 2),
+    ("fwd", "bf16", 128, False): (128, 64, 8, 3), ("fwd", "bf16", 128, True): (64, 32, 8, 2),
     ("fwd", "fp16", 32, False): (64, 32, 4, 2), ("fwd", "fp16", 32, True): (64, 32, 4, 2),
     ("fwd", "fp16", 64, False): (64, 32, 8, 2), ("fwd", "fp16", 64, True): (64, 32, 8, 2),
     ("fwd", "fp16", 128, False): (32, 32, 8, 2), ("fwd", "fp16", 128, True): (32, 32, 8, 2),
@@ -529,22 +537,22 @@ _TILES = {
     ("bwd_dq", "fma", 128, False): (16, 16, 8, 1), ("bwd_dq", "fma", 128, True): (16, 16, 8, 1),
     ("bwd_dq", "tf32", 32, False): (64, 32, 8, 2), ("bwd_dq", "tf32", 32, True): (64, 32, 8, 2),
     ("bwd_dq", "tf32", 64, False): (32, 32, 4, 2), ("bwd_dq", "tf32", 64, True): (32, 32, 8, 2),
-    ("bwd_dq", "tf32", 128, False): (32, 16, 8, 2), ("bwd_dq", "tf32", 128, True): (32, 16, 8, 2),
-    ("bwd_dq", "bf16", 32, False): (64, 64, 4, 2), ("bwd_dq", "bf16", 32, True): (64, 64, 4, 2),
+    ("bwd_dq", "tf32", 128, False): (32, 16, 4, 2), ("bwd_dq", "tf32", 128, True): (32, 16, 4, 2),
+    ("bwd_dq", "bf16", 32, False): (128, 32, 4, 3), ("bwd_dq", "bf16", 32, True): (64, 64, 4, 2),
     ("bwd_dq", "bf16", 64, False): (64, 64, 8, 2), ("bwd_dq", "bf16", 64, True): (64, 32, 8, 2),
-    ("bwd_dq", "bf16", 128, False): (32, 32, 4, 2), ("bwd_dq", "bf16", 128, True): (32, 32, 8, 2),
+    ("bwd_dq", "bf16", 128, False): (64, 32, 4, 2), ("bwd_dq", "bf16", 128, True): (32, 32, 8, 2),
     ("bwd_dq", "fp16", 32, False): (64, 32, 8, 2), ("bwd_dq", "fp16", 32, True): (64, 32, 8, 2),
     ("bwd_dq", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 64, True): (16, 32, 8, 2),
     ("bwd_dq", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 128, True): (32, 32, 8, 2),
     ("bwd_dkdv", "fma", 32, False): (32, 32, 8, 1), ("bwd_dkdv", "fma", 32, True): (32, 32, 8, 1),
-    ("bwd_dkdv", "fma", 64, False): (16, 32, 8, 1), ("bwd_dkdv", "fma", 64, True): (16, 32, 8, 1),
-    ("bwd_dkdv", "fma", 128, False): (16, 32, 8, 1), ("bwd_dkdv", "fma", 128, True): (16, 32, 8, 1),
-    ("bwd_dkdv", "tf32", 32, False): (64, 64, 4, 2), ("bwd_dkdv", "tf32", 32, True): (64, 64, 8, 2),
+    ("bwd_dkdv", "fma", 64, False): (16, 32, 8, 1), ("bwd_dkdv", "fma", 64, True): (16, 32, 4, 1),
+    ("bwd_dkdv", "fma", 128, False): (16, 16, 8, 1), ("bwd_dkdv", "fma", 128, True): (16, 16, 8, 1),
+    ("bwd_dkdv", "tf32", 32, False): (64, 64, 4, 2), ("bwd_dkdv", "tf32", 32, True): (32, 64, 8, 2),
     ("bwd_dkdv", "tf32", 64, False): (32, 64, 4, 2), ("bwd_dkdv", "tf32", 64, True): (32, 32, 4, 2),
     ("bwd_dkdv", "tf32", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "tf32", 128, True): (32, 32, 8, 2),
-    ("bwd_dkdv", "bf16", 32, False): (64, 64, 4, 2), ("bwd_dkdv", "bf16", 32, True): (64, 64, 4, 2),
+    ("bwd_dkdv", "bf16", 32, False): (32, 128, 4, 3), ("bwd_dkdv", "bf16", 32, True): (32, 64, 4, 2),
     ("bwd_dkdv", "bf16", 64, False): (64, 64, 8, 2), ("bwd_dkdv", "bf16", 64, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "bf16", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "bf16", 128, True): (32, 64, 8, 2),
+    ("bwd_dkdv", "bf16", 128, False): (128, 32, 8, 3), ("bwd_dkdv", "bf16", 128, True): (32, 64, 8, 2),
     ("bwd_dkdv", "fp16", 32, False): (32, 64, 4, 2), ("bwd_dkdv", "fp16", 32, True): (32, 64, 8, 2),
     ("bwd_dkdv", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 64, True): (32, 32, 8, 2),
     ("bwd_dkdv", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 128, True): (32, 64, 8, 2),
@@ -566,9 +574,10 @@ def config_table() -> Dict[tuple, KernelConfig]:
         for data_dtype, dot, precision in _DTYPE_PATHS:
             for block_e in BLOCK_E_CHOICES:
                 for has_dropout in (False, True):
-                    tile = _TILES[(role, dot_regime(dot, precision), block_e, has_dropout)]
+                    tile_key = (role, dot_regime(dot, precision), block_e, has_dropout)
                     key = (role, data_dtype, dot, precision, block_e, has_dropout)
-                    table[key] = KernelConfig(role, data_dtype, dot, precision, block_e, has_dropout, *tile)
+                    table[key] = KernelConfig(role, data_dtype, dot, precision, block_e, has_dropout,
+                                              *_TILES[tile_key])
     table[("dropout_mask",)] = KernelConfig("dropout_mask", torch.float32, torch.float32, "ieee", 0, True,
                                             *_DROPOUT_MASK_TILE)
     return table
@@ -617,8 +626,9 @@ def select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout
         return config_table()[("dropout_mask",)]
     dot, precision = _dot_path(data_dtype, device, allow_tf32)
     block_e = block_e_for(head_dim)
-    cfg = config_table()[(role, data_dtype, dot, precision, block_e, bool(has_dropout))]
-    tile = _TILE_OVERRIDES.get((role, dot_regime(dot, precision), block_e, bool(has_dropout)))
+    key = (role, data_dtype, dot, precision, block_e, bool(has_dropout))
+    cfg = config_table()[key]
+    tile = _TILE_OVERRIDES.get(cfg.tile_key)
     if tile is not None:
         cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
     return cfg
@@ -660,6 +670,10 @@ def aot_configs() -> List[dict]:
             "num_warps": cfg.num_warps,
             "num_stages": cfg.num_stages,
             "archs": cfg.archs,
+            # multiples of 16 at every SPEC §2 shape (E = 32 or 128, H·E), so the JIT specializes
+            # them there; rows_per_chunk is a multiple of BLOCK_R >= 16 always. d_model is not
+            # (M4: 8), so it stays generic.
+            "divisible_by_16": ("E", "stride_kv", "rows_per_chunk"),
         }
         for cfg in config_table().values()
     ]

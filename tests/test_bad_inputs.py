@@ -31,6 +31,7 @@ from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch, patch_emb
 from timellm_fast.reference import patch_embedding_reference, reprogramming_reference
 
 D = DEVICE
+DEV = str(torch.empty(0, device=D).device)  # as error messages print it: "cpu", "cuda:0"
 F32 = torch.float32
 PE_OP, RP_OP = "patch_embedding", "reprogramming_attention"
 
@@ -118,8 +119,8 @@ RAISES = [
     ("pe/w-patch_len-mismatch", pe(x_(), w_(patch_len=6)), ValueError, r"weight must have shape \[d_model, 8, 3\] \(patch_len=8\), got \(8, 6, 3\)"),
     ("pe/w-kernel-2", pe(x_(), torch.randn(8, 8, 2)), ValueError, r"weight must have shape \[d_model, 8, 3\]"),
     ("pe/w-d_model-0", pe(x_(), torch.randn(0, 8, 3)), ValueError, r"weight must have shape \[d_model, 8, 3\].*got \(0, 8, 3\)"),
-    ("pe/w-other-device", pe(x_(), w_(device="meta")), ValueError, r"weight is on meta but x is on cpu"),
-    ("pe/x-other-device", pe(x_(device="meta"), w_()), ValueError, r"weight is on cpu but x is on meta"),
+    ("pe/w-other-device", pe(x_(), w_(device="meta")), ValueError, fr"weight is on meta but x is on {DEV}"),
+    ("pe/x-other-device", pe(x_(device="meta"), w_()), ValueError, fr"weight is on {DEV} but x is on meta"),
     ("pe/T<patch_len", pe(x_(T=7), w_()), ValueError, r"x has T=7 time steps \(last dim\), fewer than patch_len=8"),
     ("pe/T=0", pe(x_(T=0), w_()), ValueError, r"x has T=0 time steps .*patch_len=8"),
     ("pe/patch_len-0", pe(x_(), w_(), patch_len=0), ValueError, r"patch_len must be a positive int, got 0"),
@@ -141,7 +142,7 @@ RAISES = [
     ("PE.forward/x-ndim", lambda: PatchEmbedding(8, 8, 4, 0.0).to(D)(torch.randn(3, 32, device=D)), ValueError, r"x must have 3 dims \[B, N, T\]"),
     ("PE.forward/x-int", lambda: PatchEmbedding(8, 8, 4, 0.0).to(D)(x_(dtype=torch.int32)), TypeError, r"x must be a floating tensor"),
     ("PE.forward/T<patch_len", lambda: PatchEmbedding(8, 8, 4, 0.0).to(D)(x_(T=5)), ValueError, r"T=5 .*fewer than patch_len=8"),
-    ("PE.forward/x-other-device", lambda: PatchEmbedding(8, 8, 4, 0.0).to(D)(x_(device="meta")), ValueError, r"weight is on cpu but x is on meta"),
+    ("PE.forward/x-other-device", lambda: PatchEmbedding(8, 8, 4, 0.0).to(D)(x_(device="meta")), ValueError, fr"weight is on {DEV} but x is on meta"),
     # --- ReprogrammingLayer(d_model, n_heads, d_keys, d_llm, attention_dropout) ----------------
     ("RP/d_model-0", lambda: ReprogrammingLayer(0, 2, d_llm=8), ValueError, r"d_model must be a positive int, got 0"),
     ("RP/n_heads-0", lambda: ReprogrammingLayer(8, 0, d_llm=8), ValueError, r"n_heads must be a positive int, got 0"),
@@ -171,9 +172,9 @@ RAISES = [
     ("RP.forward/weights-dtype", rp(t_(), s_(), dtype=torch.bfloat16), TypeError, r"target has dtype torch.float32 but the layer's weights are torch.bfloat16"),
     ("RP.forward/target-int", rp(t_(dtype=torch.int64), s_()), TypeError, r"target must be a floating tensor .*got torch.int64"),
     ("RP.forward/source-bool", rp(t_(), s_(dtype=torch.bool)), TypeError, r"source must be a floating tensor .*got torch.bool"),
-    ("RP.forward/source-other-device", rp(t_(), s_(device="meta")), ValueError, r"source is on meta but target is on cpu"),
-    ("RP.forward/value-other-device", rp(t_(), s_(), s_(device="meta")), ValueError, r"value is on meta but target is on cpu"),
-    ("RP.forward/all-inputs-other-device", rp(t_(device="meta"), s_(device="meta")), ValueError, r"target is on meta but the layer's weights is on cpu"),
+    ("RP.forward/source-other-device", rp(t_(), s_(device="meta")), ValueError, fr"source is on meta but target is on {DEV}"),
+    ("RP.forward/value-other-device", rp(t_(), s_(), s_(device="meta")), ValueError, fr"value is on meta but target is on {DEV}"),
+    ("RP.forward/all-inputs-other-device", rp(t_(device="meta"), s_(device="meta")), ValueError, fr"target is on meta but the layer's weights is on {DEV}"),
     # --- patch_model / unpatch_model ------------------------------------------------------------
     ("patch_model/not-a-module", lambda: patch_model("model"), TypeError, r"model must be a torch.nn.Module, got str"),
     ("patch_model/layer-itself", lambda: patch_model(NamedLikeTimeLLM()), ValueError, r"model is itself a ReprogrammingLayer; .*pass the model that contains it"),

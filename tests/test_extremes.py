@@ -25,11 +25,13 @@ OP = "reprogramming_attention"
 
 
 def problem(B, L, d_model, H, E, S, d_llm, dtype=torch.float32, seed=0):
+    # drawn on the CPU, then moved: the same numbers on every device (the huge-logit problems'
+    # preconditions, e.g. a one-hot oracle, are properties of these numbers)
     torch.manual_seed(seed)
     layer = ReprogrammingLayer(d_model, H, d_keys=E, d_llm=d_llm, attention_dropout=0.0).to(DEVICE, dtype)
-    target = torch.randn(B, L, d_model, device=DEVICE).to(dtype).requires_grad_()
-    source = torch.randn(S, d_llm, device=DEVICE).to(dtype).requires_grad_()
-    upstream = torch.randn(B, L, d_llm, device=DEVICE).to(dtype)
+    target = torch.randn(B, L, d_model).to(DEVICE, dtype).requires_grad_()
+    source = torch.randn(S, d_llm).to(DEVICE, dtype).requires_grad_()
+    upstream = torch.randn(B, L, d_llm).to(DEVICE, dtype)
     return layer, target, source, upstream
 
 
