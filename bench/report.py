@@ -31,12 +31,15 @@ def _find(rows, **match):
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _ratio(rows, peer: str, **match):
-    """peer time / ours for the case `match`, or None when either did not run ok."""
+def _ratio(rows, peer: str, key: str = "seconds", **match):
+    """peer time / ours for the case `match` (wall clock, or key="device_seconds": the GPU's busy
+    time), or None when either did not run ok or lacks that time."""
     ours, other = _find(rows, impl="ours", **match), _find(rows, impl=peer, **match)
     if not ours or not other or ours.get("status") != "ok" or other.get("status") != "ok":
         return None
-    return other["seconds"] / ours["seconds"]
+    if not ours.get(key) or not other.get(key):
+        return None
+    return other[key] / ours[key]
 
 
 def targets(rows) -> list:
@@ -47,14 +50,26 @@ def targets(rows) -> list:
         verdict = "unmeasured" if value is None else ("met" if value >= goal else "MISSED")
         out.append((name, "" if value is None else fmt.format(value), verdict))
 
+    def add_speedup(name, peer, goal, **match):
+        """Judged on wall clock AND on GPU busy time where recorded: a win in one alone is host
+        overhead or host noise (the full model builds its prompts on the CPU), not a kernel win."""
+        wall = _ratio(rows, peer, **match)
+        busy = _ratio(rows, peer, key="device_seconds", **match)
+        if wall is None:
+            out.append((name, "", "unmeasured"))
+            return
+        measured = f"{wall:.2f}x wall" + ("" if busy is None else f", {busy:.2f}x GPU busy")
+        met = wall >= goal and (busy is None or busy >= goal)
+        out.append((name, measured, "met" if met else "MISSED"))
+
     for shape, e in (("weather-folded", 32), ("etth1-folded", 128)):
-        add(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= 1.3x",
-            _ratio(rows, "sdpa-fold", op="attention-core", shape=shape, dtype="bfloat16", mode="fwd"), 1.3)
-        add(f"attention core vs SDPA-fold, fwd+bwd, bf16, E={e} ({shape}) >= 1.2x",
-            _ratio(rows, "sdpa-fold", op="attention-core", shape=shape, dtype="bfloat16", mode="fwd+bwd"), 1.2)
+        add_speedup(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= 1.3x", "sdpa-fold", 1.3,
+                    op="attention-core", shape=shape, dtype="bfloat16", mode="fwd")
+        add_speedup(f"attention core vs SDPA-fold, fwd+bwd, bf16, E={e} ({shape}) >= 1.2x", "sdpa-fold", 1.2,
+                    op="attention-core", shape=shape, dtype="bfloat16", mode="fwd+bwd")
     layer = dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd+bwd")
     for peer, goal in (("sdpa-fold", 1.1), ("compile", 1.5), ("eager", 3.0)):
-        add(f"reprogramming layer fwd+bwd bf16 ETTh1-folded vs {peer} >= {goal}x", _ratio(rows, peer, **layer), goal)
+        add_speedup(f"reprogramming layer fwd+bwd bf16 ETTh1-folded vs {peer} >= {goal}x", peer, goal, **layer)
     pe = _find(rows, op="patch_embedding", shape="traffic-folded", dtype="bfloat16", mode="fwd", impl="ours")
     ok = pe and pe.get("status") == "ok"
     # a roofline fraction is the kernel's: bytes over the GPU's busy time (profiler), judged
@@ -73,10 +88,10 @@ def targets(rows) -> list:
     out.append(("patch embedding fwd at the small official shape: one launch",
                 "" if launches is None else f"{launches} GPU kernel(s)",
                 "unmeasured" if launches is None else ("met" if launches == 1 else "MISSED")))
-    add("full GPT-2 Time-LLM training step vs eager >= 1.2x",
-        _ratio(rows, "eager", op="timellm-full-model", shape="explained-gpt2", mode="train-step"), 1.2)
-    add("large-batch inference (prototype cache) vs eager, series/s >= 2x",
-        _ratio(rows, "eager", op="timellm-full-model", shape="large-batch", mode="inference"), 2.0)
+    add_speedup("full GPT-2 Time-LLM training step vs eager >= 1.2x", "eager", 1.2,
+                op="timellm-full-model", shape="explained-gpt2", mode="train-step")
+    add_speedup("large-batch inference (prototype cache) vs eager, series/s >= 2x", "eager", 2.0,
+                op="timellm-full-model", shape="large-batch", mode="inference")
     traffic = _find(rows, op="reprogramming", shape="traffic-folded", dtype="bfloat16", mode="fwd+bwd", impl="ours")
     peak = traffic.get("peak_bytes") if traffic and traffic.get("status") == "ok" else None
     out.append(("reprogramming fwd+bwd bf16, 20688 rows, fits in 80 GB",

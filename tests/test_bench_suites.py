@@ -43,7 +43,7 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
     spec.loader.exec_module(render_readme)
     assert "No GPU benchmark results" in render_readme.render([])
     rows = [dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd", impl=impl,
-                 status="ok", seconds=secs, peak_bytes=2**20 * mib)
+                 status="ok", seconds=secs, device_seconds=secs / 2, peak_bytes=2**20 * mib)
             for impl, secs, mib in (("ours", 0.001, 10), ("eager", 0.004, 400), ("sdpa-fold", 0.002, 20))]
     rows.append(dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd",
                      impl="compile", status="OOM"))
@@ -53,7 +53,8 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
                                                      date="2026-11-25"), results=rows)))
     render_readme.ROOT = tmp_path
     text = render_readme.render([path])
-    assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x | 10 | 400 |" in text
+    assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x | 0.500 | 10 | 400 |" in text
+    assert "Issue 6 targets on this run" in text
 
 
 def test_bench_runs_targets_first_and_max_autotune_last():
@@ -107,16 +108,20 @@ def test_targets_verdicts_follow_the_measured_ratios():
             row("patch_embedding", "explained-gpt2", "fwd", "ours", 1.0, gpu_kernels=2),
             row("reprogramming", "traffic-folded", "fwd+bwd", "ours", 1.0, peak_bytes=30 * 2**30),
             dict(op="reprogramming", shape="traffic-folded", dtype="bfloat16", mode="fwd+bwd", impl="eager",
-                 status="OOM")]
+                 status="OOM"),
+            # wins on wall clock, loses on the GPU's busy time: host noise, not a met target
+            row("timellm-full-model", "explained-gpt2", "train-step", "ours", 1.0, device_seconds=0.5),
+            row("timellm-full-model", "explained-gpt2", "train-step", "eager", 2.0, device_seconds=0.51)]
     verdicts = {name: (value, verdict) for name, value, verdict in report.targets(rows)}
-    assert verdicts["attention core vs SDPA-fold, fwd, bf16, E=32 (weather-folded) >= 1.3x"] == ("1.50x", "met")
-    assert verdicts["attention core vs SDPA-fold, fwd+bwd, bf16, E=32 (weather-folded) >= 1.2x"] == ("1.10x", "MISSED")
+    assert verdicts["attention core vs SDPA-fold, fwd, bf16, E=32 (weather-folded) >= 1.3x"] == ("1.50x wall", "met")
+    assert verdicts["attention core vs SDPA-fold, fwd+bwd, bf16, E=32 (weather-folded) >= 1.2x"] == ("1.10x wall", "MISSED")
+    assert verdicts["full GPT-2 Time-LLM training step vs eager >= 1.2x"] == ("2.00x wall, 1.02x GPU busy", "MISSED")
     assert verdicts["attention core vs SDPA-fold, fwd, bf16, E=128 (etth1-folded) >= 1.3x"] == ("", "unmeasured")
     assert verdicts["patch embedding fwd bf16, 20688 rows: >= 70% of HBM bandwidth"] == ("80%", "met")
     assert verdicts["patch embedding fwd at the small official shape: one launch"][1] == "MISSED"
     assert verdicts["reprogramming fwd+bwd bf16, 20688 rows, fits in 80 GB"] == ("peak 30.0 GiB", "met")
     assert verdicts["... with >= 10x less memory than eager"][1].startswith("met")
-    assert verdicts["full GPT-2 Time-LLM training step vs eager >= 1.2x"] == ("", "unmeasured")
+    assert verdicts["large-batch inference (prototype cache) vs eager, series/s >= 2x"] == ("", "unmeasured")
 
 
 def test_full_grid_order_puts_issue_6_targets_first():
