@@ -25,12 +25,10 @@ from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
 
 def _compile(job: tuple) -> dict:
     key, tile, data_dtype, arch = job
-    role, regime, block_e, has_dropout = key
     attn._TILES[key] = tuple(tile)
     attn.config_table.cache_clear()
     wanted = next(c for c in attn.config_table().values()
-                  if (c.role, attn.dot_regime(c.dot_dtype, c.input_precision), c.block_e, c.has_dropout) == key
-                  and attn.SIG_DTYPE[c.data_dtype] == data_dtype)
+                  if c.tile_key == key and attn.SIG_DTYPE[c.data_dtype] == data_dtype)
     cfg = next(c for c in attn.aot_configs() if c["name"] == wanted.name)
     r = report.compile_config(cfg, arch)
     return dict(key=list(key), tile=list(tile), arch=arch, kernel=r.kernel, registers=r.registers,

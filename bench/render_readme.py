@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import targets  # noqa: E402
+from report import targets, targets_table  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PEERS = ("eager", "compile", "compile-max-autotune", "sdpa-fold")
 
@@ -60,8 +60,8 @@ def render(files) -> str:
             lines.append(f"| {' | '.join(key)} | {ours['seconds'] * 1e3:.3f} | {' | '.join(cells)} | {busy} | "
                          f"{mib(ours)} | {mib(eager) if eager and eager['status'] == 'ok' else (eager or {}).get('status', '')} |")
         lines += ["", "Issue 6 targets on this run (`bench/report.py` `targets`; unmeasured = the case did not "
-                  "run in this session's time budget):", "", "| target | measured | verdict |", "|---|---|---|"]
-        lines += [f"| {name} | {value} | {verdict} |" for name, value, verdict in targets(data["results"])]
+                  "run in this session's time budget):", ""]
+        lines += targets_table(targets(data["results"]))
         lines.append("")
     return "\n".join(lines).rstrip()
 

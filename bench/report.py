@@ -106,7 +106,14 @@ def targets(rows) -> list:
     return out
 
 
-def markdown(rows, env) -> str:
+def targets_table(verdicts) -> list:
+    """Markdown lines of a `targets` result."""
+    return ["| target | measured | verdict |", "|---|---|---|"] + \
+        [f"| {name} | {value} | {verdict} |" for name, value, verdict in verdicts]
+
+
+def markdown(rows, env, verdicts) -> str:
+    """The results table; `verdicts` is `targets(rows)`."""
     lines = [f"# Benchmark results: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
              "Median times; speedup = peer time / ours (> 1: ours is faster); fraction of the H100 "
@@ -148,9 +155,8 @@ def markdown(rows, env) -> str:
         lines += ["", "Inference throughput (full model):", "", "| shape | impl | series/s |", "|---|---|---|"]
         lines += [f"| {r['shape']} | {r['impl']} | {r['series_per_s']:.0f} |" for r in series]
     if env["device"] != "cpu":
-        lines += ["", "Issue 6 targets, evaluated on this run (bench/report.py `targets`):", "",
-                  "| target | measured | verdict |", "|---|---|---|"]
-        lines += [f"| {name} | {value} | {verdict} |" for name, value, verdict in targets(rows)]
+        lines += ["", "Issue 6 targets, evaluated on this run (bench/report.py `targets`):", ""]
+        lines += targets_table(verdicts)
     if env["device"] == "cpu":
         lines += ["", "CPU run: `ours` executes in Triton's interpreter, so these times only prove "
                   "the suites run; kernel timings need a GPU."]
@@ -204,11 +210,12 @@ def _replace(path: str, text: str) -> None:
 def write_results(out: str, rows: list, over_budget=(), plots: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
     env = environment()
+    verdicts = targets(rows)
     _replace(os.path.join(out, "results.json"),
              json.dumps(dict(environment=env, results=rows, over_budget=list(over_budget),
-                             targets=[dict(target=t, measured=m, verdict=v) for t, m, v in targets(rows)]),
+                             targets=[dict(target=t, measured=m, verdict=v) for t, m, v in verdicts]),
                         indent=1))
-    md = markdown(rows, env)
+    md = markdown(rows, env, verdicts)
     if over_budget:
         md += f"\n{len(over_budget)} cases did not run: they would have started after the time budget.\n"
     _replace(os.path.join(out, "results.md"), md)
