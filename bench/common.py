@@ -161,13 +161,29 @@ def patch_embedding_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     return flops, nbytes
 
 
+class CustomOpRoute(torch.nn.Module):
+    """`inner` (a module or a function) with every Triton-path call sent through the torch.library
+    custom op (dispatch's direct route off): the "ours-custom-op" peer, which measures what the
+    direct route saves. A module's train()/eval() reaches `inner`."""
+
+    def __init__(self, inner: Callable):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        from timellm_fast import dispatch
+
+        with dispatch.custom_op_route():
+            return self.inner(*args, **kwargs)
+
+
 def patch_embedding_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
     """name -> module factory; every module has the same weights."""
     torch.manual_seed(0)
     ours = PatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
     eager = EagerPatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
     eager.load_state_dict(ours.state_dict())
-    impls = {"eager": eager, "ours": ours}
+    impls = {"eager": eager, "ours": ours, "ours-custom-op": CustomOpRoute(ours)}
     if FULL:
         impls["compile"] = torch.compile(eager)
         impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
@@ -219,7 +235,7 @@ def reprogramming_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
     ours = ReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
     eager = EagerReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
     eager.load_state_dict(ours.state_dict())
-    impls = {"eager": eager, "sdpa-fold": SdpaFold(eager), "ours": ours}
+    impls = {"eager": eager, "sdpa-fold": SdpaFold(eager), "ours": ours, "ours-custom-op": CustomOpRoute(ours)}
     if FULL:
         impls["compile"] = torch.compile(eager)
         impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
@@ -264,17 +280,18 @@ def _core_sdpa(rows, wq, bq, k, v, n_heads):
 
 
 def _core_ours(rows, wq, bq, k, v, n_heads):
-    """Our fused core: the timellm_fast::reprogramming_attention_fwd custom op (Q built inside)."""
-    from timellm_fast.patch_embedding import draw_seed_tensor
-    from timellm_fast.reprogramming import attention_fwd_op
+    """Our fused core (Q built inside) as the layer calls it: timellm_fast.reprogramming.fused_attention."""
+    from timellm_fast.reprogramming import fused_attention
 
-    return attention_fwd_op(rows, wq, bq, k, v, n_heads, 0.0, draw_seed_tensor(0.0, rows.device), False)[0]
+    return fused_attention(rows, wq, bq, k, v, n_heads)
 
 
 def attention_core_impls(s: Shape) -> Dict[str, Callable]:
     """name -> core(rows, wq, bq, k, v): [R, H*E]."""
-    return {name: functools.partial(fn, n_heads=s.n_heads)
-            for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
+    impls = {name: functools.partial(fn, n_heads=s.n_heads)
+             for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
+    impls["ours-custom-op"] = CustomOpRoute(impls["ours"])
+    return impls
 
 
 def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared device run: what a lent GPU has to prove, in bounded time, in one call.
 #
-#   bash bench/gpu_session.sh [PHASE ...]      default phases: env tests check bench profile
-#   PHASE: env | tests | check | bench | profile | profile-model | tune
+#   bash bench/gpu_session.sh [PHASE ...]      default phases: env tests check host bench profile
+#   PHASE: env | tests | check | host | bench | profile | profile-model | tune
 #
 # Made for the workplace's device tool (one command of at most 10 minutes, 15 minutes of device
 # time per session, at most 8 files back from $OUT), but it runs on any CUDA machine with torch,
@@ -10,12 +10,13 @@
 # Every phase has its own time limit (seconds; override through the environment):
 #   TESTS_S=200  the whole test suite, natively (pytest -n 8; TESTS_ARGS: other pytest arguments)
 #   CHECK_S=60   timellm-fast check
+#   HOST_S=30    bench/host_overhead.py on this machine's CPU (calibrates the CPU-side proxy)
 #   BENCH_BUDGET_S=150  benchmark cases start in priority order (issue 6 targets first) until then;
 #                BENCH_S=220 hard limit of the bench phase; BENCH_K: a pytest -k selection
 #   PROFILE_S=60 bench/profile_trace.py (profile-model: twice, eager and ours)
 #   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit)
-# The default phases' limits add up to 540 s, so they fit one 600 s call (run it with
-# timeout_s 590); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
+# The default phases' limits add up to 570 s, so they fit one 600 s call (run it with
+# timeout_s 595); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
 # phases took 327 s (tests 101 s, check 9 s, bench 164 s, profile 12 s), tune with a 90 s budget 98 s.
 # Files written to $OUT (./gpu-session-out without $OUT), 8 at most:
 #   session.log (env, install, check, profile), tests.log, bench.log, tune.json,
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 [ -f .gpu-data/ETTh1.csv ] && export TIMELLM_FAST_DATA="$PWD/.gpu-data"
 LOG="$OUT/session.log"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(env tests check bench profile)
+[ ${#phases[@]} -eq 0 ] && phases=(env tests check host bench profile)
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
@@ -73,6 +74,11 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       timeout "${BENCH_S:-220}" $PY -m timellm_fast bench --out "$OUT/results" \
         --budget-s "${BENCH_BUDGET_S:-150}" ${BENCH_K:+-k "$BENCH_K"} >"$OUT/bench.log" 2>&1
       say "bench rc $? : $(tail -1 "$OUT/bench.log")" ;;
+    host)
+      install
+      say "host (op-layer host time per call, Triton launches stubbed, this CPU)"
+      timeout "${HOST_S:-30}" $PY bench/host_overhead.py --calls 100 >>"$LOG" 2>&1
+      say "host rc $?" ;;
     profile)
       install
       say "profile (input stage, training step, ETTh1-folded rows)"
@@ -93,7 +99,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
         --out "$OUT/tune.json" >>"$LOG" 2>&1
       say "tune rc $?" ;;
     *)
-      say "unknown phase $phase (env tests check bench profile profile-model tune)"; exit 2 ;;
+      say "unknown phase $phase (env tests check host bench profile profile-model tune)"; exit 2 ;;
   esac
 done
 say "done"

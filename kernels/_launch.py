@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -16,8 +15,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_CAPABILITY: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA device, asked of the driver once per device: the op layer needs it
+    on every call (dispatch, tile choice), and each torch.cuda query is microseconds of host time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return capability
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids: plain integer arithmetic (triton.cdiv is a constexpr function
+    object, ~2 us per host call, and a launch computes several)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (>= 1); plain Python for the same reason as cdiv."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def dot_dtype(*operand_dtypes: torch.dtype, device: torch.device) -> torch.dtype:

@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import SIG_DTYPE, TL_DTYPE, dot_dtype, input_precision, interpreting, next_pow2, store_dtype
+from ._launch import (SIG_DTYPE, TL_DTYPE, cdiv, device_capability, dot_dtype, input_precision, interpreting,
+                      next_pow2, store_dtype)
 
 #: head widths the kernels accept; E is padded with masks up to the next block width
 MIN_HEAD_DIM = 16
@@ -586,7 +587,7 @@ def config_table() -> Dict[tuple, KernelConfig]:
 def _dot_path(data_dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> Tuple[torch.dtype, str]:
     """(dot dtype, input precision) for data of `data_dtype` on `device`."""
     dot = dot_dtype(data_dtype, device=device)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    capability = device_capability(device) if device.type == "cuda" else None
     tensor_core_tf32 = capability is not None and capability >= (8, 0)
     if dot == torch.bfloat16 and not tensor_core_tf32:
         dot = torch.float32  # Turing has no bf16 MMA
@@ -600,6 +601,8 @@ def block_e_for(head_dim: int) -> int:
 #: tile overrides for tuning (bench/tune_attention.py): (role, dot regime, BLOCK_E, dropout) ->
 #: (BLOCK_R, BLOCK_S, num_warps, num_stages). Empty in normal use; set only through override_tiles.
 _TILE_OVERRIDES: Dict[tuple, tuple] = {}
+#: select_config's memo: (arguments, interpreter flag) -> KernelConfig
+_SELECTED: Dict[tuple, KernelConfig] = {}
 
 
 @contextlib.contextmanager
@@ -613,15 +616,28 @@ def override_tiles(overrides: Dict[tuple, tuple]):
             raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
     saved = dict(_TILE_OVERRIDES)
     _TILE_OVERRIDES.update(overrides)
+    _SELECTED.clear()  # select_config's memo must not serve the tiles from before
     try:
         yield
     finally:
         _TILE_OVERRIDES.clear()
         _TILE_OVERRIDES.update(saved)
+        _SELECTED.clear()
 
 
 def select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout: bool,
                   device: torch.device, allow_tf32: bool = False) -> KernelConfig:
+    # looked up on every launch, so memoized (override_tiles clears the memo; the interpreter
+    # flag changes the dot dtype, so it is part of the key)
+    key = (role, data_dtype, head_dim, bool(has_dropout), device, bool(allow_tf32), interpreting())
+    cfg = _SELECTED.get(key)
+    if cfg is None:
+        cfg = _SELECTED[key] = _select_config(role, data_dtype, head_dim, has_dropout, device, allow_tf32)
+    return cfg
+
+
+def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout: bool,
+                   device: torch.device, allow_tf32: bool) -> KernelConfig:
     if role == "dropout_mask":
         return config_table()[("dropout_mask",)]
     dot, precision = _dot_path(data_dtype, device, allow_tf32)
@@ -697,7 +713,7 @@ def rows_per_philox_group(num_protos: int) -> int:
 
 def arch_class(device: torch.device) -> int:
     """The entry of ALL_ARCHS whose configurations serve this CUDA device."""
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = device_capability(device)
     return max(a for a in ALL_ARCHS if a <= max(10 * major + minor, ALL_ARCHS[0]))
 
 
@@ -721,10 +737,18 @@ def unsupported_reason(data_dtype: torch.dtype, head_dim: int, num_protos: int, 
 
 
 def _launch_params(cfg: KernelConfig) -> dict:
-    params = dict(cfg.constexprs())
-    if not interpreting():
-        params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    """The keyword arguments of a launch with `cfg` (memoized: asked on every launch)."""
+    key = (cfg, interpreting())
+    params = _LAUNCH_PARAMS.get(key)
+    if params is None:
+        params = dict(cfg.constexprs())
+        if not interpreting():
+            params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _LAUNCH_PARAMS[key] = params
     return params
+
+
+_LAUNCH_PARAMS: Dict[tuple, dict] = {}
 
 
 def _philox_args(num_protos: int, dropout_p: float, seed: torch.Tensor) -> Tuple[float, torch.Tensor, int]:
@@ -766,7 +790,7 @@ def attention_forward(
     lse = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
     if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
         return out.to(target.dtype), lse
-    grid = (triton.cdiv(R, cfg.block_r), n_heads)
+    grid = (cdiv(R, cfg.block_r), n_heads)
     last_launch["fwd"] = reprogramming_fwd_kernel[grid](
         target, wq, bq, k, v, out, lse, R, S, DM, n_heads, E, stride_kv, _LOG2E / math.sqrt(E),
         *_philox_args(S, dropout_p, seed), **_launch_params(cfg))
@@ -814,7 +838,7 @@ def attention_backward(
     dq_cfg = select_config("bwd_dq", target.dtype, E, has_dropout, target.device, allow_tf32)
     delta = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
     dq = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
-    grid = (triton.cdiv(R, dq_cfg.block_r), n_heads)
+    grid = (cdiv(R, dq_cfg.block_r), n_heads)
     last_launch["bwd_dq"] = reprogramming_bwd_dq_kernel[grid](
         target, wq, bq, k, v, dout, lse, delta, dq, R, S, DM, n_heads, E, stride_kv, qk_scale_log2, sm_scale,
         *philox, **_launch_params(dq_cfg))
@@ -823,9 +847,9 @@ def attention_backward(
         return dq, None
 
     kv_cfg = select_config("bwd_dkdv", target.dtype, E, has_dropout, target.device, allow_tf32)
-    proto_blocks = triton.cdiv(S, kv_cfg.block_s)
+    proto_blocks = cdiv(S, kv_cfg.block_s)
     rows_per_chunk = dkdv_rows_per_chunk(R, proto_blocks, n_heads, kv_cfg.block_r)
-    n_chunks = triton.cdiv(R, rows_per_chunk)
+    n_chunks = cdiv(R, rows_per_chunk)
     # one fp32 slab per row chunk, summed in a fixed order below: deterministic, no float atomics
     dkv_partial = torch.empty((n_chunks, S, 2 * HE), dtype=torch.float32, device=target.device)
     grid = (proto_blocks, n_heads, n_chunks)
@@ -844,7 +868,7 @@ def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: f
     """
     cfg = select_config("dropout_mask", torch.float32, 0, True, device)
     keep = torch.empty((n_heads, num_rows, num_protos), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(num_rows, cfg.block_r), n_heads)
+    grid = (cdiv(num_rows, cfg.block_r), n_heads)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     dropout_keep_mask_kernel[grid](keep, num_rows, num_protos, n_heads, *_philox_args(num_protos, dropout_p, seed_t),
                                    **_launch_params(cfg))

@@ -10,6 +10,14 @@ Rules (README "Dispatch"):
   learn why they are not getting the kernel.
 
 Every decision is counted in :data:`path_counts` so tests can prove which path ran.
+
+On the Triton path an op reaches its launchers one of two ways (:func:`direct_launch`): in plain
+eager mode straight through a ``torch.autograd.Function`` (the ``torch.library`` dispatch of a
+custom op costs tens of microseconds of host time per call, which at the small official shapes
+is more than the kernel), and through the op's ``torch.library`` custom op whenever something
+must see the op as one operator: ``torch.compile``/export tracing, a TorchDispatchMode
+(FakeTensorMode, make_fx, operator loggers), ``torch.func`` transforms, or tensor subclasses.
+Both routes run the same launchers and the same backward; :data:`route_counts` counts them.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ import torch
 logger = logging.getLogger("timellm_fast")
 
 BACKEND_ENV = "TIMELLM_FAST_BACKEND"
+#: set to 0 to send every Triton-path call through its custom op (debugging, route benchmarks)
+DIRECT_ENV = "TIMELLM_FAST_DIRECT"
 _BACKENDS = ("auto", "triton", "eager")
 
 #: (op name, "triton" | "eager") -> number of calls that took that path.
@@ -32,6 +42,10 @@ path_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
 #: op name -> the path its most recent call took.
 last_path: dict = {}
 _logged: set = set()
+#: (op name, "direct" | "custom_op") -> calls of the Triton path that took that route.
+route_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
+#: the tensor types the direct route accepts (subclasses may have their own dispatch rules)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def interpreter_enabled() -> bool:
@@ -63,7 +77,9 @@ def triton_device_problem(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         if interpreter_enabled():
             return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
-        major, minor = torch.cuda.get_device_capability(device)
+        from .kernels._launch import device_capability  # importable: triton_import_error() is None
+
+        major, minor = device_capability(device)
         if (major, minor) < (7, 5):
             return f"compute capability {major}.{minor} is below the supported 7.5"
         return None
@@ -99,12 +115,66 @@ def choose(op: str, device: torch.device, unsupported: Optional[str] = None) -> 
     return path
 
 
+def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether a Triton-path call of `op` on `tensors` may skip its torch.library custom op.
+
+    Only in plain eager mode: nothing is tracing (torch.compile, export), no TorchDispatchMode
+    or torch.func transform is active, and every tensor is a plain tensor or Parameter. Anything
+    else must see the custom op as one operator, so it gets the custom op. ``TIMELLM_FAST_DIRECT=0``
+    or :func:`custom_op_route` turns the direct route off.
+    """
+    direct = (not torch.compiler.is_compiling()
+              and not _FORCED_CUSTOM_OP[0]
+              and os.environ.get(DIRECT_ENV, "1") != "0"
+              and torch._C._len_torch_dispatch_stack() == 0
+              and not torch._C._are_functorch_transforms_active()
+              and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+    route_counts[(op, "direct" if direct else "custom_op")] += 1
+    return direct
+
+
+_FORCED_CUSTOM_OP = [False]
+
+
 @contextlib.contextmanager
-def record_paths() -> Iterator["collections.Counter[tuple[str, str]]"]:
-    """Counts the paths taken inside the block: ``with record_paths() as seen: ...``."""
-    before = collections.Counter(path_counts)
+def custom_op_route() -> Iterator[None]:
+    """Inside the block every Triton-path call goes through its custom op (the backward of a
+    forward taken inside follows it, wherever it runs): to compare the two routes."""
+    saved = _FORCED_CUSTOM_OP[0]
+    _FORCED_CUSTOM_OP[0] = True
+    try:
+        yield
+    finally:
+        _FORCED_CUSTOM_OP[0] = saved
+
+
+@contextlib.contextmanager
+def profiled(name: str) -> Iterator[None]:
+    """Names a direct-route launch in torch.profiler traces as its custom op would be named
+    (``timellm_fast::...``); costs nothing while no profiler runs."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _record(counter: "collections.Counter[tuple[str, str]]") -> Iterator["collections.Counter[tuple[str, str]]"]:
+    before = collections.Counter(counter)
     seen: "collections.Counter[tuple[str, str]]" = collections.Counter()
     try:
         yield seen
     finally:
-        seen.update(path_counts - before)
+        seen.update(counter - before)
+
+
+def record_paths():
+    """Counts the paths taken inside the block: ``with record_paths() as seen: ...``; keys are
+    (op, "triton" | "eager")."""
+    return _record(path_counts)
+
+
+def record_routes():
+    """Counts the routes Triton-path calls took inside the block; keys are (op, "direct" | "custom_op")."""
+    return _record(route_counts)

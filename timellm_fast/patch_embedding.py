@@ -51,11 +51,15 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, P: int, dropout_p: float
 # only the fake implementations, so it neither traces into the kernel nor breaks the graph),
 # named in torch.profiler as timellm_fast::patch_embedding_fwd / _bwd, and checked by opcheck.
 # The dropout seed travels as a tensor so that drawing it inside a compiled graph is no
-# graph break.
+# graph break. In plain eager mode DirectPatchEmbedding reaches the same launchers and backward
+# without the custom op's dispatch (host time; see dispatch.direct_launch).
 
 
-@torch.library.custom_op("timellm_fast::patch_embedding_fwd", mutates_args=())
-def patch_embedding_fwd_op(
+FWD_OP_NAME = "timellm_fast::patch_embedding_fwd"
+BWD_OP_NAME = "timellm_fast::patch_embedding_bwd"
+
+
+def _launch_forward(
     x: torch.Tensor,  # x: [B, N, T]
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     patch_len: int, stride: int, out_dtype: torch.dtype, dropout_p: float,
@@ -69,14 +73,7 @@ def patch_embedding_fwd_op(
     return y.view(B * N, P, weight.shape[0])
 
 
-@patch_embedding_fwd_op.register_fake
-def _(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
-    B, N, T = x.shape
-    return x.new_empty((B * N, num_patches(T, patch_len, stride), weight.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("timellm_fast::patch_embedding_bwd", mutates_args=())
-def patch_embedding_bwd_op(
+def _launch_backward(
     x: torch.Tensor,  # x: [B, N, T]
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     grad_y: torch.Tensor,  # grad_y: [B*N, P, D]
@@ -95,6 +92,28 @@ def patch_embedding_bwd_op(
     return dx, dw
 
 
+@torch.library.custom_op(FWD_OP_NAME, mutates_args=())
+def patch_embedding_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, patch_len: int, stride: int, out_dtype: torch.dtype,
+    dropout_p: float, seed: torch.Tensor,
+) -> torch.Tensor:  # shapes: _launch_forward
+    return _launch_forward(x, weight, patch_len, stride, out_dtype, dropout_p, seed)
+
+
+@patch_embedding_fwd_op.register_fake
+def _(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
+    B, N, T = x.shape
+    return x.new_empty((B * N, num_patches(T, patch_len, stride), weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op(BWD_OP_NAME, mutates_args=())
+def patch_embedding_bwd_op(
+    x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, patch_len: int, stride: int,
+    dropout_p: float, seed: torch.Tensor, need_dx: bool, need_dw: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_backward
+    return _launch_backward(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
+
+
 @patch_embedding_bwd_op.register_fake
 def _(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty((0,))
@@ -106,18 +125,39 @@ def _setup_fwd_context(ctx, inputs, output):
     x, weight, patch_len, stride, _out_dtype, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, seed)
     ctx.cfg = (patch_len, stride, dropout_p)
+    ctx.direct = False  # backward through patch_embedding_bwd_op (DirectPatchEmbedding sets True)
 
 
 def _fwd_backward(ctx, grad_y):
     x, weight, seed = ctx.saved_tensors
     patch_len, stride, dropout_p = ctx.cfg
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dw = patch_embedding_bwd_op(x, weight, grad_y, patch_len, stride, dropout_p, seed,
-                                    need_dx, need_dw)
+    args = (x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
+    if ctx.direct:
+        with dispatch.profiled(BWD_OP_NAME):
+            dx, dw = _launch_backward(*args)
+    else:
+        dx, dw = patch_embedding_bwd_op(*args)
     return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None
 
 
 patch_embedding_fwd_op.register_autograd(_fwd_backward, setup_context=_setup_fwd_context)
+
+
+class DirectPatchEmbedding(torch.autograd.Function):
+    """patch_embedding_fwd_op with its autograd, without torch.library's dispatch (see
+    dispatch.direct_launch): the same launchers, saved tensors and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, patch_len, stride, out_dtype, dropout_p, seed):
+        inputs = (x, weight, patch_len, stride, out_dtype, dropout_p, seed)
+        with dispatch.profiled(FWD_OP_NAME):
+            y = _launch_forward(*inputs)
+        _setup_fwd_context(ctx, inputs, y)
+        ctx.direct = True
+        return y
+
+    backward = staticmethod(_fwd_backward)
 
 
 def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -165,8 +205,13 @@ def patch_embedding(
     out_dtype = output_dtype(x, weight)
     path = dispatch.choose(OP_NAME, x.device, _unsupported(x, weight, P, p))
     if path == "triton":
-        seed = draw_seed_tensor(p, x.device)
-        return patch_embedding_fwd_op(x, weight, patch_len, stride, out_dtype, p, seed)
+        args = (x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
+        if not dispatch.direct_launch(OP_NAME, x, weight):
+            return patch_embedding_fwd_op(*args)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return DirectPatchEmbedding.apply(*args)
+        with dispatch.profiled(FWD_OP_NAME):  # nothing to differentiate: not even an autograd node
+            return _launch_forward(*args)
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)

@@ -15,6 +15,7 @@ when dropout is inactive, the literal reference when attention dropout has to be
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Tuple
 
 import torch
@@ -60,10 +61,15 @@ def project_key_value(
 # them as timellm_fast::reprogramming_attention_fwd / _bwd. The GEMMs around the core (K/V and
 # output projections) stay ordinary PyTorch ops with PyTorch's own autograd; the custom
 # backward covers exactly what the kernel computes: Q = target·Wqᵀ + bq, softmax, dropout, ·V.
+# In plain eager mode the same launchers and the same backward are reached through
+# DirectAttention instead (dispatch.direct_launch): the custom op's dispatch is host time that
+# the small official shapes cannot hide.
+
+FWD_OP_NAME = "timellm_fast::reprogramming_attention_fwd"
+BWD_OP_NAME = "timellm_fast::reprogramming_attention_bwd"
 
 
-@torch.library.custom_op("timellm_fast::reprogramming_attention_fwd", mutates_args=())
-def attention_fwd_op(
+def _launch_attention_forward(
     target_rows: torch.Tensor,  # target_rows: [R, DM]
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
     k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
@@ -75,15 +81,7 @@ def attention_fwd_op(
         target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p, seed, allow_tf32)
 
 
-@attention_fwd_op.register_fake
-def _(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
-    R = target_rows.shape[0]
-    return (target_rows.new_empty((R, wq.shape[0])),
-            target_rows.new_empty((n_heads, R), dtype=torch.float32))
-
-
-@torch.library.custom_op("timellm_fast::reprogramming_attention_bwd", mutates_args=())
-def attention_bwd_op(
+def _launch_attention_backward(
     target_rows: torch.Tensor,  # target_rows: [R, DM]
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
     k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each
@@ -97,6 +95,31 @@ def attention_bwd_op(
     return dq, (dkv if dkv is not None else lse.new_empty((0,)))
 
 
+@torch.library.custom_op(FWD_OP_NAME, mutates_args=())
+def attention_fwd_op(
+    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_forward
+    return _launch_attention_forward(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32)
+
+
+@attention_fwd_op.register_fake
+def _(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
+    R = target_rows.shape[0]
+    return (target_rows.new_empty((R, wq.shape[0])),
+            target_rows.new_empty((n_heads, R), dtype=torch.float32))
+
+
+@torch.library.custom_op(BWD_OP_NAME, mutates_args=())
+def attention_bwd_op(
+    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    grad_heads: torch.Tensor, lse: torch.Tensor,
+    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_backward
+    return _launch_attention_backward(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed,
+                                      allow_tf32, need_dkv)
+
+
 @attention_bwd_op.register_fake
 def _(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_dkv):
     R, HE = target_rows.shape[0], wq.shape[0]
@@ -108,6 +131,7 @@ def _setup_attention_context(ctx, inputs, output):
     target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32 = inputs
     ctx.save_for_backward(target_rows, wq, bq, k, v, output[1], seed)
     ctx.config = (n_heads, dropout_p, allow_tf32)
+    ctx.direct = False  # backward through attention_bwd_op (DirectAttention sets True)
     # lse never receives a gradient: without this autograd would fill a zero [H, R] for it
     # on every backward (one more launch)
     ctx.set_materialize_grads(False)
@@ -119,8 +143,12 @@ def _attention_backward(ctx, grad_heads, _grad_lse):
     target_rows, wq, bq, k, v, lse, seed = ctx.saved_tensors
     n_heads, dropout_p, allow_tf32 = ctx.config
     need_target, need_wq, need_bq, need_k, need_v = ctx.needs_input_grad[:5]
-    dq, dkv = attention_bwd_op(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed,
-                               allow_tf32, need_k or need_v)  # [R, H*E], [S, 2*H*E] fp32
+    args = (target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_k or need_v)
+    if ctx.direct:
+        with dispatch.profiled(BWD_OP_NAME):
+            dq, dkv = _launch_attention_backward(*args)  # [R, H*E], [S, 2*H*E] fp32
+    else:
+        dq, dkv = attention_bwd_op(*args)
     HE = wq.shape[0]
     d_target = dq.mm(wq) if need_target else None  # [R, DM]
     d_wq = dq.t().mm(target_rows) if need_wq else None  # [H*E, DM]
@@ -133,6 +161,44 @@ def _attention_backward(ctx, grad_heads, _grad_lse):
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
 
 
+class DirectAttention(torch.autograd.Function):
+    """attention_fwd_op with its autograd, without torch.library's dispatch: the same launchers,
+    the same saved tensors, the same backward. Used only where dispatch.direct_launch allows.
+    (forward takes ctx itself: a separate setup_context makes every apply bind its arguments
+    with inspect.signature, ~50 us of host time.)"""
+
+    @staticmethod
+    def forward(ctx, target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
+        inputs = (target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32)
+        with dispatch.profiled(FWD_OP_NAME):
+            output = _launch_attention_forward(*inputs)
+        _setup_attention_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.direct = True
+        return output
+
+    backward = staticmethod(_attention_backward)
+
+
+def fused_attention(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
+    n_heads: int, dropout_p: float = 0.0, allow_tf32: bool = False,
+) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
+    """The fused attention core with its autograd, on the route dispatch.direct_launch picks.
+    (Assumes the Triton path was chosen: the layer's forward does that.)"""
+    args = (target_rows, wq, bq, k, v, n_heads, dropout_p, draw_seed_tensor(dropout_p, target_rows.device),
+            allow_tf32)
+    if not dispatch.direct_launch(OP_NAME, target_rows, wq, bq, k, v):
+        return attention_fwd_op(*args)[0]
+    if torch.is_grad_enabled() and (target_rows.requires_grad or wq.requires_grad or bq.requires_grad
+                                    or k.requires_grad or v.requires_grad):
+        return DirectAttention.apply(*args)[0]
+    with dispatch.profiled(FWD_OP_NAME):  # nothing to differentiate: not even an autograd node
+        return _launch_attention_forward(*args)[0]
+
+
 def fused_reprogramming(
     target: torch.Tensor,  # target: [B', L, DM]
     kv: Tuple[torch.Tensor, torch.Tensor],  # k, v: [S, H*E] each (projected, maybe cached)
@@ -140,8 +206,8 @@ def fused_reprogramming(
     n_heads: int, dropout_p: float, allow_tf32: bool,
 ) -> torch.Tensor:  # out: [B', L, d_llm]
     Bp, L, DM = target.shape
-    heads_out, _ = attention_fwd_op(target.reshape(Bp * L, DM), wq, bq, kv[0], kv[1], n_heads,
-                                    dropout_p, draw_seed_tensor(dropout_p, target.device), allow_tf32)  # [R, H*E]
+    heads_out = fused_attention(target.reshape(Bp * L, DM), wq, bq, kv[0], kv[1], n_heads, dropout_p,
+                                allow_tf32)  # [R, H*E]
     return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
 
 
@@ -227,10 +293,12 @@ class ReprogrammingLayer(nn.Module):
         dropout_p = validation.dropout_prob("dropout.p", self.dropout.p) if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
 
-        cast = [t.to(dtype) for t in params]
-        target_c, source_c = target.to(dtype), source.to(dtype)
-        value_c = source_c if value is source else value.to(dtype)
-        wq, bq, wk, bk, wv, bv, wo, bo = cast
+        def cast(t):  # .to() is a dispatcher call even when it has nothing to do
+            return t if t.dtype == dtype else t.to(dtype)
+
+        wq, bq, wk, bk, wv, bv, wo, bo = (cast(t) for t in params)
+        target_c, source_c = cast(target), cast(source)
+        value_c = source_c if value is source else cast(value)
         H, E = self.n_heads, self.d_keys
         rows, protos = target.shape[0] * target.shape[1], source.shape[0]
 
@@ -247,7 +315,8 @@ class ReprogrammingLayer(nn.Module):
             return self._kv_cache.get(watched, (dtype,),
                                       lambda: project_key_value(source_c, value_c, wk, bk, wv, bv))
 
-        with torch.autocast(target.device.type, enabled=False):
+        autocast_on = torch.is_autocast_enabled(target.device.type)
+        with torch.autocast(target.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             if path == "triton":
                 return fused_reprogramming(target_c, key_value(), wq, bq, wo, bo, H, dropout_p,
                                            self.allow_tf32)

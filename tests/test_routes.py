@@ -1,0 +1,154 @@
+"""The two routes of the Triton path (dispatch.direct_launch): plain eager mode calls the launchers
+through an autograd.Function, everything that must see one operator gets the torch.library custom
+op. Both must run the same kernels and give bit-identical outputs and gradients."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import DEVICE, requires_triton
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
+from timellm_fast.kernels import reprogramming_attention as attn_kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+IDS = ["fp32", "bf16"]
+
+
+class PassThrough(TorchDispatchMode):
+    """Sees every operator and changes nothing: what FakeTensorMode or make_fx would see."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def reprogramming_step(dtype, training, seed=11):
+    """One forward + backward of a small layer (R = 2·7 rows, S = 37, E = 16, dropout 0.2)."""
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.2).to(DEVICE, dtype).train(training)
+    target = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype, requires_grad=True)
+    protos = torch.randn(37, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.manual_seed(seed)
+    out = layer(target, protos, protos)
+    out.square().sum().backward()
+    return [out.detach(), target.grad, protos.grad] + [p.grad for p in layer.parameters()]
+
+
+def patch_step(dtype, training, seed=11):
+    torch.manual_seed(0)
+    layer = PatchEmbedding(16, 8, 4, 0.3).to(DEVICE, dtype).train(training)
+    x = torch.randn(2, 3, 41, device=DEVICE, dtype=dtype, requires_grad=True)
+    torch.manual_seed(seed)
+    y, _ = layer(x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad, layer.value_embedding.tokenConv.weight.grad]
+
+
+STEPS = {"reprogramming_attention": reprogramming_step, "patch_embedding": patch_step}
+
+
+@requires_triton
+@pytest.mark.parametrize("op", sorted(STEPS))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_routes_agree_bit_for_bit(op, training, dtype):
+    with dispatch.record_routes() as direct_routes:
+        direct = STEPS[op](dtype, training)
+    with dispatch.record_routes() as op_routes, PassThrough():
+        via_custom_op = STEPS[op](dtype, training)
+    with dispatch.custom_op_route():
+        forced = STEPS[op](dtype, training)
+    assert direct_routes == {(op, "direct"): 1}, direct_routes
+    assert op_routes == {(op, "custom_op"): 1}, op_routes
+    for a, b, c in zip(direct, via_custom_op, forced):
+        assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a, c)
+    assert all(t.abs().sum() > 0 for t in direct)  # every gradient reached, none trivially zero
+
+
+@requires_triton
+def test_no_grad_direct_route_builds_no_autograd_node():
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24).to(DEVICE).eval()
+    target = torch.randn(2, 7, 16, device=DEVICE)
+    protos = torch.randn(37, 24, device=DEVICE)
+    with torch.no_grad(), dispatch.record_routes() as routes:
+        out = layer(target, protos, protos)
+    assert routes == {("reprogramming_attention", "direct"): 1}
+    assert out.grad_fn is None and not out.requires_grad
+
+
+@requires_triton
+def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch):
+    """The direct route's backward: one dQ and one dK/dV launch, lse gets no gradient."""
+    launches = []
+    for name in ("reprogramming_fwd_kernel", "reprogramming_bwd_dq_kernel", "reprogramming_bwd_dkdv_kernel"):
+        kernel = getattr(attn_kernels, name)
+
+        class Counted:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launch = self.kernel[grid]
+
+                def counted(*args, **kwargs):
+                    launches.append(self.name)
+                    return launch(*args, **kwargs)
+                return counted
+        monkeypatch.setattr(attn_kernels, name, Counted(kernel, name))
+    with dispatch.record_routes() as routes:
+        reprogramming_step(torch.float32, training=True)
+    assert routes == {("reprogramming_attention", "direct"): 1}
+    assert launches == ["reprogramming_fwd_kernel", "reprogramming_bwd_dq_kernel", "reprogramming_bwd_dkdv_kernel"]
+
+
+@requires_triton
+def test_lse_is_not_differentiable_on_the_direct_route():
+    from timellm_fast.reprogramming import DirectAttention, draw_seed_tensor
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_(True)
+    wq, bq = torch.randn(32, 16, generator=g).to(DEVICE) / 4, torch.randn(32, generator=g).to(DEVICE)
+    kv = torch.randn(37, 64, generator=g).to(DEVICE)
+    heads, lse = DirectAttention.apply(target, wq, bq, kv[:, :32], kv[:, 32:], 2, 0.0,
+                                       draw_seed_tensor(0.0, DEVICE), False)
+    assert heads.requires_grad and not lse.requires_grad
+
+
+def test_direct_launch_rules():
+    plain = torch.randn(3)
+    param = torch.nn.Parameter(torch.randn(3))
+    assert dispatch.direct_launch("demo_op", plain, param)
+    with PassThrough():
+        assert not dispatch.direct_launch("demo_op", plain)
+
+    class Subclass(torch.Tensor):
+        pass
+    assert not dispatch.direct_launch("demo_op", plain, plain.as_subclass(Subclass))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(dispatch.direct_launch("demo_op", t)) or t)(torch.randn(2, 3))
+    assert seen == [False]
+    with dispatch.record_routes() as routes:
+        dispatch.direct_launch("demo_op", plain)
+    assert routes == {("demo_op", "direct"): 1}
+    with dispatch.custom_op_route():
+        assert not dispatch.direct_launch("demo_op", plain)
+    assert dispatch.direct_launch("demo_op", plain)
+
+
+def test_direct_route_env_switch(monkeypatch):
+    monkeypatch.setenv(dispatch.DIRECT_ENV, "0")
+    assert not dispatch.direct_launch("demo_op", torch.randn(3))
+    monkeypatch.setenv(dispatch.DIRECT_ENV, "1")
+    assert dispatch.direct_launch("demo_op", torch.randn(3))
+
+
+@requires_triton
+def test_compiled_layer_takes_the_custom_op_route():
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24).to(DEVICE).eval()
+    target = torch.randn(2, 7, 16, device=DEVICE)
+    protos = torch.randn(37, 24, device=DEVICE)
+    torch._dynamo.reset()
+    with dispatch.record_routes() as routes:
+        out = torch.compile(layer, fullgraph=True, backend="aot_eager")(target, protos, protos)
+    assert routes[("reprogramming_attention", "direct")] == 0, routes
+    assert routes[("reprogramming_attention", "custom_op")] >= 1, routes
+    assert torch.equal(out, layer(target, protos, protos))
