@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import SIG_DTYPE, TL_DTYPE, dot_dtype, input_precision, next_pow2, store_dtype
+from ._launch import SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, next_pow2, store_dtype
 
 MAX_PHILOX_ELEMENTS = 2**31 - 1  # tl.rand offsets are int32
 
@@ -64,7 +64,7 @@ def patch_conv_gemm(
     src_ptr,  # src: [B, N_VARS, T] (strides s_b, s_n, s_t), any float dtype
     w_ptr,  # w: tap k, in-channel c, out column o at k*s_wk + c*s_wc + o*s_wo
     out_ptr,  # out: [M, OUT_COLS] (strides s_om, s_oc), dtype of the pointer
-    M, P, N_VARS, K_TOTAL, C_IN, OUT_COLS, TIME_STRIDE, CLAMP,
+    M, P, N_VARS, C_IN, OUT_COLS, TIME_STRIDE, CLAMP,
     s_b, s_n, s_t, s_wk, s_wc, s_wo, s_om, s_oc,
     seed_ptr,  # seed: [1] int64 on the device (drawn there, so CUDA-graph replays draw anew)
     dropout_p, dropout_scale,
@@ -76,31 +76,43 @@ def patch_conv_gemm(
     pid_o = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_ok = rows < M
+    out_ok = outs < OUT_COLS
+    # Index math once per row, not per operand element: at 20688 series the previous form ran at
+    # 18% of the H200's HBM bandwidth with an integer division and modulo per gathered element
+    # (python -m timellm_fast.kernels.report --sass counts the instructions).
+    # A row is (series bn, patch p); tap k reads patch (p + k - 1) mod P, a shift of p.
+    bn = rows // P
+    p = rows - bn * P
+    series = src_ptr + (bn // N_VARS).to(tl.int64) * s_b + (bn % N_VARS).to(tl.int64) * s_n  # [BLOCK_M]
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-    if USE_DOT:
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            a = _gather_conv_operand(src_ptr, rows, cols, M, P, N_VARS, K_TOTAL, C_IN,
-                                     TIME_STRIDE, CLAMP, s_b, s_n, s_t)
-            kk = cols // C_IN
-            cc = cols - kk * C_IN
-            w = tl.load(w_ptr + (kk * s_wk + cc * s_wc)[:, None] + outs[None, :] * s_wo,
-                        mask=(cols < K_TOTAL)[:, None] & (outs < OUT_COLS)[None, :], other=0.0)
-            acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-    else:
-        # A reduction of 3 (patch_len 1) is far below tl.dot's minimum of 16: plain FMAs.
-        for kc in range(0, K_TOTAL):
-            col = tl.zeros((1,), dtype=tl.int32) + kc
-            a = _gather_conv_operand(src_ptr, rows, col, M, P, N_VARS, K_TOTAL, C_IN,
-                                     TIME_STRIDE, CLAMP, s_b, s_n, s_t)
-            kk = kc // C_IN
-            cc = kc - kk * C_IN
-            w = tl.load(w_ptr + kk * s_wk + cc * s_wc + outs * s_wo, mask=outs < OUT_COLS, other=0.0)
-            acc += a.to(tl.float32) * w.to(tl.float32)[None, :]
+    for k in tl.static_range(3):
+        q = p + (k - 1)
+        q = tl.where(q < 0, q + P, q)
+        q = tl.where(q >= P, q - P, q)  # circular neighbour patch
+        start = q * TIME_STRIDE  # [BLOCK_M] first time step of that patch
+        w_tap = w_ptr + k * s_wk
+        if USE_DOT:
+            for c0 in range(0, C_IN, BLOCK_K):
+                c = c0 + tl.arange(0, BLOCK_K)
+                c_ok = c < C_IN
+                pos = tl.minimum(start[:, None] + c[None, :], CLAMP)  # replication pad on the right
+                a = tl.load(series[:, None] + pos.to(tl.int64) * s_t, mask=row_ok[:, None] & c_ok[None, :],
+                            other=0.0)  # a: [BLOCK_M, BLOCK_K]
+                w = tl.load(w_tap + c[:, None] * s_wc + outs[None, :] * s_wo,
+                            mask=c_ok[:, None] & out_ok[None, :], other=0.0)  # w: [BLOCK_K, BLOCK_O]
+                acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        else:
+            # a reduction of 3 * C_IN < 16 is below tl.dot's minimum: plain FMAs, one channel at a time
+            for c in range(0, C_IN):
+                pos = tl.minimum(start + c, CLAMP)
+                a = tl.load(series + pos.to(tl.int64) * s_t, mask=row_ok, other=0.0)  # [BLOCK_M]
+                w = tl.load(w_tap + c * s_wc + outs * s_wo, mask=out_ok, other=0.0)  # [BLOCK_O]
+                acc += a.to(tl.float32)[:, None] * w.to(tl.float32)[None, :]
     if DROPOUT:
         keep = _dropout_keep(tl.load(seed_ptr), rows, outs, OUT_COLS, dropout_p)
         acc = tl.where(keep, acc * dropout_scale, 0.0)
-    mask = (rows < M)[:, None] & (outs < OUT_COLS)[None, :]
+    mask = row_ok[:, None] & out_ok[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * s_om + outs[None, :] * s_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -248,10 +260,10 @@ def patch_conv(
     k_total = 3 * c_in
     dropout = dropout_p > 0.0
     cfg = select_gemm_config(k_total, out_cols, dot_dt, dropout)
-    grid = (triton.cdiv(M, GEMM_BLOCK_M), triton.cdiv(out_cols, cfg.block_o))
+    grid = (cdiv(M, GEMM_BLOCK_M), cdiv(out_cols, cfg.block_o))
     patch_conv_gemm[grid](
         src, weight, out,
-        M, P, n_vars, k_total, c_in, out_cols, time_stride, clamp,
+        M, P, n_vars, c_in, out_cols, time_stride, clamp,
         src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
         seed, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
         num_warps=NUM_WARPS, **_gemm_constexprs(cfg),
@@ -304,13 +316,13 @@ def patch_embedding_bwd(
         write_masked = need_dx and dropout
         if write_masked:
             g_masked = torch.empty((M, D), device=g.device, dtype=torch.float32)
-        num_chunks = min(MAX_DW_CHUNKS, max(1, triton.cdiv(M, DWEIGHT_BLOCK_M * 4)))
-        rows_per_chunk = triton.cdiv(triton.cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
-        num_chunks = triton.cdiv(M, rows_per_chunk)
+        num_chunks = min(MAX_DW_CHUNKS, max(1, cdiv(M, DWEIGHT_BLOCK_M * 4)))
+        rows_per_chunk = cdiv(cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
+        num_chunks = cdiv(M, rows_per_chunk)
         block_o = dweight_block_o(D, dropout)
         partial = torch.empty((num_chunks, k_total, D), device=g.device, dtype=torch.float32)
         dot_dt = dot_dtype(x.dtype, g.dtype, device=g.device) if not dropout else torch.float32
-        grid = (num_chunks, triton.cdiv(k_total, DWEIGHT_BLOCK_K), triton.cdiv(D, block_o))
+        grid = (num_chunks, cdiv(k_total, DWEIGHT_BLOCK_K), cdiv(D, block_o))
         patch_conv_dweight[grid](
             x, g, partial, g_masked,
             M, P, N, k_total, patch_len, D, stride, T - 1, rows_per_chunk,
@@ -336,9 +348,9 @@ def patch_embedding_bwd(
         )
         dx = torch.empty((B, N, T), device=x.device, dtype=store_dtype(x.dtype))
         R = B * N
-        grid = (triton.cdiv(R, FOLD_BLOCK_R), triton.cdiv(T, FOLD_BLOCK_T))
+        grid = (cdiv(R, FOLD_BLOCK_R), cdiv(T, FOLD_BLOCK_T))
         patch_fold[grid](
-            dpatch, dx, R, P, T, stride, patch_len, max(1, triton.cdiv(patch_len, stride)),
+            dpatch, dx, R, P, T, stride, patch_len, max(1, cdiv(patch_len, stride)),
             BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T, num_warps=NUM_WARPS,
         )
         dx = dx.to(x.dtype)
@@ -357,7 +369,7 @@ def aot_configs() -> list:
     mixed case Time-LLM users hit)."""
     configs = []
     gemm_sig_base = {
-        "M": "i32", "P": "i32", "N_VARS": "i32", "K_TOTAL": "i32", "C_IN": "i32",
+        "M": "i32", "P": "i32", "N_VARS": "i32", "C_IN": "i32",
         "OUT_COLS": "i32", "TIME_STRIDE": "i32", "CLAMP": "i32",
         "s_b": "i32", "s_n": "i32", "s_t": "i32", "s_wk": "i32", "s_wc": "i32", "s_wo": "i32",
         "s_om": "i32", "s_oc": "i32", "seed_ptr": "*i64", "dropout_p": "fp32", "dropout_scale": "fp32",

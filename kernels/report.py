@@ -131,6 +131,57 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
         return pool.map(_compile_indexed, work, chunksize=1)
 
 
+def sass_profile(cfg: dict, arch: int, ones: tuple = ()) -> dict:
+    """Static SASS of one configuration (triton.compile + the nvdisasm Triton ships): instruction
+    count, the size of every loop body (backward branches) and the load instructions by width.
+    A CPU-side proxy for kernels bound by instruction issue rather than by memory (the patch
+    embedding's gather): dynamic instructions per thread = the count outside loops plus each
+    body times its trip count; `loop_opcodes` counts the opcodes inside loop bodies. `ones` names integer arguments to compile as the constant 1, as
+    the JIT does for an argument equal to 1 (a unit stride)."""
+    import collections
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]))
+    for name in ones:
+        cfg["signature"][name], cfg["constexprs"][name] = "constexpr", 1
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
+                    attrs=jit_specialization(cfg))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?)\s*;?\s*(/\*.*)?$", line)
+        if ins:
+            for name in pending:
+                labels[name] = len(instructions)
+            pending = []
+            instructions.append(ins.group(2))
+    loops, in_loops = [], collections.Counter()
+    for i, text in enumerate(instructions):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), i + 1) < i:
+            body = instructions[labels[target.group(1)]:i + 1]
+            loops.append(len(body))
+            in_loops.update(m.group(1) for t in body for m in [re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t)] if m)
+    loads = collections.Counter(m.group(1) for t in instructions
+                                for m in [re.search(r"\b(LDG[.A-Z0-9_]*|LDGSTS[.A-Z0-9_]*)", t)] if m)
+    return dict(kernel=cfg["name"], arch=arch, instructions=len(instructions), loop_bodies=loops,
+                loads=dict(loads), loop_opcodes=dict(in_loops))
+
+
 def format_table(results: List[AotResult]) -> str:
     lines = [f"{'kernel configuration':<96} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
     for r in results:
@@ -148,8 +199,19 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile in this many processes (default: all cores)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--sass", metavar="SUBSTRING",
+                        help="instead: SASS instruction counts and loop bodies of the configurations "
+                             "whose name contains SUBSTRING")
+    parser.add_argument("--ones", default="", help="with --sass: integer arguments compiled as the "
+                                                   "constant 1, comma separated (unit strides: s_t,s_oc)")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
+    if args.sass:
+        for cfg in all_configs():
+            if args.sass in cfg["name"]:
+                for arch in archs:
+                    print(sass_profile(cfg, arch, tuple(n for n in args.ones.split(",") if n)))
+        return 0
     results = compile_all(archs, jobs=args.jobs)
     print(format_table(results))
     if args.json:

@@ -62,3 +62,26 @@ def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path
                                  capture_output=True, text=True, check=True).stdout.strip()
         assert version.startswith("3.6"), version
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_patch_embedding_gather_does_no_integer_division_per_element():
+    """The forward's gather computes series and circular-neighbour indices once per row; inside
+    its loops there is no integer division (on NVIDIA GPUs an I2F/MUFU.RCP/F2I sequence), which
+    the per-element form had in every iteration. SASS from nvdisasm, sm_80 and sm_90, the bf16
+    configuration at a contiguous input (unit strides compiled as the constant 1, as the JIT does)."""
+    import ast
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
+    proc = subprocess.run([sys.executable, "-m", "timellm_fast.kernels.report", "--sass", name,
+                           "--arch", "80,90", "--ones", "s_t,s_oc"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profiles = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [p["arch"] for p in profiles] == [80, 90]
+    for p in profiles:
+        assert len(p["loop_bodies"]) == 3, p  # one channel loop per conv tap
+        assert p["loop_opcodes"].get("LDG", 0) > 0, p  # the gather is inside them
+        division = {op: n for op, n in p["loop_opcodes"].items() if op in ("I2F", "F2I", "MUFU")}
+        assert not division, (p["arch"], division)
