@@ -268,26 +268,28 @@ def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     return 3 * q_flops + 3.5 * att_flops, nbytes
 
 
-def _core_eager(rows, wq, bq, k, v, n_heads):
+def _core_eager(rows, wq, bq, kv, n_heads):
     """Time-LLM's attention on the folded rows (B' = 1, L = R): [1, H, R, S] is materialized."""
+    k, v = kv.split(wq.shape[0], dim=1)
     return attention_materialized(F.linear(rows, wq, bq).unsqueeze(0), k, v, n_heads).squeeze(0)
 
 
-def _core_sdpa(rows, wq, bq, k, v, n_heads):
+def _core_sdpa(rows, wq, bq, kv, n_heads):
     """SPEC §5 (c) for the core: cuBLAS Q projection, one SDPA call over all rows folded into
     one sequence per head, and the head-merge copy back."""
+    k, v = kv.split(wq.shape[0], dim=1)
     return attention_sdpa_folded(F.linear(rows, wq, bq), k, v, n_heads)
 
 
-def _core_ours(rows, wq, bq, k, v, n_heads):
+def _core_ours(rows, wq, bq, kv, n_heads):
     """Our fused core (Q built inside) as the layer calls it: timellm_fast.reprogramming.fused_attention."""
     from timellm_fast.reprogramming import fused_attention
 
-    return fused_attention(rows, wq, bq, k, v, n_heads)
+    return fused_attention(rows, wq, bq, kv, n_heads)
 
 
 def attention_core_impls(s: Shape) -> Dict[str, Callable]:
-    """name -> core(rows, wq, bq, k, v): [R, H*E]."""
+    """name -> core(rows, wq, bq, kv): [R, H*E]."""
     impls = {name: functools.partial(fn, n_heads=s.n_heads)
              for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
     impls["ours-custom-op"] = CustomOpRoute(impls["ours"])
@@ -295,13 +297,11 @@ def attention_core_impls(s: Shape) -> Dict[str, Callable]:
 
 
 def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:
-    """(rows [R, DM], wq [H*E, DM], bq [H*E], k, v [S, H*E]: views of one K/V GEMM output as in the layer)."""
+    """(rows [R, DM], wq [H*E, DM], bq [H*E], kv [S, 2*H*E]: K then V, one GEMM output as in the layer)."""
     g = torch.Generator().manual_seed(0)
     he = s.n_heads * s.d_keys
     rows = torch.randn(s.rows * s.patches, s.d_model, generator=g)
     wq = torch.randn(he, s.d_model, generator=g) / math.sqrt(s.d_model)
     bq = torch.randn(he, generator=g) / 10
     kv = torch.randn(s.num_protos, 2 * he, generator=g)
-    leaves = [t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (rows, wq, bq, kv)]
-    k, v = leaves[3].split(he, dim=1)
-    return leaves[0], leaves[1], leaves[2], k, v
+    return tuple(t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (rows, wq, bq, kv))

@@ -23,13 +23,13 @@ def priority(params) -> int:
 def test_attention_core(benchmark, shape, dtype, impl, mode):
     core = attention_core_impls(shape)[impl]
     training = mode != "fwd"
-    rows, wq, bq, k, v = attention_core_inputs(shape, dtype, requires_grad=training)
+    rows, wq, bq, kv = attention_core_inputs(shape, dtype, requires_grad=training)
 
     def forward():
-        return core(rows, wq, bq, k, v)
+        return core(rows, wq, bq, kv)
 
     def forward_backward():
-        out = core(rows, wq, bq, k, v)
+        out = core(rows, wq, bq, kv)
         out.backward(out.detach())
 
     row = run_case(benchmark, RESULTS, op="attention-core", shape=shape, dtype=dtype, mode=mode, impl=impl,

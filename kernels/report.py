@@ -131,7 +131,7 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
         return pool.map(_compile_indexed, work, chunksize=1)
 
 
-def sass_profile(cfg: dict, arch: int, ones: tuple = ()) -> dict:
+def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> dict:
     """Static SASS of one configuration (triton.compile + the nvdisasm Triton ships): instruction
     count, the size of every loop body (backward branches) and the load instructions by width.
     A CPU-side proxy for kernels bound by instruction issue rather than by memory (the patch
@@ -144,7 +144,8 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = ()) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]))
+    cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]),
+               divisible_by_16=tuple(cfg.get("divisible_by_16", ())) + tuple(div16))
     for name in ones:
         cfg["signature"][name], cfg["constexprs"][name] = "constexpr", 1
     src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
@@ -204,13 +205,16 @@ def main(argv=None) -> int:
                              "whose name contains SUBSTRING")
     parser.add_argument("--ones", default="", help="with --sass: integer arguments compiled as the "
                                                    "constant 1, comma separated (unit strides: s_t,s_oc)")
+    parser.add_argument("--div16", default="", help="with --sass: integer arguments compiled as "
+                                                    "multiples of 16, comma separated")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
     if args.sass:
         for cfg in all_configs():
             if args.sass in cfg["name"]:
                 for arch in archs:
-                    print(sass_profile(cfg, arch, tuple(n for n in args.ones.split(",") if n)))
+                    print(sass_profile(cfg, arch, tuple(n for n in args.ones.split(",") if n),
+                                       tuple(n for n in args.div16.split(",") if n)))
         return 0
     results = compile_all(archs, jobs=args.jobs)
     print(format_table(results))

@@ -68,14 +68,16 @@ def test_patch_embedding_gather_does_no_integer_division_per_element():
     """The forward's gather computes series and circular-neighbour indices once per row; inside
     its loops there is no integer division (on NVIDIA GPUs an I2F/MUFU.RCP/F2I sequence), which
     the per-element form had in every iteration. SASS from nvdisasm, sm_80 and sm_90, the bf16
-    configuration at a contiguous input (unit strides compiled as the constant 1, as the JIT does)."""
+    configuration specialized as the JIT compiles it at Traffic-folded (unit strides as the
+    constant 1, multiples of 16 marked)."""
     import ast
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
     proc = subprocess.run([sys.executable, "-m", "timellm_fast.kernels.report", "--sass", name,
-                           "--arch", "80,90", "--ones", "s_t,s_oc"],
+                           "--arch", "80,90", "--ones", "N_VARS,s_t,s_wk,s_oc",
+                           "--div16", "M,P,C_IN,OUT_COLS,s_b,s_n,s_wo,s_om"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     profiles = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -102,15 +102,15 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p):
         return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
     target, wq, bq = rand(R, DM), rand(H * E, DM) / 4, rand(H * E)
-    kv = rand(S, 2 * H * E)
-    k, v = kv[:, :H * E], kv[:, H * E:]  # the layout of the shared K/V GEMM
+    kv = rand(S, 2 * H * E)  # K then V: the layout of the shared K/V GEMM
     seed = attention_seed(dropout_p, DEVICE)
-    args = (target.requires_grad_(True), wq.requires_grad_(True), bq, k, v, H, dropout_p, seed, False)
+    args = (target.requires_grad_(True), wq.requires_grad_(True), bq, kv.requires_grad_(True), H, dropout_p,
+            seed, False)
     opcheck(attention_fwd_op, args)
     out, lse = attention_fwd_op(*args)
     for need_dkv in (True, False):
-        opcheck(attention_bwd_op, (target.detach(), wq.detach(), bq, k, v, torch.randn_like(out), lse.detach(),
-                                   H, dropout_p, seed, False, need_dkv))
+        opcheck(attention_bwd_op, (target.detach(), wq.detach(), bq, kv.detach(), torch.randn_like(out),
+                                   lse.detach(), H, dropout_p, seed, False, need_dkv))
 
 
 @requires_triton

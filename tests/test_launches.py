@@ -99,6 +99,9 @@ def test_training_steps_launch_no_fills_and_one_op_each_way():
     assert ops.count("timellm_fast.reprogramming_attention_fwd") == 1
     assert ops.count("timellm_fast.reprogramming_attention_bwd") == 1
     assert not [op for op in ops if op in ("aten.zeros", "aten.zero_", "aten.fill_", "aten.new_zeros")], ops
+    # the two concatenated K/V weights of the forward only: the attention backward hands back one
+    # [S, 2*H*E] gradient for the one K/V GEMM, so autograd has no split K and V to re-concatenate
+    assert ops.count("aten.cat") == 2, ops
 
     patch = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).train()
     x = torch.randn(4, 7, 512, device=DEVICE)

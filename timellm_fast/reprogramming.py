@@ -3,11 +3,11 @@
 The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention
 kernel that never materializes the [B', H, L, S] attention matrix:
 
-    forward:  K, V = source·Wkᵀ+bk, value·Wvᵀ+bv   (one GEMM when source is value)
-              O, lse = fused attention(target, Wq, bq, K, V)   (Q is built inside the kernel)
+    forward:  [K | V] = source·Wkᵀ+bk, value·Wvᵀ+bv   (one GEMM when source is value)
+              O, lse = fused attention(target, Wq, bq, [K | V])   (Q is built inside the kernel)
               out = O·Woᵀ + bo
     backward: dO = dout·Wo, dWo, dbo                 (GEMMs)
-              dQ, dK, dV = fused attention backward  (recomputes Q and P; same dropout mask)
+              dQ, [dK | dV] = fused attention backward  (recomputes Q and P; same dropout mask)
               d target, dWq, dbq from dQ; d source, d value, dWk, dbk, dWv, dbv from dK, dV
 
 The eager path runs the same math in PyTorch: `reprogramming_sdpa_fold` (no attention matrix)
@@ -49,11 +49,13 @@ def project_key_value(
     value: torch.Tensor,  # value: [S, d_llm]
     wk: torch.Tensor, bk: torch.Tensor,  # [H*E, d_llm], [H*E]
     wv: torch.Tensor, bv: torch.Tensor,  # [H*E, d_llm], [H*E]
-) -> Tuple[torch.Tensor, torch.Tensor]:  # k, v: [S, H*E] each (views of one [S, 2*H*E] GEMM when shared)
+) -> torch.Tensor:  # kv: [S, 2*H*E], K in the first H*E columns, V in the rest
+    """K and V as one tensor: one GEMM when source is value (Time-LLM's case), and one gradient
+    for the attention backward to hand back (split K and V would be concatenated again by
+    autograd, one more copy)."""
     if source is value:
-        kv = F.linear(source, torch.cat([wk, wv]), torch.cat([bk, bv]))  # [S, 2*H*E]
-        return kv.split(wk.shape[0], dim=1)
-    return F.linear(source, wk, bk), F.linear(value, wv, bv)
+        return F.linear(source, torch.cat([wk, wv]), torch.cat([bk, bv]))
+    return torch.cat([F.linear(source, wk, bk), F.linear(value, wv, bv)], dim=1)
 
 
 # The fused attention core is a pair of torch.library custom ops, so torch.compile sees only
@@ -69,14 +71,21 @@ FWD_OP_NAME = "timellm_fast::reprogramming_attention_fwd"
 BWD_OP_NAME = "timellm_fast::reprogramming_attention_bwd"
 
 
+def _split_kv(kv: torch.Tensor, he: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k, v: [S, H*E] views of kv [S, 2*H*E] with one row stride and unit column stride."""
+    kv = kv if kv.stride(1) == 1 else kv.contiguous()
+    return kv[:, :he], kv[:, he:]
+
+
 def _launch_attention_forward(
     target_rows: torch.Tensor,  # target_rows: [R, DM]
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
     n_heads: int, dropout_p: float,
     seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
     allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
+    k, v = _split_kv(kv, wq.shape[0])
     return _kernels().attention_forward(
         target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p, seed, allow_tf32)
 
@@ -84,11 +93,12 @@ def _launch_attention_forward(
 def _launch_attention_backward(
     target_rows: torch.Tensor,  # target_rows: [R, DM]
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
     grad_heads: torch.Tensor,  # grad_heads: [R, H*E], gradient of heads_out
     lse: torch.Tensor,  # lse: [H, R] fp32, the forward's
     n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (dq: [R, H*E], dkv: [S, 2*H*E] fp32, or [0] if not needed)
+    k, v = _split_kv(kv, wq.shape[0])
     dq, dkv = _kernels().attention_backward(
         target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, grad_heads.contiguous(), lse,
         n_heads, dropout_p, seed, allow_tf32, need_dkv=need_dkv)
@@ -97,14 +107,14 @@ def _launch_attention_backward(
 
 @torch.library.custom_op(FWD_OP_NAME, mutates_args=())
 def attention_fwd_op(
-    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, kv: torch.Tensor,
     n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_forward
-    return _launch_attention_forward(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32)
+    return _launch_attention_forward(target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32)
 
 
 @attention_fwd_op.register_fake
-def _(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
+def _(target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32):
     R = target_rows.shape[0]
     return (target_rows.new_empty((R, wq.shape[0])),
             target_rows.new_empty((n_heads, R), dtype=torch.float32))
@@ -112,24 +122,24 @@ def _(target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
 
 @torch.library.custom_op(BWD_OP_NAME, mutates_args=())
 def attention_bwd_op(
-    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, kv: torch.Tensor,
     grad_heads: torch.Tensor, lse: torch.Tensor,
     n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_backward
-    return _launch_attention_backward(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed,
+    return _launch_attention_backward(target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed,
                                       allow_tf32, need_dkv)
 
 
 @attention_bwd_op.register_fake
-def _(target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_dkv):
+def _(target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_dkv):
     R, HE = target_rows.shape[0], wq.shape[0]
-    dkv = lse.new_empty((k.shape[0], 2 * HE)) if need_dkv else lse.new_empty((0,))
+    dkv = lse.new_empty((kv.shape[0], 2 * HE)) if need_dkv else lse.new_empty((0,))
     return target_rows.new_empty((R, HE)), dkv
 
 
 def _setup_attention_context(ctx, inputs, output):
-    target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32 = inputs
-    ctx.save_for_backward(target_rows, wq, bq, k, v, output[1], seed)
+    target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32 = inputs
+    ctx.save_for_backward(target_rows, wq, bq, kv, output[1], seed)
     ctx.config = (n_heads, dropout_p, allow_tf32)
     ctx.direct = False  # backward through attention_bwd_op (DirectAttention sets True)
     # lse never receives a gradient: without this autograd would fill a zero [H, R] for it
@@ -139,23 +149,21 @@ def _setup_attention_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_heads, _grad_lse):
     if grad_heads is None:  # the attention output did not reach the loss
-        return None, None, None, None, None, None, None, None, None
-    target_rows, wq, bq, k, v, lse, seed = ctx.saved_tensors
+        return None, None, None, None, None, None, None, None
+    target_rows, wq, bq, kv, lse, seed = ctx.saved_tensors
     n_heads, dropout_p, allow_tf32 = ctx.config
-    need_target, need_wq, need_bq, need_k, need_v = ctx.needs_input_grad[:5]
-    args = (target_rows, wq, bq, k, v, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_k or need_v)
+    need_target, need_wq, need_bq, need_kv = ctx.needs_input_grad[:4]
+    args = (target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_kv)
     if ctx.direct:
         with dispatch.profiled(BWD_OP_NAME):
             dq, dkv = _launch_attention_backward(*args)  # [R, H*E], [S, 2*H*E] fp32
     else:
         dq, dkv = attention_bwd_op(*args)
-    HE = wq.shape[0]
     d_target = dq.mm(wq) if need_target else None  # [R, DM]
     d_wq = dq.t().mm(target_rows) if need_wq else None  # [H*E, DM]
-    d_bq = dq.sum(0, dtype=torch.float32).to(bq.dtype) if need_bq else None
-    d_k = dkv[:, :HE].to(k.dtype) if need_k else None
-    d_v = dkv[:, HE:].to(v.dtype) if need_v else None
-    return d_target, d_wq, d_bq, d_k, d_v, None, None, None, None
+    d_bq = dq.sum(0) if need_bq else None  # [H*E]; torch sums half dtypes in fp32, rounds once
+    d_kv = dkv.to(kv.dtype) if need_kv else None  # [S, 2*H*E]
+    return d_target, d_wq, d_bq, d_kv, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
@@ -168,8 +176,8 @@ class DirectAttention(torch.autograd.Function):
     with inspect.signature, ~50 us of host time.)"""
 
     @staticmethod
-    def forward(ctx, target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32):
-        inputs = (target_rows, wq, bq, k, v, n_heads, dropout_p, seed, allow_tf32)
+    def forward(ctx, target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32):
+        inputs = (target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32)
         with dispatch.profiled(FWD_OP_NAME):
             output = _launch_attention_forward(*inputs)
         _setup_attention_context(ctx, inputs, output)
@@ -183,17 +191,17 @@ class DirectAttention(torch.autograd.Function):
 def fused_attention(
     target_rows: torch.Tensor,  # target_rows: [R, DM]
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    k: torch.Tensor, v: torch.Tensor,  # [S, H*E] each, same strides, unit column stride
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V (project_key_value)
     n_heads: int, dropout_p: float = 0.0, allow_tf32: bool = False,
 ) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
     """The fused attention core with its autograd, on the route dispatch.direct_launch picks.
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
-    args = (target_rows, wq, bq, k, v, n_heads, dropout_p, draw_seed_tensor(dropout_p, target_rows.device),
+    args = (target_rows, wq, bq, kv, n_heads, dropout_p, draw_seed_tensor(dropout_p, target_rows.device),
             allow_tf32)
-    if not dispatch.direct_launch(OP_NAME, target_rows, wq, bq, k, v):
+    if not dispatch.direct_launch(OP_NAME, target_rows, wq, bq, kv):
         return attention_fwd_op(*args)[0]
     if torch.is_grad_enabled() and (target_rows.requires_grad or wq.requires_grad or bq.requires_grad
-                                    or k.requires_grad or v.requires_grad):
+                                    or kv.requires_grad):
         return DirectAttention.apply(*args)[0]
     with dispatch.profiled(FWD_OP_NAME):  # nothing to differentiate: not even an autograd node
         return _launch_attention_forward(*args)[0]
@@ -201,13 +209,12 @@ def fused_attention(
 
 def fused_reprogramming(
     target: torch.Tensor,  # target: [B', L, DM]
-    kv: Tuple[torch.Tensor, torch.Tensor],  # k, v: [S, H*E] each (projected, maybe cached)
+    kv: torch.Tensor,  # kv: [S, 2*H*E] (projected, maybe cached)
     wq: torch.Tensor, bq: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor,
     n_heads: int, dropout_p: float, allow_tf32: bool,
 ) -> torch.Tensor:  # out: [B', L, d_llm]
     Bp, L, DM = target.shape
-    heads_out = fused_attention(target.reshape(Bp * L, DM), wq, bq, kv[0], kv[1], n_heads, dropout_p,
-                                allow_tf32)  # [R, H*E]
+    heads_out = fused_attention(target.reshape(Bp * L, DM), wq, bq, kv, n_heads, dropout_p, allow_tf32)  # [R, H*E]
     return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
 
 
@@ -324,4 +331,4 @@ class ReprogrammingLayer(nn.Module):
                 return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                                dropout_p=dropout_p, training=True)
             return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
-                                           key_value=key_value())
+                                           key_value=key_value().split(H * E, dim=1))
