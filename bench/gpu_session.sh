@@ -2,7 +2,7 @@
 # The prepared device run: what a lent GPU has to prove, in bounded time, in one call.
 #
 #   bash bench/gpu_session.sh [PHASE ...]      default phases: env tests check host bench profile
-#   PHASE: env | tests | check | host | bench | profile | profile-model | tune
+#   PHASE: env | tests | check | host | bench | profile | profile-model | tune | tune-patch | ncu
 #
 # Made for the workplace's device tool (one command of at most 10 minutes, 15 minutes of device
 # time per session, at most 8 files back from $OUT), but it runs on any CUDA machine with torch,
@@ -15,11 +15,17 @@
 #                BENCH_S=220 hard limit of the bench phase; BENCH_K: a pytest -k selection
 #   PROFILE_S=60 bench/profile_trace.py (profile-model: twice, eager and ours)
 #   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit)
+#   TUNE_PATCH_BUDGET_S=60  tile sweep of the patch embedding forward (bench/tune_patch_embedding.py;
+#                +60 s limit; writes tune_patch.json)
+#   NCU_S=150    Nsight Compute on the patch forward and the three attention kernels
+#                (bench/ncu_kernels.py), into session.log; needs a Firecracker machine (the
+#                H100 kind): gVisor's ncu cannot read counters (KINDS.md, 2026-11-04)
 # The default phases' limits add up to 570 s, so they fit one 600 s call (run it with
 # timeout_s 595); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
 # phases took 327 s (tests 101 s, check 9 s, bench 164 s, profile 12 s), tune with a 90 s budget 98 s.
-# Files written to $OUT (./gpu-session-out without $OUT), 8 at most:
-#   session.log (env, install, check, profile), tests.log, bench.log, tune.json,
+# Files written to $OUT (./gpu-session-out without $OUT), 8 at most per call (so tune and
+# tune-patch go in different calls, or replace the plots):
+#   session.log (env, install, check, profile), tests.log, bench.log, tune.json, tune_patch.json,
 #   results/results.json, results/results.md, results/speedup.png, results/memory.png
 # Copy them to bench/results/<gpu>-<date>/ and commit; then `python bench/render_readme.py`.
 # Real data: ../shared/data does not travel to the device machine. Copy the ETT CSVs into
@@ -98,8 +104,25 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       timeout $(( ${TUNE_BUDGET_S:-200} + 120 )) $PY bench/tune_attention.py --budget-s "${TUNE_BUDGET_S:-200}" \
         --out "$OUT/tune.json" >>"$LOG" 2>&1
       say "tune rc $?" ;;
+    tune-patch)
+      install
+      say "tune-patch (budget ${TUNE_PATCH_BUDGET_S:-60} s)"
+      timeout $(( ${TUNE_PATCH_BUDGET_S:-60} + 60 )) $PY bench/tune_patch_embedding.py \
+        --budget-s "${TUNE_PATCH_BUDGET_S:-60}" --out "$OUT/tune_patch.json" >>"$LOG" 2>&1
+      say "tune-patch rc $?" ;;
+    ncu)
+      install
+      say "ncu (SpeedOfLight, Occupancy, LaunchStats, MemoryWorkloadAnalysis; 4 kernels)"
+      if command -v ncu >/dev/null 2>&1; then
+        timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"patch_conv_gemm|reprogramming_" \
+          --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section MemoryWorkloadAnalysis $PY bench/ncu_kernels.py >>"$LOG" 2>&1
+        say "ncu rc $?"
+      else
+        say "ncu not found"
+      fi ;;
     *)
-      say "unknown phase $phase (env tests check host bench profile profile-model tune)"; exit 2 ;;
+      say "unknown phase $phase (env tests check host bench profile profile-model tune tune-patch ncu)"; exit 2 ;;
   esac
 done
 say "done"

@@ -17,6 +17,8 @@ chunk, summed in a fixed order) and the fold of d(patches) back onto the series
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -222,13 +224,38 @@ class GemmConfig:
     use_dot: bool
     dot_dtype: torch.dtype
     dropout: bool
+    block_m: int = GEMM_BLOCK_M
+    num_warps: int = NUM_WARPS
+
+
+#: (BLOCK_M, num_warps) of patch_conv_gemm for tuning (bench/tune_patch_embedding.py); None in
+#: normal use. Set only through override_gemm_tile: a tile here has not been through the
+#: ahead-of-time spill check of tests/test_aot.py.
+_GEMM_TILE_OVERRIDE = [None]
+
+
+@contextlib.contextmanager
+def override_gemm_tile(block_m: int, num_warps: int):
+    """Launch patch_conv_gemm with another (BLOCK_M, num_warps) inside the block (tuning only)."""
+    if block_m not in (16, 32, 64, 128, 256) or num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"BLOCK_M must be a power of two in 16..256 and num_warps in 1..16, got "
+                         f"({block_m}, {num_warps})")
+    saved = _GEMM_TILE_OVERRIDE[0]
+    _GEMM_TILE_OVERRIDE[0] = (block_m, num_warps)
+    try:
+        yield
+    finally:
+        _GEMM_TILE_OVERRIDE[0] = saved
 
 
 def select_gemm_config(k_total: int, out_cols: int, dot_dt: torch.dtype, dropout: bool) -> GemmConfig:
     use_dot = k_total >= 16
     block_k = min(GEMM_BLOCK_K[-1], next_pow2(k_total)) if use_dot else GEMM_BLOCK_K[0]
     block_o = min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(out_cols)))
-    return GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
+    cfg = GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
+    if _GEMM_TILE_OVERRIDE[0] is not None:
+        cfg = dataclasses.replace(cfg, block_m=_GEMM_TILE_OVERRIDE[0][0], num_warps=_GEMM_TILE_OVERRIDE[0][1])
+    return cfg
 
 
 def dweight_block_o(d_model: int, dropout: bool) -> int:
@@ -240,10 +267,14 @@ def dweight_block_o(d_model: int, dropout: bool) -> int:
 
 def _gemm_constexprs(cfg: GemmConfig, allow_tf32: bool = False) -> dict:
     return dict(
-        BLOCK_M=GEMM_BLOCK_M, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, USE_DOT=cfg.use_dot,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, USE_DOT=cfg.use_dot,
         DOT_DTYPE=TL_DTYPE[cfg.dot_dtype], INPUT_PRECISION=input_precision(cfg.dot_dtype, allow_tf32),
         DROPOUT=cfg.dropout,
     )
+
+
+#: kernel name -> what its last launch returned (on a GPU, the compiled kernel: n_regs, n_spills)
+last_launch: dict = {}
 
 
 def patch_conv(
@@ -260,13 +291,13 @@ def patch_conv(
     k_total = 3 * c_in
     dropout = dropout_p > 0.0
     cfg = select_gemm_config(k_total, out_cols, dot_dt, dropout)
-    grid = (cdiv(M, GEMM_BLOCK_M), cdiv(out_cols, cfg.block_o))
-    patch_conv_gemm[grid](
+    grid = (cdiv(M, cfg.block_m), cdiv(out_cols, cfg.block_o))
+    last_launch["patch_conv_gemm"] = patch_conv_gemm[grid](
         src, weight, out,
         M, P, n_vars, c_in, out_cols, time_stride, clamp,
         src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
         seed, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
-        num_warps=NUM_WARPS, **_gemm_constexprs(cfg),
+        num_warps=cfg.num_warps, **_gemm_constexprs(cfg),
     )
     return out
 
@@ -390,7 +421,7 @@ def aot_configs() -> list:
         configs.append(dict(
             name=f"patch_conv_gemm[x={SIG_DTYPE[x_dt]},w={SIG_DTYPE[w_dt]},dot={SIG_DTYPE[dot_dt]},"
                  f"K={block_k},O={block_o},fma={not use_dot},dropout={dropout}]",
-            fn=patch_conv_gemm, signature=sig, constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
+            fn=patch_conv_gemm, signature=sig, constexprs=cx, num_warps=cfg.num_warps, num_stages=3))
     dw_sig_base = {
         "M": "i32", "P": "i32", "N_VARS": "i32", "K_TOTAL": "i32", "C_IN": "i32", "D": "i32",
         "TIME_STRIDE": "i32", "CLAMP": "i32", "ROWS_PER_CHUNK": "i32",

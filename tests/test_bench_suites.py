@@ -90,6 +90,25 @@ def test_attention_tuner_smoke_run(tmp_path):
     assert len(data["best"]) == 3
 
 
+def test_patch_embedding_tuner_smoke_run(tmp_path):
+    out = tmp_path / "tune_patch.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tune_patch_embedding.py"), "--smoke",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    tiles = [tuple(r["tile"]) for r in data["results"]]
+    assert len(tiles) == 2 and all(r["status"] == "ok" and r["rel_err"] < 1e-2 for r in data["results"])
+    assert data["best"]["cpu-tiny"]["shipped"] == list(data["environment"]["shipped"])
+
+
+def test_ncu_driver_smoke_run():
+    """bench/ncu_kernels.py (what the ncu phase of gpu_session.sh profiles) runs its launches."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ncu_kernels.py"), "--smoke"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("patch_conv_gemm at cpu-tiny") == 2
+
+
 def test_targets_verdicts_follow_the_measured_ratios():
     sys.path.insert(0, str(REPO / "bench"))
     try:
