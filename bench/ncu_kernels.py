@@ -21,12 +21,9 @@ import sys
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, os.path.dirname(__file__))
+
+from tuning import ON_GPU  # noqa: E402  (first: sets the kernels' environment)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -29,13 +28,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, os.path.dirname(__file__))
 
+from tuning import ON_GPU, TuneLog, time_ms  # noqa: E402  (first: sets the kernels' environment)
 from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
 
 ROLES = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -101,16 +96,6 @@ def _compile_worker(args) -> str:
         return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def time_ms(fn) -> float:
-    if ON_GPU:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def main(argv=None) -> int:
     from common import CPU_SHAPES, SPEC_SHAPES
 
@@ -136,11 +121,8 @@ def main(argv=None) -> int:
     env = dict(device=device_name + (" smoke run" if smoke else ""),
                torch=torch.__version__, triton=attn.triton.__version__, dtype=args.dtype, dropout=args.dropout)
     print(env, flush=True)
-    results, best = [], {}
-
-    def write():
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=env, results=results, best=best), f, indent=1)
+    log = TuneLog(args.out, env)
+    results = log.results
 
     for shape in shapes:
         t = problem(shape, dtype, device, args.dropout)
@@ -180,17 +162,10 @@ def main(argv=None) -> int:
                 except Exception as exc:
                     row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 results.append(row)
-            ok = [r for r in results if r["shape"] == shape.name and r["role"] == role and r["status"] == "ok"
-                  and not r.get("spills")]
-            if ok:
-                win = min(ok, key=lambda r: r["ms"])
-                ship = next((r for r in ok if r["shipped"]), None)
-                best[f"{shape.name} {key}"] = dict(best=win["tile"], best_ms=win["ms"],
-                                                    shipped=list(shipped), shipped_ms=ship and ship["ms"])
-                print(f"{shape.name:<16} {str(key):<32} best {tuple(win['tile'])} {win['ms']:.4f} ms; "
-                      f"shipped {shipped} {ship['ms'] if ship else float('nan'):.4f} ms", flush=True)
-            write()
-    write()
+            log.pick(f"{shape.name} {key}", [r for r in results if r["shape"] == shape.name and r["role"] == role],
+                     shipped)
+            log.write()
+    log.write()
     print(f"wrote {args.out} ({len(results)} timings, {time.monotonic() - start:.0f} s)")
     return 0
 

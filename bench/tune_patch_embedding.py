@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 sys.path.insert(0, os.path.dirname(__file__))
 
+from tuning import ON_GPU, TuneLog, time_ms  # noqa: E402  (first: sets the kernels' environment)
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 
 
@@ -68,11 +63,8 @@ def main(argv=None) -> int:
                torch=torch.__version__, triton=pe.triton.__version__, dtype=args.dtype,
                shipped=[pe.GEMM_BLOCK_M, pe.NUM_WARPS], hbm_bytes_per_s=hbm)
     print(env, flush=True)
-    results, best = [], {}
-
-    def write():
-        with open(args.out, "w") as f:
-            json.dump(dict(environment=env, results=results, best=best), f, indent=1)
+    log = TuneLog(args.out, env)
+    results = log.results
 
     for shape in shapes:
         if time.monotonic() - start > args.budget_s:
@@ -93,15 +85,7 @@ def main(argv=None) -> int:
             try:
                 with pe.override_gemm_tile(*tile):
                     got = forward(x, weight, shape, seed)
-                    if ON_GPU:
-                        import triton.testing
-
-                        ms = triton.testing.do_bench(lambda: forward(x, weight, shape, seed), warmup=10, rep=40,
-                                                     return_mode="median")
-                    else:
-                        t0 = time.perf_counter()
-                        forward(x, weight, shape, seed)
-                        ms = (time.perf_counter() - t0) * 1e3
+                    ms = time_ms(lambda: forward(x, weight, shape, seed))
                 compiled = pe.last_launch.get("patch_conv_gemm")
                 err = ((got.float() - reference.float()).abs().max().item()
                        / (1 + reference.float().abs().max().item()))
@@ -112,16 +96,9 @@ def main(argv=None) -> int:
                 row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             results.append(row)
             print(row, flush=True)
-        ok = [r for r in results if r["shape"] == shape.name and r["status"] == "ok" and not r.get("spills")]
-        if ok:
-            win = min(ok, key=lambda r: r["ms"])
-            ship = next((r for r in ok if r["shipped"]), None)
-            best[shape.name] = dict(best=win["tile"], best_ms=win["ms"], best_frac_hbm=win["frac_hbm"],
-                                    shipped=list(shipped), shipped_ms=ship and ship["ms"])
-            print(f"{shape.name:<16} best {tuple(win['tile'])} {win['ms']:.4f} ms; shipped {shipped} "
-                  f"{ship['ms'] if ship else float('nan'):.4f} ms", flush=True)
-        write()
-    write()
+        log.pick(shape.name, [r for r in results if r["shape"] == shape.name], shipped, extra=("frac_hbm",))
+        log.write()
+    log.write()
     print(f"wrote {args.out} ({len(results)} timings, {time.monotonic() - start:.0f} s)")
     return 0
 

@@ -1,0 +1,54 @@
+"""Plumbing shared by the tile tuners (tune_attention.py, tune_patch_embedding.py) and
+ncu_kernels.py. Import it before any kernel module: it sets the environment the kernels are
+defined under (Triton's interpreter when there is no GPU)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn() (do_bench) on a GPU; one wall-clock call elsewhere (smoke runs)."""
+    if ON_GPU:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+class TuneLog:
+    """The rows a sweep timed and the best tile per label, rewritten to `path` after every label so
+    a sweep cut by its time limit keeps what it measured."""
+
+    def __init__(self, path: str, environment: dict):
+        self.path, self.environment = path, environment
+        self.results: List[dict] = []
+        self.best: dict = {}
+
+    def write(self) -> None:
+        with open(self.path, "w") as f:
+            json.dump(dict(environment=self.environment, results=self.results, best=self.best), f, indent=1)
+
+    def pick(self, label: str, rows: Sequence[dict], shipped: Sequence[int], extra: Sequence[str] = ()) -> Optional[dict]:
+        """Records and prints the fastest correct, spill-free row of `rows` against the shipped tile."""
+        ok = [r for r in rows if r["status"] == "ok" and not r.get("spills")]
+        if not ok:
+            return None
+        win = min(ok, key=lambda r: r["ms"])
+        ship = next((r for r in ok if r["shipped"]), None)
+        self.best[label] = dict(best=win["tile"], best_ms=win["ms"], shipped=list(shipped),
+                                shipped_ms=ship and ship["ms"], **{f"best_{k}": win.get(k) for k in extra})
+        print(f"{label:<48} best {tuple(win['tile'])} {win['ms']:.4f} ms; shipped {tuple(shipped)} "
+              f"{ship['ms'] if ship else float('nan'):.4f} ms", flush=True)
+        return self.best[label]
