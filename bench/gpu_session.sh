@@ -18,8 +18,8 @@
 #   TUNE_PATCH_BUDGET_S=60  tile sweep of the patch embedding forward (bench/tune_patch_embedding.py;
 #                +60 s limit; writes tune_patch.json)
 #   NCU_S=150    Nsight Compute on the patch forward and the three attention kernels
-#                (bench/ncu_kernels.py), into session.log; needs a Firecracker machine (the
-#                H100 kind): gVisor's ncu cannot read counters (KINDS.md, 2026-11-04)
+#                (bench/ncu_kernels.py), into session.log; ncu reads counters on Firecracker
+#                machines (both kinds' runtime now), not on gVisor (KINDS.md, 2026-11-04)
 # The default phases' limits add up to 570 s, so they fit one 600 s call (run it with
 # timeout_s 595); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
 # phases took 327 s (tests 101 s, check 9 s, bench 164 s, profile 12 s), tune with a 90 s budget 98 s.
