@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from report import targets, targets_table  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-PEERS = ("eager", "compile", "compile-max-autotune", "sdpa-fold")
+PEERS = ("eager", "compile", "compile-max-autotune", "sdpa-fold", "ours-custom-op")  # the last: our own route
 
 
 def gpu_result_files():
@@ -36,7 +36,9 @@ def render(files) -> str:
         env = data["environment"]
         lines += [f"**{env['device']}**, torch {env['torch']}, triton {env['triton']}, {env['date']} "
                   f"(`{path.relative_to(ROOT)}`). Speedup = peer's median time / ours (wall clock, "
-                  f"do_bench); GPU busy = the kernels' own device time (profiler, where recorded).", "",
+                  f"do_bench); GPU busy = the kernels' own device time (profiler, where recorded); vs ours-custom-op = "
+                  f"our kernels reached through the torch.library custom op instead of the direct route "
+                  f"(empty for runs made before the direct route existed).", "",
                   "| op | shape | dtype | mode | ours ms | " + " | ".join(f"vs {p}" for p in PEERS)
                   + " | ours GPU busy ms | ours peak MiB | eager peak MiB |", "|" + "---|" * (8 + len(PEERS))]
         groups = defaultdict(dict)

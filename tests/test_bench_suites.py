@@ -53,7 +53,7 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
                                                      date="2026-11-25"), results=rows)))
     render_readme.ROOT = tmp_path
     text = render_readme.render([path])
-    assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x | 0.500 | 10 | 400 |" in text
+    assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x |  | 0.500 | 10 | 400 |" in text
     assert "Issue 6 targets on this run" in text
 
 
