@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tuning import ON_GPU, TuneLog, time_ms  # noqa: E402  (first: sets the kernels' environment)
+from tuning import ON_GPU, TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
 from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
 
 ROLES = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -97,29 +97,18 @@ def _compile_worker(args) -> str:
 
 
 def main(argv=None) -> int:
-    from common import CPU_SHAPES, SPEC_SHAPES
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="etth1-folded,weather-folded")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add_sweep_arguments(parser, shapes="etth1-folded,weather-folded", budget_s=240.0, out="tune.json")
     parser.add_argument("--roles", default=",".join(ROLES))
     parser.add_argument("--dropout", action="store_true", help="tune the dropout variants instead")
-    parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1))
-    parser.add_argument("--out", default="tune.json")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shape, two candidates: proves the script runs (the default without CUDA)")
     args = parser.parse_args(argv)
 
     start = time.monotonic()
-    device = torch.device("cuda" if ON_GPU else "cpu")
-    dtype = getattr(torch, args.dtype)
-    smoke = args.smoke or not ON_GPU
-    shapes = CPU_SHAPES if smoke else [s for s in SPEC_SHAPES if s.name in args.shapes.split(",")]
+    device, dtype, smoke, shapes, device_name = sweep_setup(args)
     roles = [r for r in args.roles.split(",") if r]
-    device_name = torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter)"
-    env = dict(device=device_name + (" smoke run" if smoke else ""),
-               torch=torch.__version__, triton=attn.triton.__version__, dtype=args.dtype, dropout=args.dropout)
+    env = dict(device=device_name, torch=torch.__version__, triton=attn.triton.__version__, dtype=args.dtype,
+               dropout=args.dropout)
     print(env, flush=True)
     log = TuneLog(args.out, env)
     results = log.results
@@ -165,8 +154,7 @@ def main(argv=None) -> int:
             log.pick(f"{shape.name} {key}", [r for r in results if r["shape"] == shape.name and r["role"] == role],
                      shipped)
             log.write()
-    log.write()
-    print(f"wrote {args.out} ({len(results)} timings, {time.monotonic() - start:.0f} s)")
+    log.finish(start)
     return 0
 
 

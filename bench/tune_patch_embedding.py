@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tuning import ON_GPU, TuneLog, time_ms  # noqa: E402  (first: sets the kernels' environment)
+from tuning import TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 
 
@@ -42,25 +42,16 @@ def forward(x: torch.Tensor, weight: torch.Tensor, shape, seed: torch.Tensor) ->
 
 
 def main(argv=None) -> int:
-    from common import CPU_SHAPES, SPEC_SHAPES, device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding_input
+    from common import device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding_input
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="traffic-folded,explained-gpt2")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--budget-s", type=float, default=120.0)
-    parser.add_argument("--out", default="tune_patch.json")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shape, two candidates: proves the script runs (the default without CUDA)")
+    add_sweep_arguments(parser, shapes="traffic-folded,explained-gpt2", budget_s=120.0, out="tune_patch.json")
     args = parser.parse_args(argv)
 
     start = time.monotonic()
-    device = torch.device("cuda" if ON_GPU else "cpu")
-    dtype = getattr(torch, args.dtype)
-    smoke = args.smoke or not ON_GPU
-    shapes = CPU_SHAPES if smoke else [s for s in SPEC_SHAPES if s.name in args.shapes.split(",")]
+    device, dtype, smoke, shapes, device_name = sweep_setup(args)
     hbm = device_hbm_bytes_per_s()
-    env = dict(device=(torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter)") + (" smoke run" if smoke else ""),
-               torch=torch.__version__, triton=pe.triton.__version__, dtype=args.dtype,
+    env = dict(device=device_name, torch=torch.__version__, triton=pe.triton.__version__, dtype=args.dtype,
                shipped=[pe.GEMM_BLOCK_M, pe.NUM_WARPS], hbm_bytes_per_s=hbm)
     print(env, flush=True)
     log = TuneLog(args.out, env)
@@ -98,8 +89,7 @@ def main(argv=None) -> int:
             print(row, flush=True)
         log.pick(shape.name, [r for r in results if r["shape"] == shape.name], shipped, extra=("frac_hbm",))
         log.write()
-    log.write()
-    print(f"wrote {args.out} ({len(results)} timings, {time.monotonic() - start:.0f} s)")
+    log.finish(start)
     return 0
 
 

@@ -3,6 +3,7 @@ ncu_kernels.py. Import it before any kernel module: it sets the environment the 
 defined under (Triton's interpreter when there is no GPU)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -40,6 +41,10 @@ class TuneLog:
         with open(self.path, "w") as f:
             json.dump(dict(environment=self.environment, results=self.results, best=self.best), f, indent=1)
 
+    def finish(self, start: float) -> None:
+        self.write()
+        print(f"wrote {self.path} ({len(self.results)} timings, {time.monotonic() - start:.0f} s)")
+
     def pick(self, label: str, rows: Sequence[dict], shipped: Sequence[int], extra: Sequence[str] = ()) -> Optional[dict]:
         """Records and prints the fastest correct, spill-free row of `rows` against the shipped tile."""
         ok = [r for r in rows if r["status"] == "ok" and not r.get("spills")]
@@ -52,3 +57,23 @@ class TuneLog:
         print(f"{label:<48} best {tuple(win['tile'])} {win['ms']:.4f} ms; shipped {tuple(shipped)} "
               f"{ship['ms'] if ship else float('nan'):.4f} ms", flush=True)
         return self.best[label]
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, shapes: str, budget_s: float, out: str) -> None:
+    """The options every tuner takes (its own come next)."""
+    parser.add_argument("--shapes", default=shapes, help="SPEC §2 shape names, comma separated")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--budget-s", type=float, default=budget_s)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape, two candidates: proves the script runs (the default without CUDA)")
+
+
+def sweep_setup(args: argparse.Namespace) -> tuple:
+    """(device, dtype, smoke, shapes, device name) of a sweep from its parsed options."""
+    from common import CPU_SHAPES, SPEC_SHAPES
+
+    smoke = args.smoke or not ON_GPU
+    shapes = CPU_SHAPES if smoke else [s for s in SPEC_SHAPES if s.name in args.shapes.split(",")]
+    name = (torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter)") + (" smoke run" if smoke else "")
+    return torch.device("cuda" if ON_GPU else "cpu"), getattr(torch, args.dtype), smoke, shapes, name

@@ -1,4 +1,4 @@
-"""Tolerances of SPEC §4, shared by the equivalence tests."""
+"""Shared by the tests: the tolerances of SPEC §4, and a Triton launch counter."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +26,18 @@ def assert_close_to_oracle(what: str, got: torch.Tensor, oracle: torch.Tensor,
         tol = 2.0 * eager_err + 1e-6 * scale
         assert err <= tol, (f"{what}: max abs err {err:.3e} > 2x eager {got.dtype} error "
                             f"{eager_err:.3e}")
+
+
+class LaunchCounter:
+    """Wraps a Triton kernel: counts `kernel[grid](...)` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.launches += 1
+            return launch(*args, **kwargs)
+        return counted

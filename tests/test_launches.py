@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICE, requires_triton
+from helpers import LaunchCounter
 from timellm_fast import PatchEmbedding, ReprogrammingLayer
 from timellm_fast.kernels import patch_embedding as pe_kernels
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
@@ -35,21 +36,6 @@ def compute_ops(fn) -> list:
     with OpLog() as log:
         fn()
     return [op for op in log.ops if op not in NO_LAUNCH]
-
-
-class LaunchCounter:
-    """Wraps a Triton kernel: counts `kernel[grid](...)` launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.launches += 1
-            return launch(*args, **kwargs)
-        return counted
 
 
 @requires_triton
