@@ -155,3 +155,29 @@ def test_direct_eval_forward_of_the_patch_embedding_is_one_launch(monkeypatch):
         y, _ = layer(x)
     assert routes == {("patch_embedding", "direct"): 1} and counter.launches == 1
     assert y.shape == (28, 64, 32) and y.grad_fn is None
+
+
+@requires_triton
+def test_jit_trace_records_the_custom_op_and_replays_on_new_inputs():
+    """torch.jit.trace must record our op (the direct route would run past the tracer: it saw
+    the launch arguments as traced values and failed); the trace then computes new inputs."""
+    class FirstOutput(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    torch.manual_seed(0)
+    patch = FirstOutput(PatchEmbedding(16, 8, 4, 0.0).to(DEVICE).eval())
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24).to(DEVICE).eval()
+    x, target, protos = (torch.randn(2, 3, 40, device=DEVICE), torch.randn(2, 7, 16, device=DEVICE),
+                         torch.randn(37, 24, device=DEVICE))
+    with dispatch.record_routes() as routes:
+        traced_patch = torch.jit.trace(patch, (x,), check_trace=False)
+        traced_layer = torch.jit.trace(layer, (target, protos, protos), check_trace=False)
+    assert routes == {("patch_embedding", "custom_op"): 1, ("reprogramming_attention", "custom_op"): 1}, routes
+    x2, target2 = torch.randn_like(x), torch.randn_like(target)
+    assert torch.equal(traced_patch(x2), patch(x2))
+    assert torch.equal(traced_layer(target2, protos, protos), layer(target2, protos, protos))

@@ -15,7 +15,7 @@ On the Triton path an op reaches its launchers one of two ways (:func:`direct_la
 eager mode straight through a ``torch.autograd.Function`` (the ``torch.library`` dispatch of a
 custom op costs tens of microseconds of host time per call, which at the small official shapes
 is more than the kernel), and through the op's ``torch.library`` custom op whenever something
-must see the op as one operator: ``torch.compile``/export tracing, a TorchDispatchMode
+must see the op as one operator: ``torch.compile``/export/``torch.jit.trace`` tracing, a TorchDispatchMode
 (FakeTensorMode, make_fx, operator loggers), ``torch.func`` transforms, or tensor subclasses.
 Both routes run the same launchers and the same backward; :data:`route_counts` counts them.
 """
@@ -118,12 +118,13 @@ def choose(op: str, device: torch.device, unsupported: Optional[str] = None) -> 
 def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     """Whether a Triton-path call of `op` on `tensors` may skip its torch.library custom op.
 
-    Only in plain eager mode: nothing is tracing (torch.compile, export), no TorchDispatchMode
+    Only in plain eager mode: nothing is tracing (torch.compile, export, torch.jit.trace), no TorchDispatchMode
     or torch.func transform is active, and every tensor is a plain tensor or Parameter. Anything
     else must see the custom op as one operator, so it gets the custom op. ``TIMELLM_FAST_DIRECT=0``
     or :func:`custom_op_route` turns the direct route off.
     """
     direct = (not torch.compiler.is_compiling()
+              and not torch.jit.is_tracing()  # a trace must record the op, not run past it
               and not _FORCED_CUSTOM_OP[0]
               and os.environ.get(DIRECT_ENV, "1") != "0"
               and torch._C._len_torch_dispatch_stack() == 0
