@@ -27,8 +27,8 @@ def _compile(job: tuple) -> dict:
     key, tile, data_dtype, arch = job
     attn._TILES[key] = tuple(tile)
     attn.config_table.cache_clear()
-    wanted = next(c for c in attn.config_table().values()
-                  if c.tile_key == key and attn.SIG_DTYPE[c.data_dtype] == data_dtype)
+    wanted = next(c for c in attn.config_table().values()  # the _TILES entry, not a Hopper-only variant
+                  if c.tile_key == key and attn.SIG_DTYPE[c.data_dtype] == data_dtype and c.arch_split != "sm90")
     cfg = next(c for c in attn.aot_configs() if c["name"] == wanted.name)
     r = report.compile_config(cfg, arch)
     return dict(key=list(key), tile=list(tile), arch=arch, kernel=r.kernel, registers=r.registers,

@@ -469,6 +469,9 @@ class KernelConfig:
     block_s: int
     num_warps: int
     num_stages: int
+    #: "sm90": the Hopper-only variant of a key in _TILES_SM90; "not-sm90": that key's entry
+    #: for the other GPUs; None: one tile for every GPU
+    arch_split: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -476,7 +479,8 @@ class KernelConfig:
             return "reprogramming_dropout_mask"
         dot = SIG_DTYPE[self.dot_dtype] + ("_tf32" if self.input_precision == "tf32" else "")
         drop = ",dropout" if self.has_dropout else ""
-        return f"reprogramming_{self.role}[{SIG_DTYPE[self.data_dtype]},dot={dot},E={self.block_e}{drop}]"
+        only = ",sm90" if self.arch_split == "sm90" else ""
+        return f"reprogramming_{self.role}[{SIG_DTYPE[self.data_dtype]},dot={dot},E={self.block_e}{drop}{only}]"
 
     @property
     def tile_key(self) -> tuple:
@@ -491,7 +495,12 @@ class KernelConfig:
         needs_sm80 = self.dot_dtype == torch.bfloat16 or self.input_precision == "tf32"
         # Turing's fp16 MMA spills at E = 128 even with 16-row tiles: eager runs there instead
         needs_sm80 = needs_sm80 or (self.dot_dtype == torch.float16 and self.block_e == 128)
-        return SM80_ARCHS if needs_sm80 else ALL_ARCHS
+        archs = SM80_ARCHS if needs_sm80 else ALL_ARCHS
+        if self.arch_split == "sm90":
+            return tuple(a for a in archs if a == 90)
+        if self.arch_split == "not-sm90":
+            return tuple(a for a in archs if a != 90)
+        return archs
 
     def constexprs(self) -> Dict[str, object]:
         if self.role == "dropout_mask":
@@ -560,6 +569,17 @@ _TILES = {
 }
 _DROPOUT_MASK_TILE = (64, 64, 4, 1)
 
+# Hopper-only tiles (compute capability 9.x): measured faster on an H200 (run 1's sweep,
+# bench/results/nvidia-h200-2026-11-26-run1/tune.json: spill-free at run time, result checked
+# against the shipped tile) and spill-free on sm_90 under both Triton versions, but spilling on
+# sm_80, which keeps the _TILES entry. E = 128 without dropout, bf16 (ETTh1-folded), times of
+# the backward with that tile: dQ 0.268 -> 0.239 ms; dQ + dK/dV 1.411 -> 1.128 ms (the dK/dV
+# tile puts 128 prototypes on the MMA's M side, where 32 left Hopper's warpgroup MMA unused).
+_TILES_SM90 = {
+    ("bwd_dq", "bf16", 128, False): (64, 64, 4, 3),
+    ("bwd_dkdv", "bf16", 128, False): (32, 128, 8, 3),
+}
+
 
 def dot_regime(dot: torch.dtype, precision: str) -> str:
     if dot == torch.float32:
@@ -577,8 +597,13 @@ def config_table() -> Dict[tuple, KernelConfig]:
                 for has_dropout in (False, True):
                     tile_key = (role, dot_regime(dot, precision), block_e, has_dropout)
                     key = (role, data_dtype, dot, precision, block_e, has_dropout)
+                    split = "not-sm90" if tile_key in _TILES_SM90 else None
                     table[key] = KernelConfig(role, data_dtype, dot, precision, block_e, has_dropout,
-                                              *_TILES[tile_key])
+                                              *_TILES[tile_key], arch_split=split)
+                    if split:
+                        table[key + ("sm90",)] = KernelConfig(role, data_dtype, dot, precision, block_e,
+                                                              has_dropout, *_TILES_SM90[tile_key],
+                                                              arch_split="sm90")
     table[("dropout_mask",)] = KernelConfig("dropout_mask", torch.float32, torch.float32, "ieee", 0, True,
                                             *_DROPOUT_MASK_TILE)
     return table
@@ -643,7 +668,10 @@ def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropou
     dot, precision = _dot_path(data_dtype, device, allow_tf32)
     block_e = block_e_for(head_dim)
     key = (role, data_dtype, dot, precision, block_e, bool(has_dropout))
-    cfg = config_table()[key]
+    table = config_table()
+    cfg = table[key]
+    if cfg.arch_split and device.type == "cuda" and arch_class(device) == 90:
+        cfg = table[key + ("sm90",)]
     tile = _TILE_OVERRIDES.get(cfg.tile_key)
     if tile is not None:
         cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])

@@ -250,11 +250,18 @@ def test_config_table_is_complete_and_consistent():
     configs = kern.aot_configs()
     names = [c["name"] for c in configs]
     assert len(names) == len(set(names))
+    split_names = {c.name for c in kern.config_table().values() if c.arch_split == "not-sm90"}
+    assert {n.replace(",sm90]", "]") for n in names if ",sm90]" in n} == split_names
     for cfg in configs:
         assert set(cfg["signature"]) == set(cfg["fn"].arg_names), cfg["name"]
         assert {n for n, t in cfg["signature"].items() if t == "constexpr"} == set(cfg["constexprs"])
-        # sm_80+ for bf16/TF32 MMA; sm_75 alone for bf16 data on fp32 dots (no bf16 MMA there)
+        # sm_80+ for bf16/TF32 MMA; sm_75 alone for bf16 data on fp32 dots (no bf16 MMA there);
+        # a key with a Hopper-only tile serves sm_90 from its ",sm90" entry and sm_80 from the other
         expected = ((75,) if "[bf16,dot=fp32," in cfg["name"] else ((75, 80, 90), (80, 90)))
+        if ",sm90]" in cfg["name"]:
+            expected = ((90,),)
+        elif cfg["name"] in split_names:
+            expected = ((80,),)
         assert cfg["archs"] in expected or cfg["archs"] == expected, cfg["name"]
     # whatever a launcher asks for on this machine is one of the table's entries
     table = set(kern.config_table().values())
@@ -263,6 +270,61 @@ def test_config_table_is_complete_and_consistent():
             for head_dim in (16, 24, 32, 48, 64, 100, 128):
                 for has_dropout in (False, True):
                     assert kern.select_config(role, dtype, head_dim, has_dropout, DEVICE) in table
+
+
+def test_hopper_tiles_are_chosen_only_on_sm90(monkeypatch):
+    """_TILES_SM90 entries serve compute capability 9.x; an sm_80 device keeps the _TILES tile."""
+    from timellm_fast.kernels import _launch
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    assert kern._TILES_SM90, "no Hopper-only tile: drop this test with the mechanism"
+    cuda = torch.device("cuda", 0)
+    for capability, wanted in (((9, 0), kern._TILES_SM90), ((8, 0), kern._TILES)):
+        monkeypatch.setattr(_launch, "_CAPABILITY", {0: capability})
+        monkeypatch.setattr(kern, "_SELECTED", {})
+        monkeypatch.setattr(kern, "interpreting", lambda: False)
+        monkeypatch.setattr(_launch, "interpreting", lambda: False)
+        for (role, regime, block_e, dropout), tile in kern._TILES_SM90.items():
+            assert regime == "bf16"
+            cfg = kern.select_config(role, torch.bfloat16, block_e, dropout, cuda)
+            key = (role, regime, block_e, dropout)
+            assert (cfg.block_r, cfg.block_s, cfg.num_warps, cfg.num_stages) == wanted[key], (capability, cfg)
+            assert capability[0] * 10 in cfg.archs
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on a GPU the Hopper tiles run natively in the bf16 tests")
+@pytest.mark.parametrize("role_tiles", [
+    {("bwd_dq", "fma", 32, False): (64, 64, 4, 3), ("bwd_dkdv", "fma", 32, False): (32, 128, 8, 3)},
+], ids=["hopper-block-shapes"])
+def test_hopper_block_shapes_match_the_oracle(role_tiles):
+    """The Hopper-only tiles' block shapes (dQ 64x64, dK/dV 32 rows x 128 prototypes: more
+    prototypes than S = 37, so one partial block) run here through the fp32 configuration's keys:
+    the interpreter cannot run bf16 dots, and the block shapes are what the masks must handle."""
+    from timellm_fast.kernels import reprogramming_attention as kern
+
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=32, d_llm=24, attention_dropout=0.0).to(DEVICE)
+    target = torch.randn(3, 29, 16, device=DEVICE, requires_grad=True)
+    protos = torch.randn(37, 24, device=DEVICE, requires_grad=True)
+    with kern.override_tiles(role_tiles), dispatch.record_paths() as paths:
+        for (role, _, block_e, dropout), tile in role_tiles.items():
+            cfg = kern.select_config(role, torch.float32, block_e, dropout, DEVICE)
+            assert (cfg.block_r, cfg.block_s) == tile[:2]
+        out = layer(target, protos, protos)
+        out.square().sum().backward()
+    assert paths == {("reprogramming_attention", "triton"): 1}
+    params64 = [p.detach().double() for p in layer.parameters()]
+    t64, p64 = target.detach().double().requires_grad_(True), protos.detach().double().requires_grad_(True)
+    w = dict(zip([n for n, _ in layer.named_parameters()], params64))
+    ref = reprogramming_reference(t64, p64, p64, w["query_projection.weight"], w["query_projection.bias"],
+                                  w["key_projection.weight"], w["key_projection.bias"],
+                                  w["value_projection.weight"], w["value_projection.bias"],
+                                  w["out_projection.weight"], w["out_projection.bias"], 2)
+    ref.square().sum().backward()
+    assert_close_to_oracle("out", out, ref)
+    assert_close_to_oracle("d target", target.grad, t64.grad)
+    assert_close_to_oracle("d prototypes", protos.grad, p64.grad)
 
 
 def test_philox_counters_fit_int32():
