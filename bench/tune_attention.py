@@ -120,7 +120,8 @@ def main(argv=None) -> int:
             if time.monotonic() - start > args.budget_s:
                 print(f"budget spent: skipping {shape.name} {role}", flush=True)
                 continue
-            shipped = attn._TILES[key]
+            shipped_cfg = attn.select_config(role, dtype, shape.d_keys, args.dropout, device)  # sm_90: _TILES_SM90
+            shipped = (shipped_cfg.block_r, shipped_cfg.block_s, shipped_cfg.num_warps, shipped_cfg.num_stages)
             cands = candidates(smoke)
             if shipped not in cands:
                 cands.append(shipped)
