@@ -14,7 +14,8 @@
 #   BENCH_BUDGET_S=150  benchmark cases start in priority order (issue 6 targets first) until then;
 #                BENCH_S=220 hard limit of the bench phase; BENCH_K: a pytest -k selection
 #   PROFILE_S=60 bench/profile_trace.py (profile-model: twice, eager and ours)
-#   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit)
+#   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit;
+#                TUNE_ARGS: its other options, e.g. "--dropout" for the training tiles)
 #   TUNE_PATCH_BUDGET_S=60  tile sweep of the patch embedding forward (bench/tune_patch_embedding.py;
 #                +60 s limit; writes tune_patch.json)
 #   NCU_S=150    Nsight Compute on the patch forward and the three attention kernels
@@ -102,7 +103,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       install
       say "tune (budget ${TUNE_BUDGET_S:-200} s)"
       timeout $(( ${TUNE_BUDGET_S:-200} + 120 )) $PY bench/tune_attention.py --budget-s "${TUNE_BUDGET_S:-200}" \
-        --out "$OUT/tune.json" >>"$LOG" 2>&1
+        ${TUNE_ARGS:-} --out "$OUT/tune.json" >>"$LOG" 2>&1
       say "tune rc $?" ;;
     tune-patch)
       install
