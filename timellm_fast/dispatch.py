@@ -149,15 +149,28 @@ def custom_op_route() -> Iterator[None]:
         _FORCED_CUSTOM_OP[0] = saved
 
 
-@contextlib.contextmanager
-def profiled(name: str) -> Iterator[None]:
+_NOT_PROFILED = contextlib.nullcontext()
+
+
+def profiled(name: str):
     """Names a direct-route launch in torch.profiler traces as its custom op would be named
-    (``timellm_fast::...``); costs nothing while no profiler runs."""
+    (``timellm_fast::...``); a reusable no-op context while no profiler runs."""
     if torch._C._autograd._profiler_enabled():
-        with torch.profiler.record_function(name):
-            yield
-    else:
-        yield
+        return torch.profiler.record_function(name)
+    return _NOT_PROFILED
+
+
+def call_on_route(op: str, name: str, tensors: tuple, args: tuple, custom_op, direct_function, launch):
+    """One Triton-path call of `op`: through its custom op where :func:`direct_launch` says so;
+    else through its autograd.Function when a gradient can flow from `tensors`; else straight to
+    the launcher (nothing to differentiate: not even an autograd node). `name` is the custom
+    op's name, which the profiler shows on the direct route too."""
+    if not direct_launch(op, *tensors):
+        return custom_op(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return direct_function.apply(*args)
+    with profiled(name):
+        return launch(*args)
 
 
 @contextlib.contextmanager

@@ -206,12 +206,8 @@ def patch_embedding(
     path = dispatch.choose(OP_NAME, x.device, _unsupported(x, weight, P, p))
     if path == "triton":
         args = (x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
-        if not dispatch.direct_launch(OP_NAME, x, weight):
-            return patch_embedding_fwd_op(*args)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return DirectPatchEmbedding.apply(*args)
-        with dispatch.profiled(FWD_OP_NAME):  # nothing to differentiate: not even an autograd node
-            return _launch_forward(*args)
+        return dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (x, weight), args, patch_embedding_fwd_op,
+                                      DirectPatchEmbedding, _launch_forward)
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)

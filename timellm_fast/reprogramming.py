@@ -198,13 +198,9 @@ def fused_attention(
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
     args = (target_rows, wq, bq, kv, n_heads, dropout_p, draw_seed_tensor(dropout_p, target_rows.device),
             allow_tf32)
-    if not dispatch.direct_launch(OP_NAME, target_rows, wq, bq, kv):
-        return attention_fwd_op(*args)[0]
-    if torch.is_grad_enabled() and (target_rows.requires_grad or wq.requires_grad or bq.requires_grad
-                                    or kv.requires_grad):
-        return DirectAttention.apply(*args)[0]
-    with dispatch.profiled(FWD_OP_NAME):  # nothing to differentiate: not even an autograd node
-        return _launch_attention_forward(*args)[0]
+    heads_out, _ = dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (target_rows, wq, bq, kv), args, attention_fwd_op,
+                                          DirectAttention, _launch_attention_forward)
+    return heads_out
 
 
 def fused_reprogramming(
