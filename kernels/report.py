@@ -93,17 +93,21 @@ def jit_specialization(cfg: dict) -> dict:
             if ty.startswith("*") or name in hinted}
 
 
-def compile_config(cfg: dict, arch: int) -> AotResult:
+def _compile(cfg: dict, arch: int):
+    """triton.compile of one configuration for sm_<arch>, specialized as the JIT would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
+                    attrs=jit_specialization(cfg))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+
+def compile_config(cfg: dict, arch: int) -> AotResult:
     try:
-        src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
-                        attrs=jit_specialization(cfg))
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        compiled = _compile(cfg, arch)
         regs, st, ld = _ptxas_usage(compiled.asm["ptx"], arch)
         return AotResult(cfg["name"], arch, regs, st, ld, int(compiled.metadata.shared))
     except Exception as exc:  # reported, and the test fails on it
@@ -133,25 +137,21 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
 
 def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> dict:
     """Static SASS of one configuration (triton.compile + the nvdisasm Triton ships): instruction
-    count, the size of every loop body (backward branches) and the load instructions by width.
-    A CPU-side proxy for kernels bound by instruction issue rather than by memory (the patch
-    embedding's gather): dynamic instructions per thread = the count outside loops plus each
-    body times its trip count; `loop_opcodes` counts the opcodes inside loop bodies. `ones` names integer arguments to compile as the constant 1, as
-    the JIT does for an argument equal to 1 (a unit stride)."""
+    count, the size of every loop body (backward branches), the opcodes inside loop bodies and the
+    load instructions by width. A CPU-side proxy for kernels bound by instruction issue rather
+    than by memory (the patch embedding's gather): dynamic instructions per thread = the count
+    outside loops plus each body times its trip count. `ones` names integer arguments to compile
+    as the constant 1 and `div16` integer arguments to compile as multiples of 16, as the JIT
+    specializes a launch whose arguments have those values."""
     import collections
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]),
                divisible_by_16=tuple(cfg.get("divisible_by_16", ())) + tuple(div16))
     for name in ones:
         cfg["signature"][name], cfg["constexprs"][name] = "constexpr", 1
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
-                    attrs=jit_specialization(cfg))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    compiled = _compile(cfg, arch)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
