@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from timellm_fast import PatchEmbedding, ReprogrammingLayer
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold
 
@@ -171,8 +171,6 @@ class CustomOpRoute(torch.nn.Module):
         self.inner = inner
 
     def forward(self, *args, **kwargs):
-        from timellm_fast import dispatch
-
         with dispatch.custom_op_route():
             return self.inner(*args, **kwargs)
 

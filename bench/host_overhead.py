@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -68,8 +68,9 @@ def microseconds_per_call(fn: Callable[[], object], calls: int) -> float:
     return sorted(rounds)[2]
 
 
-def _cases() -> Dict[str, Dict[str, Callable[[], object]]]:
-    """module -> mode -> one call. Shapes are tiny (host time does not depend on them)."""
+def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]]]:
+    """(module name, mode, module, training?, one call) per row. Shapes are tiny (host time does
+    not depend on them)."""
     from timellm_fast import PatchEmbedding, ReprogrammingLayer
 
     torch.manual_seed(0)
@@ -83,7 +84,6 @@ def _cases() -> Dict[str, Dict[str, Callable[[], object]]]:
         def run():
             with torch.no_grad():
                 return module(*args)
-        run.training = False
         return run
 
     def train_call(module, backward, *args):
@@ -92,56 +92,45 @@ def _cases() -> Dict[str, Dict[str, Callable[[], object]]]:
             out = out[0] if isinstance(out, tuple) else out
             if backward:
                 out.sum().backward()
-        run.training = True
         return run
 
-    cases = {
-        "reprogramming layer": {
-            "eval fwd (no grad)": eval_call(layer, target, protos, protos),
-            "train fwd": train_call(layer, False, target, protos, protos),
-            "train fwd+bwd": train_call(layer, True, target, protos, protos),
-        },
-        "patch embedding": {
-            "eval fwd (no grad)": eval_call(patch, series),
-            "train fwd+bwd (dW)": train_call(patch, True, series),
-        },
-    }
-    modules = {"reprogramming layer": layer, "patch embedding": patch}
-    for name, modes in cases.items():  # train()/eval() once, outside the timed calls
-        for call in modes.values():
-            call.module = modules[name]
-    return cases
+    return [
+        ("reprogramming layer", "eval fwd (no grad)", layer, False, eval_call(layer, target, protos, protos)),
+        ("reprogramming layer", "train fwd", layer, True, train_call(layer, False, target, protos, protos)),
+        ("reprogramming layer", "train fwd+bwd", layer, True, train_call(layer, True, target, protos, protos)),
+        ("patch embedding", "eval fwd (no grad)", patch, False, eval_call(patch, series)),
+        ("patch embedding", "train fwd+bwd (dW)", patch, True, train_call(patch, True, series)),
+    ]
 
 
 def measure(calls: int) -> List[dict]:
     from timellm_fast import dispatch
 
     rows = []
-    for module, modes in _cases().items():
-        for mode, call in modes.items():
-            call.module.train(call.training)
-            row = dict(module=module, mode=mode)
-            with stubbed_kernels():
-                with dispatch.record_routes() as direct:
-                    row["direct_us"] = microseconds_per_call(call, calls)
-                with dispatch.custom_op_route(), dispatch.record_routes() as via_op:
-                    row["custom_op_us"] = microseconds_per_call(call, calls)
-            # a row timed on another route than its column names would be a wrong number
-            if set(r for _, r in direct) != {"direct"} or set(r for _, r in via_op) != {"custom_op"}:
-                raise RuntimeError(f"{module} {mode}: routes taken {dict(direct)} / {dict(via_op)}")
-            saved = os.environ.get(dispatch.BACKEND_ENV)
-            os.environ[dispatch.BACKEND_ENV] = "eager"
-            try:
-                with dispatch.record_paths() as paths:
-                    row["eager_us"] = microseconds_per_call(call, calls)
-                if set(p for _, p in paths) != {"eager"}:
-                    raise RuntimeError(f"{module} {mode}: eager column took {dict(paths)}")
-            finally:
-                if saved is None:
-                    os.environ.pop(dispatch.BACKEND_ENV)
-                else:
-                    os.environ[dispatch.BACKEND_ENV] = saved
-            rows.append(row)
+    for module, mode, instance, training, call in _cases():
+        instance.train(training)  # once, outside the timed calls
+        row = dict(module=module, mode=mode)
+        with stubbed_kernels():
+            with dispatch.record_routes() as direct:
+                row["direct_us"] = microseconds_per_call(call, calls)
+            with dispatch.custom_op_route(), dispatch.record_routes() as via_op:
+                row["custom_op_us"] = microseconds_per_call(call, calls)
+        # a row timed on another route than its column names would be a wrong number
+        if set(r for _, r in direct) != {"direct"} or set(r for _, r in via_op) != {"custom_op"}:
+            raise RuntimeError(f"{module} {mode}: routes taken {dict(direct)} / {dict(via_op)}")
+        saved = os.environ.get(dispatch.BACKEND_ENV)
+        os.environ[dispatch.BACKEND_ENV] = "eager"
+        try:
+            with dispatch.record_paths() as paths:
+                row["eager_us"] = microseconds_per_call(call, calls)
+            if set(p for _, p in paths) != {"eager"}:
+                raise RuntimeError(f"{module} {mode}: eager column took {dict(paths)}")
+        finally:
+            if saved is None:
+                os.environ.pop(dispatch.BACKEND_ENV)
+            else:
+                os.environ[dispatch.BACKEND_ENV] = saved
+        rows.append(row)
     return rows
 
 
