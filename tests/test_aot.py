@@ -36,16 +36,28 @@ def test_every_kernel_file_contributes_configs():
         assert set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS), cfg["name"]
 
 
-@pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
-def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path, toolchain):
+def _toolchain_python(toolchain: str) -> str:
+    """The toolchain's python, or a skip that says how to make it."""
     python = TOOLCHAINS[toolchain]
     if not Path(python).exists():
         pytest.skip(f"no {python}: python3 -m venv .venv-aot-triton36 && .venv-aot-triton36/bin/pip "
                     f"install torch==2.13.0 triton==3.6.0 'numpy<2.4' && .venv-aot-triton36/bin/pip "
                     f"install --no-deps -e .")
-    out = tmp_path / "aot.json"
+    return python
+
+
+def _compile_env() -> dict:
+    """The child's environment: real JIT objects (no interpreter), this repository's install."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+@pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
+def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path, toolchain):
+    python = _toolchain_python(toolchain)
+    out = tmp_path / "aot.json"
+    env = _compile_env()
     proc = subprocess.run(
         [python, "-m", "timellm_fast.kernels.report", "--json", str(out),
          "--jobs", os.environ.get("TIMELLM_FAST_AOT_JOBS", str(min(4, os.cpu_count() or 1)))],
@@ -73,16 +85,13 @@ def test_patch_embedding_gather_does_no_integer_division_per_element(toolchain):
     constant 1, multiples of 16 marked)."""
     import ast
 
-    python = TOOLCHAINS[toolchain]
-    if not Path(python).exists():
-        pytest.skip(f"no {python} (see the spill test above)")
+    python = _toolchain_python(toolchain)
     has_nvdisasm = subprocess.run(
         [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
                        "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
     if has_nvdisasm != "True":
         pytest.skip(f"the Triton of {python} ships no nvdisasm")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = _compile_env()
     name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", name,
                            "--arch", "80,90", "--ones", "N_VARS,s_t,s_wk,s_oc",
