@@ -294,10 +294,11 @@ def reprogramming_bwd_dq_kernel(
     dout = tl.load(dout_ptr + re_offsets, mask=re_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
     lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
 
-    # Pass 1: delta = sum_s P·dP from the very P and dP used below. The usual rowsum(dout * out)
-    # is the same number in exact arithmetic, but `out` was rounded to the data dtype: in bf16
-    # that rounding alone made dK ~1e4x less accurate than this, because every row of the
-    # softmax gradient must sum to zero and a delta off by one rounding breaks that.
+    # Pass 1: delta = sum_s P·dP from the very P and dP used below, so every row of the softmax
+    # gradient sums to zero as it must. FlashAttention's rowsum(dout * out) is the same number in
+    # exact arithmetic, but the forward rounds P (PV dot operand) and `out` (store) to the data
+    # dtype; in bf16 that moves the key-bias gradient, exactly zero, from 0.8x to 1.5-2.1x the
+    # eager layer's error, against SPEC's 2x (measurements: bench/ROOFLINE.md, "Delta").
     delta = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for proto_start in range(0, S, BLOCK_S):
         _, probs, dprobs = _probs_and_grads(q, dout, lse, k_ptr, v_ptr, proto_start, head_cols, e_mask, offs_r,

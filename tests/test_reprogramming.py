@@ -121,9 +121,26 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_fused_matches_oracle(shape, dtype, backend):
     backend("triton")
+    check_fused_against_oracle(shape, dtype)
+
+
+@needs_triton
+def test_backward_delta_is_exact_enough_for_the_zero_key_bias_gradient(backend):
+    """The dQ kernel's first pass builds delta = sum_s P·dP instead of FlashAttention's
+    rowsum(dout * out). Softmax ignores a shift of all keys, so the key-projection bias gradient
+    is exactly zero and its computed value is pure rounding of delta. On this problem, drawn on
+    the CPU and run by the interpreter, the rowsum from the stored bf16 `out` put it at 2.1x the
+    eager bf16 layer's error, past SPEC §4's 2x; the two-pass delta keeps it at 0.7x. (A GPU
+    draws another problem, and also rounds P before the PV dot: bench/ROOFLINE.md, "Delta".)"""
+    backend("triton")
+    etth1_e128 = next(shape for shape in SHAPES if shape[0] == "etth1-e128")
+    check_fused_against_oracle(etth1_e128, torch.bfloat16, seed=2)
+
+
+def check_fused_against_oracle(shape, dtype, seed=0):
     _, batch, seq, d_model, n_heads, d_keys, protos, d_llm, shared = shape
     layer, target, source, value, upstream = make_problem(batch, seq, d_model, n_heads, d_keys, protos, d_llm,
-                                                          dtype, shared)
+                                                          dtype, shared, seed=seed)
     with dispatch.record_paths() as seen:
         out, grads = run_layer(layer, target, source, value, upstream)
     assert seen[(OP, "triton")] == 1 and seen[(OP, "eager")] == 0
