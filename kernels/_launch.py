@@ -49,7 +49,8 @@ def dot_dtype(*operand_dtypes: torch.dtype, device: torch.device) -> torch.dtype
 
     Under TRITON_INTERPRET=1, tl.dot on bf16 operands multiplies raw bits (triton-lang/triton
     #11584), so the interpreter computes bf16 dots in fp32: the bf16 tensor-core path itself is
-    proven only on a GPU.
+    proven only on a GPU. (The attention kernels round the operands they compute to bf16 there,
+    see reprogramming_attention._dot_operand, so the interpreter's numerics follow the GPU's.)
     """
     first = operand_dtypes[0]
     if first in (torch.bfloat16, torch.float16) and all(d == first for d in operand_dtypes):

@@ -70,6 +70,19 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot_operand(x, DOT_DTYPE: tl.constexpr, ROUND_TO_BF16: tl.constexpr):
+    """x cast for tl.dot. ROUND_TO_BF16 is set by the launcher under the interpreter only, which
+    runs bf16 dots on fp32 operands (kernels/_launch.dot_dtype): x is first rounded to the bf16
+    value a GPU's bf16 MMA operand would hold, so the CPU tests see the GPU's rounding. Rounding is
+    to nearest-even on the bits, because the interpreter's own fp32 -> bf16 cast truncates."""
+    if ROUND_TO_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x == x, rounded, x).to(DOT_DTYPE)  # NaN stays NaN (the bit trick can make it inf)
+    return x.to(DOT_DTYPE)
+
+
+@triton.jit
 def _project_query(
     target_ptr,  # target: [R, DM]
     wq_ptr,  # wq: [H*E, DM]
@@ -86,6 +99,7 @@ def _project_query(
     BLOCK_DM: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
 ):
     """q: [BLOCK_R, BLOCK_E] in DOT_DTYPE, this head's query projection of the given target rows
     (accumulated and biased in fp32, rounded once for the attention dots)."""
@@ -101,7 +115,7 @@ def _project_query(
         # target_tile: [BLOCK_R, BLOCK_DM], wq_tile: [BLOCK_DM, BLOCK_E]
         q = tl.dot(target_tile.to(DOT_DTYPE), wq_tile.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
     bias = tl.load(bq_ptr + head * E + offs_e, mask=e_mask, other=0.0).to(tl.float32)
-    return (q + bias[None, :]).to(DOT_DTYPE)
+    return _dot_operand(q + bias[None, :], DOT_DTYPE, ROUND_TO_BF16)
 
 
 @triton.jit
@@ -204,6 +218,7 @@ def reprogramming_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
 ):
     seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
@@ -214,7 +229,7 @@ def reprogramming_fwd_kernel(
     e_mask = offs_e < E
 
     q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
+                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
 
     head_cols = head * E + offs_e
     row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -237,7 +252,7 @@ def reprogramming_fwd_kernel(
                                  dropout_p)
             probs = tl.where(keep, probs, 0.0)
         acc = acc * rescale[:, None]
-        acc = tl.dot(probs.to(DOT_DTYPE), v, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(_dot_operand(probs, DOT_DTYPE, ROUND_TO_BF16), v, acc, input_precision=INPUT_PRECISION)
         row_max = new_max
 
     out = acc / row_sum[:, None]
@@ -277,6 +292,7 @@ def reprogramming_bwd_dq_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
 ):
     seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
@@ -290,7 +306,7 @@ def reprogramming_bwd_dq_kernel(
     re_offsets = offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
 
     q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
+                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
     dout = tl.load(dout_ptr + re_offsets, mask=re_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
     lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
 
@@ -314,7 +330,7 @@ def reprogramming_bwd_dq_kernel(
                                             row_start, head, H, S, stride_kv, qk_scale_log2, dropout_p, seed,
                                             rows_per_group, BLOCK_S, DOT_DTYPE, INPUT_PRECISION, HAS_DROPOUT)
         dscores = probs * (dprobs - delta[:, None])
-        dq = tl.dot(dscores.to(DOT_DTYPE), k, dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot(_dot_operand(dscores, DOT_DTYPE, ROUND_TO_BF16), k, dq, input_precision=INPUT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(dq_ptr + re_offsets, dq.to(dq_ptr.dtype.element_ty), mask=re_mask)
@@ -350,6 +366,7 @@ def reprogramming_bwd_dkdv_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr,
 ):
     seed = tl.load(seed_ptr)
     proto_start = tl.program_id(0) * BLOCK_S
@@ -371,7 +388,7 @@ def reprogramming_bwd_dkdv_kernel(
         offs_r = row_start + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                           BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION)
+                           BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
         dout_ptrs = dout_ptr + offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
         dout = tl.load(dout_ptrs, mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(DOT_DTYPE)
         lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
@@ -392,9 +409,9 @@ def reprogramming_bwd_dkdv_kernel(
             dprobs_t = tl.where(keep_t, dprobs_t * keep_scale, 0.0)
         else:
             attn_t = probs_t
-        dv = tl.dot(attn_t.to(DOT_DTYPE), dout, dv, input_precision=INPUT_PRECISION)
+        dv = tl.dot(_dot_operand(attn_t, DOT_DTYPE, ROUND_TO_BF16), dout, dv, input_precision=INPUT_PRECISION)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
-        dk = tl.dot(dscores_t.to(DOT_DTYPE), q, dk, input_precision=INPUT_PRECISION)
+        dk = tl.dot(_dot_operand(dscores_t, DOT_DTYPE, ROUND_TO_BF16), q, dk, input_precision=INPUT_PRECISION)
 
     dk = dk * sm_scale
     partial_ptrs = (dkv_partial_ptr + chunk.to(tl.int64) * S * (2 * H * E) + offs_s[:, None] * (2 * H * E)
@@ -514,6 +531,7 @@ class KernelConfig:
             "DOT_DTYPE": TL_DTYPE[self.dot_dtype],
             "INPUT_PRECISION": self.input_precision,
             "HAS_DROPOUT": self.has_dropout,
+            "ROUND_TO_BF16": False,  # the interpreter's stand-in for bf16 MMA: _launch_params
         }
 
 
@@ -773,6 +791,10 @@ def _launch_params(cfg: KernelConfig) -> dict:
         params = dict(cfg.constexprs())
         if not interpreting():
             params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
+            # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
+            # computed operands (q, P, dS) as the bf16 tensor-core path does
+            params["ROUND_TO_BF16"] = True
         _LAUNCH_PARAMS[key] = params
     return params
 
