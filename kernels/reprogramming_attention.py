@@ -313,8 +313,8 @@ def reprogramming_bwd_dq_kernel(
     # Pass 1: delta = sum_s P·dP from the very P and dP used below, so every row of the softmax
     # gradient sums to zero as it must. FlashAttention's rowsum(dout * out) is the same number in
     # exact arithmetic, but the forward rounds P (PV dot operand) and `out` (store) to the data
-    # dtype; in bf16 that moves the key-bias gradient, exactly zero, from 0.8x to 1.5-2.1x the
-    # eager layer's error, against SPEC's 2x (measurements: bench/ROOFLINE.md, "Delta").
+    # dtype; in bf16 that put the key-bias gradient, exactly zero, at up to 2.2x the eager
+    # layer's error, past SPEC's 2x, where this pass gives 1.4x (bench/ROOFLINE.md, "Delta").
     delta = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for proto_start in range(0, S, BLOCK_S):
         _, probs, dprobs = _probs_and_grads(q, dout, lse, k_ptr, v_ptr, proto_start, head_cols, e_mask, offs_r,
