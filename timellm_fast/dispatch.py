@@ -173,6 +173,16 @@ def call_on_route(op: str, name: str, tensors: tuple, args: tuple, custom_op, di
         return launch(*args)
 
 
+def backward_on_route(direct: bool, name: str, args: tuple, custom_op, launch):
+    """The backward launch of a call made by :func:`call_on_route`, on the route its forward took
+    (`direct`: the autograd.Function's, else the custom op's): the backward custom op `custom_op`,
+    or its launcher `launch` named `name` in the profiler as the custom op would be."""
+    if not direct:
+        return custom_op(*args)
+    with profiled(name):
+        return launch(*args)
+
+
 @contextlib.contextmanager
 def _record(counter: "collections.Counter[tuple[str, str]]") -> Iterator["collections.Counter[tuple[str, str]]"]:
     before = collections.Counter(counter)

@@ -133,11 +133,7 @@ def _fwd_backward(ctx, grad_y):
     patch_len, stride, dropout_p = ctx.cfg
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     args = (x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
-    if ctx.direct:
-        with dispatch.profiled(BWD_OP_NAME):
-            dx, dw = _launch_backward(*args)
-    else:
-        dx, dw = patch_embedding_bwd_op(*args)
+    dx, dw = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, patch_embedding_bwd_op, _launch_backward)
     return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None
 
 

@@ -154,11 +154,8 @@ def _attention_backward(ctx, grad_heads, _grad_lse):
     n_heads, dropout_p, allow_tf32 = ctx.config
     need_target, need_wq, need_bq, need_kv = ctx.needs_input_grad[:4]
     args = (target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_kv)
-    if ctx.direct:
-        with dispatch.profiled(BWD_OP_NAME):
-            dq, dkv = _launch_attention_backward(*args)  # [R, H*E], [S, 2*H*E] fp32
-    else:
-        dq, dkv = attention_bwd_op(*args)
+    dq, dkv = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, attention_bwd_op,
+                                         _launch_attention_backward)  # [R, H*E], [S, 2*H*E] fp32
     d_target = dq.mm(wq) if need_target else None  # [R, DM]
     d_wq = dq.t().mm(target_rows) if need_wq else None  # [H*E, DM]
     d_bq = dq.sum(0) if need_bq else None  # [H*E]; torch sums half dtypes in fp32, rounds once
