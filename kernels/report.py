@@ -122,7 +122,9 @@ def _compile_indexed(job: tuple) -> AotResult:
 def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
     """Compiles every configuration for every arch it can be dispatched on (a config's "archs"
     key, default all), in `jobs` worker processes."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from ._launch import interpreting
+
+    if interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the kernels "
                            "are interpreter objects otherwise); run this module in its own process")
     work = [(i, arch) for i, cfg in enumerate(all_configs()) for arch in archs
