@@ -37,7 +37,7 @@ def eager_and_fast(config: TimeLLMConfig, seed: int = 0):
     return eager, fast
 
 
-VALUES, _ = load_ett_values()  # real ETTh1 when ../shared/data has it, else the synthetic series
+VALUES, _ = load_ett_values()  # real ETTh1 where $TIMELLM_FAST_DATA has it (conftest), else the synthetic series
 
 
 def windows(split: str, mode: str, count: int, start: int = 0):
@@ -307,8 +307,13 @@ def test_loader_errors_name_the_argument():
         ETTHourWindows(VALUES, "train", 64, 16, label_len=65)
 
 
-def test_missing_csv_falls_back_to_synthetic_and_says_so(tmp_path):
-    values, source = load_ett_values(tmp_path / "absent.csv")
+def test_a_csv_asked_for_that_is_absent_is_an_error_and_none_asked_for_is_synthetic(tmp_path, monkeypatch):
+    from timellm_fast.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="absent.csv does not exist"):
+        load_ett_values(tmp_path / "absent.csv")
+    monkeypatch.delenv("TIMELLM_FAST_DATA", raising=False)
+    values, source = load_ett_values()
     assert values.shape == (17420, 7) and "synthetic" in source
 
 

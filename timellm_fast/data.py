@@ -1,7 +1,11 @@
-"""Real ETT windows for checks and benchmarks (SPEC §3), with a synthetic fallback.
+"""Real ETT windows for checks and benchmarks, with a synthetic fallback.
 
-The CSVs are read from ``$TIMELLM_FAST_DATA``, else ``../shared/data`` next to the working
-directory or next to this checkout; they are never copied into the repo.
+Where the ETT-hour CSVs (ETTh1.csv, ETTh2.csv) come from: the ETDataset repository
+(https://github.com/zhouhaoyi/ETDataset) or Time-LLM's dataset/ folder. They are never copied
+into this repository. A caller names one with a path (the CLI's --data), or sets
+$TIMELLM_FAST_DATA to a CSV file or to a folder that holds them. A path that was named but
+does not exist is an error (DataNotFoundError); only when no data was asked for at all do the
+loaders fall back to a seeded synthetic series, and their second result says so.
 """
 from __future__ import annotations
 
@@ -13,38 +17,57 @@ from typing import Optional, Tuple
 import torch
 
 DATA_ENV = "TIMELLM_FAST_DATA"
+DATA_SOURCES = "the ETDataset repository (https://github.com/zhouhaoyi/ETDataset) or Time-LLM's dataset/ folder"
 
 
-def find_data_dir() -> Optional[Path]:
-    candidates = []
-    if os.environ.get(DATA_ENV):
-        candidates.append(Path(os.environ[DATA_ENV]))
-    candidates.append(Path.cwd().parent / "shared" / "data")
-    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
-    for c in candidates:
-        if (c / "ETTh1.csv").is_file():
-            return c
+class DataNotFoundError(FileNotFoundError):
+    """A data path the user named does not exist or does not hold the CSV asked for."""
+
+
+def synthetic_notice(name: str = "ETTh1") -> str:
+    return (f"synthetic series: no data was given (--data PATH or ${DATA_ENV}), so a seeded stand-in with "
+            f"{name}'s shape is used; get the real {name}.csv from {DATA_SOURCES}")
+
+
+def _csv_at(path: Path, name: str, what: str) -> Path:
+    """`path` itself when it is a file, `path`/`name`.csv when it is a folder, else the error
+    (`what` names where the path came from)."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        candidate = path / f"{name}.csv"
+        if candidate.is_file():
+            return candidate
+        raise DataNotFoundError(f"{what}: {path} is a folder without {name}.csv")
+    raise DataNotFoundError(f"{what}: {path} does not exist")
+
+
+def resolve_data(path=None, name: str = "ETTh1") -> Optional[Path]:
+    """The CSV to read: `path` (a file, or a folder holding `name`.csv), else $TIMELLM_FAST_DATA
+    (the same), else None (no data was asked for). Raises DataNotFoundError naming the path when
+    the one asked for is not there."""
+    if path is not None and str(path) != "":
+        return _csv_at(Path(path), name, "data path")
+    env = os.environ.get(DATA_ENV, "")
+    if env:
+        return _csv_at(Path(env), name, f"${DATA_ENV}")
     return None
 
 
 def load_ett(name: str = "ETTh1") -> Tuple[Optional[torch.Tensor], str]:
-    """(values [rows, 7] float32, where from) or (None, why not)."""
-    root = find_data_dir()
-    if root is None:
-        return None, (f"{name}.csv not found (set {DATA_ENV} or place ../shared/data); "
-                      f"using synthetic series")
-    path = root / f"{name}.csv"
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        next(reader)  # date, HUFL, HULL, MUFL, MULL, LUFL, LULL, OT
-        rows = [[float(v) for v in row[1:]] for row in reader if row]
-    return torch.tensor(rows, dtype=torch.float32), str(path)
+    """(values [rows, 7] float32, where from) from $TIMELLM_FAST_DATA, or (None, the synthetic
+    notice) when it is unset."""
+    path = resolve_data(None, name)
+    if path is None:
+        return None, synthetic_notice(name)
+    return read_ett_csv(path), str(path)
 
 
 def ett_windows(batch: int, seq_len: int = 512, name: str = "ETTh1",
                 seed: int = 0) -> Tuple[torch.Tensor, str]:
     """`batch` windows [batch, seq_len, 7] normalized per series (Time-LLM's RevIN without
-    affine), from the real data when present, else a seeded synthetic mix of sines and noise."""
+    affine), from the CSV $TIMELLM_FAST_DATA names when it is set, else a seeded synthetic mix of
+    sines and noise (the second result says which)."""
     values, source = load_ett(name)
     g = torch.Generator().manual_seed(seed)
     if values is None:
@@ -99,16 +122,13 @@ def synthetic_ett(rows: int = 17420, channels: int = 7, seed: int = 0) -> torch.
 
 
 def load_ett_values(path=None, name: str = "ETTh1") -> Tuple[torch.Tensor, str]:
-    """(values [rows, 7], where from): the csv at `path`, else `name` from the data folder, else
-    synthetic_ett() with the reason in the second field."""
-    if path is not None:
-        if Path(path).is_file():
-            return read_ett_csv(path), str(path)
-        return synthetic_ett(), f"{path} not found; using a synthetic series"
-    values, source = load_ett(name)
-    if values is None:
-        return synthetic_ett(), source
-    return values, source
+    """(values [rows, 7], where from): the CSV at `path`, else from $TIMELLM_FAST_DATA, else
+    synthetic_ett() with the synthetic notice as the second field. A path asked for that is
+    not there raises DataNotFoundError."""
+    resolved = resolve_data(path, name)
+    if resolved is None:
+        return synthetic_ett(), synthetic_notice(name)
+    return read_ett_csv(resolved), str(resolved)
 
 
 class ETTHourWindows(torch.utils.data.Dataset):
