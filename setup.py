@@ -13,7 +13,9 @@ setup(
     package_dir={"timellm_fast": "timellm_fast", "timellm_fast.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton", "numpy"],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers"],
+        # README's install: the test suite, and the main job (timellm-fast: the benchmark suites,
+        # their plots, progress bars of the forecast)
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "matplotlib"],
     },
     entry_points={"console_scripts": ["timellm-fast=timellm_fast.cli:main"]},
 )

@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
-from common import DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, measure_seconds, peak_memory_bytes, rates
+from common import DEVICE, DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, measure_seconds, peak_memory_bytes, rates
 
 
 def kernel_grid(impls):
@@ -25,8 +25,19 @@ def kernel_grid(impls):
 def pick(impls: dict, impl: str):
     """impls[impl], or a skip where the grid names a peer that runs only on a GPU."""
     if impl not in impls:
-        pytest.skip(f"{impl} runs only in the full GPU suite")
+        pytest.skip(f"{impl} is a peer of the full grid only (a GPU, or TIMELLM_FAST_BENCH_FULL=1): the reduced "
+                    f"CPU grid leaves out torch.compile's minutes of compiling")
     return impls[impl]
+
+
+def skip_without_triton(impl: str, why: str) -> None:
+    """A skip that names the reason, for a row that runs only on our Triton path (`why`: what it
+    measures that has no eager path) on a machine where Triton cannot run."""
+    from timellm_fast import dispatch
+
+    problem = dispatch.triton_device_problem(DEVICE)
+    if problem is not None:
+        pytest.skip(f"{impl}: {why}, and Triton cannot run here ({problem})")
 
 
 def synchronized(step: Callable[[], object]) -> Callable[[], None]:

@@ -7,17 +7,23 @@ DIR/memory.png at the end when matplotlib is installed.
 ``--bench-budget-s N`` runs the cases in priority order (each suite's ``priority(params)``:
 the issue's targets first, ``compile-max-autotune`` last) and skips what would start after N
 seconds; the skipped cases are listed in results.json.
+
+Our layers run the real dispatch: their Triton kernels on a GPU, their eager path on a CPU (the
+suites then prove they run; they time no kernel). Real data: when $TIMELLM_FAST_DATA is unset,
+the ETT CSVs in ../shared/data beside this checkout are used where that folder exists.
 """
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+_SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+if not os.environ.get("TIMELLM_FAST_DATA") and (_SHARED_DATA / "ETTh1.csv").is_file():
+    os.environ["TIMELLM_FAST_DATA"] = str(_SHARED_DATA)
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -44,6 +50,19 @@ def _fresh_compile_caches():
     "compile" rows in eager."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _record_paths():
+    """Each row a case appends says which path our ops took in it ("paths": {"op/path": calls};
+    empty for peers that do not call our ops): the Triton kernels, or their eager path."""
+    from timellm_fast import dispatch
+
+    before = len(RESULTS)
+    with dispatch.record_paths() as seen:
+        yield
+    for row in RESULTS[before:]:
+        row["paths"] = {f"{op}/{path}": calls for (op, path), calls in sorted(seen.items())}
 
 
 def case_priority(item) -> float:
@@ -73,6 +92,7 @@ def _write(final: bool) -> None:
     report.write_results(_STATE["out"], RESULTS, over_budget=OVER_BUDGET, plots=final)
 
 
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown, which completes the case's row
 def pytest_runtest_teardown(item, nextitem):
     _write(final=False)
 

@@ -158,8 +158,12 @@ def markdown(rows, env, verdicts) -> str:
         lines += ["", "Issue 6 targets, evaluated on this run (bench/report.py `targets`):", ""]
         lines += targets_table(verdicts)
     if env["device"] == "cpu":
-        lines += ["", "CPU run: `ours` executes in Triton's interpreter, so these times only prove "
-                  "the suites run; kernel timings need a GPU."]
+        taken = sorted({key.split("/")[1] for r in rows if r.get("impl", "").startswith("ours")
+                        for key in r.get("paths", {})})
+        how = {("eager",): "our layers' eager path (Triton's kernels need a GPU)",
+               ("triton",): "our Triton kernels in Triton's interpreter"}.get(tuple(taken), "/".join(taken) or "nothing")
+        lines += ["", f"CPU run: the `ours` rows ran {how}, so these times only prove the suites run; "
+                  "kernel timings need a GPU."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +174,9 @@ def make_plots(rows, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        # on its own line: pytest's progress line may still be open
+        print("\nmatplotlib is not installed: no plots (pip install matplotlib, or the package's dev extra)",
+              flush=True)
         return
     groups = _groups(rows)
     for metric, fname, ylabel in (("speedup", "speedup.png", "peer time / ours"),

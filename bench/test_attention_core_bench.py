@@ -3,7 +3,7 @@ target): Q projection + softmax(QKᵀ/√E)·V over all B'·L rows, given projec
 row includes the Q projection and the head-merge copy it needs; eager materializes
 [H, R, S] as Time-LLM does."""
 
-from cases import kernel_grid, run_case
+from cases import kernel_grid, run_case, skip_without_triton
 from common import attention_core_cost, attention_core_impls, attention_core_inputs, dtype_name
 from conftest import RESULTS
 
@@ -21,6 +21,8 @@ def priority(params) -> int:
 
 @kernel_grid(IMPLS)
 def test_attention_core(benchmark, shape, dtype, impl, mode):
+    if impl.startswith("ours"):
+        skip_without_triton(impl, "the fused attention core alone is a Triton kernel with no eager path")
     core = attention_core_impls(shape)[impl]
     training = mode != "fwd"
     rows, wq, bq, kv = attention_core_inputs(shape, dtype, requires_grad=training)

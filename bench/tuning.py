@@ -1,6 +1,7 @@
 """Plumbing shared by the tile tuners (tune_attention.py, tune_patch_embedding.py) and
-ncu_kernels.py. Import it before any kernel module: it sets the environment the kernels are
-defined under (Triton's interpreter when there is no GPU)."""
+ncu_kernels.py. Import it first: without a GPU these scripts time or profile nothing, and run
+only as smoke runs in Triton's interpreter, which must be turned on before Python starts
+(TRITON_INTERPRET=1 python bench/tune_attention.py --smoke); it stops them otherwise."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,10 @@ import torch
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    raise SystemExit("no CUDA device: the tuners and the Nsight Compute driver launch Triton kernels. On a "
+                     "CPU they run only as a smoke run in Triton's interpreter: TRITON_INTERPRET=1 python "
+                     "bench/<script>.py --smoke")
 
 
 def time_ms(fn: Callable[[], object]) -> float:

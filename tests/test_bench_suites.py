@@ -3,38 +3,89 @@ renderer is checked on a synthetic result file."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 # the reduced grid on any machine: on a GPU the suites' default is the full SPEC grid (an hour)
 QUICK_ENV = {**os.environ, "PYTHONPATH": str(REPO / "bench"), "TIMELLM_FAST_BENCH_QUICK": "1"}
+#: the environment `timellm-fast bench` gives the suites: no interpreter (this test process has it
+#: on a CPU), so our layers run the real dispatch, Triton on a GPU and their eager path on a CPU
+AS_USERS_RUN_IT = {k: v for k, v in QUICK_ENV.items() if k != "TRITON_INTERPRET"}
+ON_GPU = torch.cuda.is_available()
 
 
-def _bench(args, timeout=600, **env):
-    """pytest on bench/ in a child process, reduced grid unless `env` says otherwise."""
+def _bench(args, timeout=600, env=None, **extra):
+    """pytest on bench/ in a child process, reduced grid unless `extra` says otherwise."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**QUICK_ENV, **env})
+        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-rs", "-p", "no:cacheprovider", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**(env or QUICK_ENV), **extra})
 
 
-def test_bench_suites_run_and_write_results(tmp_path):
+def _skip_reasons(stdout: str) -> list:
+    """The reason of every "SKIPPED [n] file:line: reason" line of pytest -rs."""
+    return [m.group(1).strip() for m in re.finditer(r"^SKIPPED \[\d+\] [^:]+:\d+: ?(.*)$", stdout, re.M)]
+
+
+def test_bench_suites_run_as_users_run_them_and_write_results(tmp_path):
+    """What `timellm-fast bench` runs here: every row ok, our rows on the path this machine gives
+    them (recorded per row: Triton on a GPU, the eager path on a CPU, never the interpreter),
+    plots drawn, and every skipped case saying why."""
     out = tmp_path / "results"
-    proc = _bench([f"--bench-out={out}"], timeout=900)
+    proc = _bench([f"--bench-out={out}"], timeout=900, env=AS_USERS_RUN_IT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert {"device", "torch", "triton", "date"} <= set(data["environment"])
     seen = {(r["op"], r["impl"], r["mode"]) for r in data["results"]}
+    core_impls = ("eager", "sdpa-fold") + (("ours", "ours-custom-op") if ON_GPU else ())
     for op, impls in (("patch_embedding", ("eager", "ours", "ours-custom-op")),
-                      ("reprogramming", ("eager", "sdpa-fold", "ours", "ours-custom-op"))):
+                      ("reprogramming", ("eager", "sdpa-fold", "ours", "ours-custom-op")),
+                      ("attention-core", core_impls)):
         for impl in impls:
             for mode in ("fwd", "fwd+bwd"):
                 assert (op, impl, mode) in seen
+    path = "triton" if ON_GPU else "eager"
     for r in data["results"]:
         assert r["status"] == "ok" and r["seconds"] > 0 and r["flops"] > 0 and r["bytes"] > 0
+        if r["impl"].startswith("ours") and r["op"] != "attention-core":
+            assert r["paths"] and {key.split("/")[1] for key in r["paths"]} == {path}, r
+        elif not r["impl"].startswith("ours"):
+            assert r["paths"] == {}, r  # the peers never call our ops
     table = (out / "results.md").read_text()
-    assert "| reprogramming | cpu-tiny | float32 | fwd+bwd | ours |" in table
+    if not ON_GPU:
+        assert "| reprogramming | cpu-tiny | float32 | fwd+bwd | ours |" in table
+        assert "the `ours` rows ran our layers' eager path" in table
+    pytest.importorskip("matplotlib")  # in the dev extra that README installs
+    assert (out / "speedup.png").stat().st_size > 0 and (out / "memory.png").stat().st_size > 0
+    assert "matplotlib is not installed" not in proc.stdout
+    reasons = _skip_reasons(proc.stdout)
+    assert len(reasons) == len(re.findall(r"^SKIPPED", proc.stdout, re.M))
+    assert all(len(reason) > 20 for reason in reasons), reasons
+    if not ON_GPU:  # the attention core alone has no eager path: its skip names why
+        assert any("no eager path" in reason and "Triton cannot run here" in reason for reason in reasons)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the run above already drives our Triton rows")
+def test_bench_suites_drive_our_triton_kernels(tmp_path):
+    """The rows a GPU run times, through the same harness, with the kernels in Triton's
+    interpreter (the environment of this test process on a CPU): every `ours` row runs, on the
+    Triton path."""
+    out = tmp_path / "results"
+    proc = _bench([f"--bench-out={out}", "-k", "ours"], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert {(r["op"], r["impl"]) for r in rows} >= {
+        (op, impl) for op in ("patch_embedding", "reprogramming", "attention-core") for impl in ("ours", "ours-custom-op")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        if r["op"] != "attention-core":  # the core alone is the kernel launch itself, with no dispatch
+            assert r["paths"] and {key.split("/")[1] for key in r["paths"]} == {"triton"}, r
+    assert "the `ours` rows ran our Triton kernels in Triton's interpreter" in (out / "results.md").read_text()
 
 
 def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
