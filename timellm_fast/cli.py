@@ -1,11 +1,17 @@
-"""Command line: ``timellm-fast [check|bench|all|forecast]`` (default ``all``: check, then bench).
+"""Command line: timellm-fast [all|check|bench|forecast] (default: all, that is check, then bench).
 
-* ``check`` runs every op on the device present against the float64 oracle and prints the max
-  errors, the SPEC §4 tolerance and which path ran. On a machine without CUDA it turns on
-  Triton's interpreter so the kernels themselves are checked (slowly), not only the fallback.
-* ``bench`` times eager against our op per SPEC §2 shape. Kernel timings mean something only
-  on a GPU; on the CPU it says so and times the eager paths.
-* ``forecast`` trains Time-LLM briefly with eager and with our layers (timellm_fast.forecast).
+  check     runs both ops in fp32, bf16 and fp16 against the float64 oracle and prints each max
+            error, its tolerance and which path ran, then a verdict line. On a machine without
+            CUDA it runs in a child process with Triton's interpreter turned on, so that the
+            kernels themselves are checked (slowly), not only the eager fallback.
+  bench     runs the pytest-benchmark suites: eager against our layers per shape. On a GPU the
+            layers run their Triton kernels; elsewhere their eager path, in a reduced form that
+            proves the suites run but times no kernel.
+  forecast  trains a small Time-LLM briefly with eager and with our layers on ETTh1 and prints
+            MSE/MAE and step times for both.
+
+Importing this module changes no environment variable: forecast and bench run the real
+dispatch (Triton on CUDA, the eager path elsewhere).
 """
 from __future__ import annotations
 
@@ -20,16 +26,11 @@ from typing import Optional
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-if not torch.cuda.is_available():
-    # must precede the first import of the kernels (triton.jit reads it at decoration time)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from . import dispatch  # noqa: E402
-from .data import ett_windows  # noqa: E402
-from .patch_embedding import patch_embedding  # noqa: E402
-from .reference import patch_embedding_reference, reprogramming_reference  # noqa: E402
-from .reprogramming import ReprogrammingLayer  # noqa: E402
+from . import dispatch
+from .data import DataNotFoundError, ett_windows
+from .patch_embedding import patch_embedding
+from .reference import patch_embedding_reference, reprogramming_reference
+from .reprogramming import ReprogrammingLayer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -92,27 +93,57 @@ def _check_reprogramming(target_base: torch.Tensor, dtype: torch.dtype) -> tuple
     return dispatch.last_path["reprogramming_attention"], pairs
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+
+
 def check(rows: int = 14) -> bool:
-    print(f"device: {torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'}; "
-          f"Triton interpreter: {dispatch.interpreter_enabled()}")
+    """Both ops against the float64 oracle on this process's device and interpreter setting;
+    prints a table and a verdict line, returns whether every tensor is within tolerance."""
+    if DEVICE.type == "cuda":
+        how = "Triton kernels on the GPU"
+    elif dispatch.interpreter_enabled():
+        how = ("Triton kernels in Triton's interpreter (TRITON_INTERPRET=1; no CUDA device): "
+               "checks the kernels' numbers, slowly; says nothing about GPU speed")
+    else:
+        how = "eager path (no CUDA device and no interpreter: the kernels are not checked)"
+    print(f"check: device {_device_name()}; ops run as: {how}")
     x_base, source = _series(rows, 96)
     print(f"data: {source}")
     # patch embeddings of the same real windows feed the reprogramming check
     with torch.no_grad():
         target_base = patch_embedding_reference(x_base, torch.randn(32, 16, 3, device=DEVICE) / 7, 16, 8)
     print(f"{'op':<16} {'dtype':<9} {'path':<7} {'tensor':<13} {'max err':>9} {'tolerance':>9}  ok")
-    all_ok = True
+    failed, total = [], 0
     for op, run, inputs in (("patch_embedding", _check_patch_embedding, x_base),
                             ("reprogramming", _check_reprogramming, target_base)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             path, pairs = run(inputs, dtype)
+            dtype_name = str(dtype).split('.')[-1]
             for name, (got, ref) in pairs.items():
                 err = _err(got, ref)
                 tol = _tolerance(dtype, 1 + ref.abs().max().item())
-                all_ok &= err <= tol
-                print(f"{op:<16} {str(dtype).split('.')[-1]:<9} {path:<7} {name:<13} {err:>9.2e} "
+                total += 1
+                if not err <= tol:
+                    failed.append(f"{op} {dtype_name} {name}")
+                print(f"{op:<16} {dtype_name:<9} {path:<7} {name:<13} {err:>9.2e} "
                       f"{tol:>9.2e}  {'yes' if err <= tol else 'NO'}")
-    return all_ok
+    print(f"\ncheck: {total - len(failed)}/{total} within tolerance"
+          + (f"; outside it: {', '.join(failed)}" if failed else ""))
+    return not failed
+
+
+def check_command() -> bool:
+    """`check` as the user runs it: in this process on a GPU (or when the interpreter is already
+    on), else in a child process started with TRITON_INTERPRET=1. The variable must be set
+    before any Triton kernel is defined, which in this process may already have happened."""
+    if DEVICE.type == "cuda" or dispatch.interpreter_enabled():
+        return check()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print("check: no CUDA device, so the check runs the Triton kernels in Triton's interpreter "
+          "(a child process with TRITON_INTERPRET=1)", flush=True)
+    return subprocess.call([sys.executable, "-m", "timellm_fast", "check"], env=env) == 0
 
 
 def _time(fn, reps: int) -> float:
@@ -156,15 +187,19 @@ def bench(out: Optional[str] = None, budget_s: Optional[float] = None, select: O
                      f"{datetime.date.today().isoformat()}")
     if DEVICE.type != "cuda":
         print("\nbench: no CUDA device. Kernel timings need a GPU: this runs the suites in their "
-              "reduced CPU form (our path in Triton's interpreter), to prove they run, not to time.")
-    cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
+              "reduced CPU form, with our layers on their eager path, to prove the suites run, not to "
+              "time kernels.")
+    # -rs: every skipped case is listed with its reason
+    cmd = [sys.executable, "-m", "pytest", str(suite), "-q", "-rs", "-p", "no:cacheprovider",
            f"--bench-out={out}", "--benchmark-columns=median,rounds"]
     if budget_s is not None:
         cmd.append(f"--bench-budget-s={budget_s}")
     if select:
         cmd += ["-k", select]
     print("running:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=str(suite.parent))
+    env = dict(os.environ)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the kernels' default, without Triton 3.9's warning
+    return subprocess.call(cmd, cwd=str(suite.parent), env=env)
 
 
 def quick_bench(reps: int = 20) -> None:
@@ -184,31 +219,51 @@ def quick_bench(reps: int = 20) -> None:
                 print(f"{name:<16} {rows:>6} {eager * 1e3:>9.3f} {'n/a':>9} {'n/a':>8}")
 
 
-def main(argv=None) -> int:
-    from .forecast import add_forecast_arguments, forecast_main
+def build_parser() -> argparse.ArgumentParser:
+    from .forecast import add_forecast_arguments
 
-    parser = argparse.ArgumentParser(prog="timellm-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="timellm-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Checks and benchmarks of timellm_fast's fused Time-LLM layers, and a short "
+                    "Time-LLM forecast with eager and with fast layers.",
+        epilog="Without a command: all (check, then bench).")
     commands = parser.add_subparsers(dest="command", metavar="{all,check,bench,forecast}")
     commands.add_parser("all", help="check, then bench (the default)")
-    commands.add_parser("check", help="every op against the float64 oracle")
-    bench_parser = commands.add_parser("bench", help="pytest-benchmark suites against every peer")
-    bench_parser.add_argument("--out", help="results folder (default bench/results/<device>-<date>)")
+    commands.add_parser("check", help="every op in fp32, bf16 and fp16 against the float64 oracle; on a "
+                                      "machine without CUDA in Triton's interpreter")
+    bench_parser = commands.add_parser("bench", help="the pytest-benchmark suites: eager, torch.compile and "
+                                                     "SDPA-fold against our layers")
+    bench_parser.add_argument("--out", help="results folder (default: bench/results/<device>-<date>)")
     bench_parser.add_argument("--budget-s", type=float, default=None,
                               help="run the cases in priority order (targets first) and skip those "
                                    "that would start after this many seconds")
     bench_parser.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting cases")
     add_forecast_arguments(commands.add_parser(
         "forecast", help="train Time-LLM briefly on ETTh1 with eager and fast layers; MSE/MAE and step times"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .forecast import forecast_main
+
+    args = build_parser().parse_args(argv)
     if args.command == "forecast":
-        return forecast_main(args)
+        try:
+            return forecast_main(args)
+        except DataNotFoundError as exc:
+            print(f"timellm-fast forecast: error: {exc}", file=sys.stderr)
+            return 2
     args.command = args.command or "all"
     ok = True
-    if args.command in ("all", "check"):
-        ok = check()
+    try:
+        if args.command in ("all", "check"):
+            ok = check_command()
+    except DataNotFoundError as exc:
+        print(f"timellm-fast check: error: {exc}", file=sys.stderr)
+        return 2
     if args.command in ("all", "bench"):
         ok &= bench(getattr(args, "out", None), getattr(args, "budget_s", None),
-                     getattr(args, "select", None)) == 0
+                    getattr(args, "select", None)) == 0
     if not ok:
         print("\nFAILED: an op is outside its tolerance or a benchmark failed", file=sys.stderr)
     return 0 if ok else 1

@@ -1,14 +1,14 @@
-"""``timellm-fast forecast``: train Time-LLM briefly on ETTh1, eager layers vs ours, and evaluate.
+"""timellm-fast forecast: train Time-LLM briefly on ETTh1, eager layers against ours, and evaluate.
 
 Both models start from the same weights and see the same batches, so their losses and
 forecasts must agree (SPEC §4's fp32 bar on the forecasts; the command exits 1 if not). It
 prints test MSE / MAE (on standardized data, as Time-LLM reports them), the median time of a
 training step and of an inference batch, for each.
 
-On a machine without CUDA our layers run in Triton's interpreter: the numbers are checked,
-but their timings say nothing about GPU speed, and the defaults shrink (shorter windows) so a
-run stays around a minute. On a GPU the defaults are Time-LLM's ETTh1 shapes (512 -> 96,
-batch 24 per GPU) with a small random backbone.
+Our layers run the real dispatch: their Triton kernels on a GPU, their eager path (SDPA-fold
+attention, never the materialized attention matrix) elsewhere. On a machine without CUDA the
+defaults shrink (shorter windows, a narrow backbone) so a run stays short. On a GPU the defaults
+are Time-LLM's ETTh1 shapes (512 -> 96, batch 24 per GPU) with a small random backbone.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def _positive_int(text: str) -> int:
 
 
 def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--data", default=None,
-                        help="ETT-hour csv (default: ETTh1.csv in ../shared/data or $TIMELLM_FAST_DATA; "
-                             "a synthetic series when absent)")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="ETT-hour CSV (ETTh1.csv from the ETDataset repository or Time-LLM's dataset/ "
+                             "folder), or a folder holding ETTh1.csv. Default: $TIMELLM_FAST_DATA; without "
+                             "either, a synthetic series (and the output says so). A path that does not "
+                             "exist is an error.")
     parser.add_argument("--steps", type=_positive_int, default=3, help="training steps per model (default 3)")
     parser.add_argument("--mode", choices=MODE_CHOICES, default="independent",
                         help="independent: one variable per sample, x [B, T, 1] (Time-LLM's loader); "
@@ -52,21 +54,29 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def progress(items: Iterable, total: int, desc: str) -> Iterable:
-    """tqdm when it is installed, else one self-overwriting line on stderr."""
+def progress(items: Iterable, total: int, desc: str, stream=None) -> Iterable:
+    """A progress bar on `stream` (stderr) only when it is a terminal; in a log or captured
+    output nothing at all. The bar is cleared when the loop ends, so what is printed after it
+    starts on a clean line. tqdm when it is installed, else one self-overwriting line."""
+    stream = sys.stderr if stream is None else stream
+    if not getattr(stream, "isatty", lambda: False)():
+        yield from items
+        return
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:
-        yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True, file=stream)
         return
     width = 20
+    line = ""
     for done, item in enumerate(items):
         filled = width * done // max(total, 1)
-        print(f"\r{desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+        line = f"{desc} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        print(f"\r{line}", end="", file=stream, flush=True)
         yield item
-    print(f"\r{desc} [{'#' * width}] {total}/{total}", file=sys.stderr, flush=True)
+    print(f"\r{' ' * len(line)}\r", end="", file=stream, flush=True)
 
 
 def _synchronize(device) -> None:
@@ -76,42 +86,54 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_and_evaluate(model, train_batches: List, test_batches: List, lr: float, device, label: str) -> dict:
+def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr: float, device) -> dict:
+    """Trains and evaluates every model of `models` (label -> model) on the same batches.
+
+    The models take turns batch by batch (eager's step 1, fast's step 1, eager's step 2, ...):
+    each sees exactly its own sequence of batches, and a change of machine load during the run
+    (other processes, clock boost) hits both alike instead of favouring the one that ran first."""
     import torch
     import torch.nn.functional as F
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    model.train()
-    losses, step_times = [], []
-    for x, y in progress(train_batches, len(train_batches), f"{label:>5} train"):
+    state = {label: dict(optimizer=torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr),
+                         losses=[], step_times=[], eval_times=[], forecasts=[], squared=0.0, absolute=0.0, count=0)
+             for label, m in models.items()}
+    for model in models.values():
+        model.train()
+    for x, y in progress(train_batches, len(train_batches), "train"):
         x, y = x.to(device), y.to(device)
-        _synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        _synchronize(device)
-        step_times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-
-    model.eval()
-    forecasts, squared, absolute, count, eval_times = [], 0.0, 0.0, 0, []
-    with torch.no_grad():
-        for x, y in progress(test_batches, len(test_batches), f"{label:>5} test"):
-            x, y = x.to(device), y.to(device)
+        for label, model in models.items():
+            st = state[label]
             _synchronize(device)
             start = time.perf_counter()
-            out = model(x)
+            st["optimizer"].zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            st["optimizer"].step()
             _synchronize(device)
-            eval_times.append(time.perf_counter() - start)
-            forecasts.append(out)
-            squared += (out - y).pow(2).sum().item()
-            absolute += (out - y).abs().sum().item()
-            count += y.numel()
-    return dict(losses=losses, step_s=statistics.median(step_times), eval_s=statistics.median(eval_times),
-                mse=squared / count, mae=absolute / count, forecasts=forecasts)
+            st["step_times"].append(time.perf_counter() - start)
+            st["losses"].append(loss.item())
+
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        for x, y in progress(test_batches, len(test_batches), "test"):
+            x, y = x.to(device), y.to(device)
+            for label, model in models.items():
+                st = state[label]
+                _synchronize(device)
+                start = time.perf_counter()
+                out = model(x)
+                _synchronize(device)
+                st["eval_times"].append(time.perf_counter() - start)
+                st["forecasts"].append(out)
+                st["squared"] += (out - y).pow(2).sum().item()
+                st["absolute"] += (out - y).abs().sum().item()
+                st["count"] += y.numel()
+    return {label: dict(losses=st["losses"], step_s=statistics.median(st["step_times"]),
+                        eval_s=statistics.median(st["eval_times"]), mse=st["squared"] / st["count"],
+                        mae=st["absolute"] / st["count"], forecasts=st["forecasts"])
+            for label, st in state.items()}
 
 
 def forecast_main(args: argparse.Namespace) -> int:
@@ -120,7 +142,7 @@ def forecast_main(args: argparse.Namespace) -> int:
     import torch
 
     from . import dispatch
-    from .data import ett_hour_loader, load_ett_values
+    from .data import ett_hour_loader, load_ett_values, resolve_data
     from .models import TimeLLM, TimeLLMConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,8 +152,12 @@ def forecast_main(args: argparse.Namespace) -> int:
     pred_len = args.pred_len or (96 if on_gpu else 24)
     d_llm = args.d_llm or (768 if on_gpu else 64)
 
-    values, source = load_ett_values(args.data)
-    print(f"data: {source}  ({values.shape[0]} rows x {values.shape[1]} variables)")
+    values, source = load_ett_values(args.data)  # DataNotFoundError for a path that is not there
+    synthetic = resolve_data(args.data) is None
+    if synthetic:
+        print(f"NOTICE: {source}", flush=True)
+    print(f"data: {'synthetic (see the notice above)' if synthetic else source}  "
+          f"({values.shape[0]} rows x {values.shape[1]} variables)")
     loaders = {split: ett_hour_loader(values, split, batch_size, seq_len, pred_len, mode=args.mode, seed=args.seed)
                for split in ("train", "test")}
     train_batches = list(itertools.islice(loaders["train"], args.steps))
@@ -146,25 +172,27 @@ def forecast_main(args: argparse.Namespace) -> int:
     eager = TimeLLM(config, fast=False).to(device)
     fast = TimeLLM(config, fast=True).to(device)
     fast.load_state_dict(eager.state_dict())
-    kernel_note = ("Triton kernels" if on_gpu else
-                   "Triton interpreter: checks the kernels' numbers, its timings are not GPU speed"
-                   if dispatch.interpreter_enabled() else "eager fallback (no GPU, no interpreter)")
+    kernel_note = ("their Triton kernels" if on_gpu else
+                   "their Triton kernels in Triton's interpreter (TRITON_INTERPRET is set): checks the numbers, "
+                   "the timings are not GPU speed" if dispatch.interpreter_enabled() else
+                   "their eager path (no CUDA device; the Triton kernels need a GPU)")
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}; fast layers run as: {kernel_note}")
     print(f"model: {args.backbone} backbone, {config.llm_layers} layers, d_llm {eager.d_llm}; "
           f"{args.mode} windows {seq_len} -> {pred_len}, batch {batch_size}, S = {config.num_tokens} prototypes; "
           f"{len(train_batches)} training steps, {len(test_batches)} test batches")
 
-    results = {}
     with dispatch.record_paths() as seen:
-        for label, model in (("eager", eager), ("fast", fast)):
-            results[label] = train_and_evaluate(model, train_batches, test_batches, args.lr, device, label)
-    print(f"paths taken: {dict(sorted(seen.items()))}")
+        results = train_and_evaluate({"eager": eager, "fast": fast}, train_batches, test_batches, args.lr, device)
+    taken = ", ".join(f"{op} {path} x{count}" for (op, path), count in sorted(seen.items()))
+    print(f"paths taken by the fast layers: {taken}")
 
     print(f"\n{'layers':<7} {'test MSE':>9} {'test MAE':>9} {'last loss':>10} {'train step ms':>14} "
           f"{'inference ms':>13}")
     for label, r in results.items():
         print(f"{label:<7} {r['mse']:>9.4f} {r['mae']:>9.4f} {r['losses'][-1]:>10.4f} {r['step_s'] * 1e3:>14.1f} "
               f"{r['eval_s'] * 1e3:>13.1f}")
+    if synthetic:
+        print("(synthetic data: these MSE/MAE are not ETTh1's)")
 
     ref, got = torch.cat(results["eager"]["forecasts"]), torch.cat(results["fast"]["forecasts"])
     err = (got.double() - ref.double()).abs().max().item()

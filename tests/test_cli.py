@@ -1,0 +1,192 @@
+"""The command line as a user meets it: no environment changed at import, the real dispatch in
+forecast, data handling (SPEC §3), help text without markup, check's verdict, progress bars only
+on a terminal. Timings are reported by the commands, never judged here."""
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from timellm_fast import cli, data, forecast
+
+REPO = Path(__file__).resolve().parent.parent
+ON_GPU = torch.cuda.is_available()
+#: a user's shell: no interpreter, no data variable (each test adds what it needs)
+USER_ENV = {k: v for k, v in os.environ.items()
+            if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION", data.DATA_ENV, "PYTHONPATH")}
+TINY_FORECAST = ["forecast", "--steps", "2", "--seq-len", "32", "--pred-len", "8", "--batch-size", "2",
+                 "--eval-batches", "1", "--num-tokens", "50", "--llm-layers", "1", "--d-llm", "32"]
+
+
+def _run(args, env, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_ett_csv(path: Path, rows: int = data.ETT_HOUR_ROWS_NEEDED) -> Path:
+    """An ETT-shaped CSV (date + 7 columns) of the synthetic series."""
+    values = data.synthetic_ett(rows=rows)
+    lines = ["date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT"]
+    lines += [f"2016-07-01 {i % 24:02d}:00:00," + ",".join(f"{v:.4f}" for v in row)
+              for i, row in enumerate(values.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_importing_the_cli_changes_no_environment():
+    script = ("import os\n"
+              "before = dict(os.environ)\n"
+              "import timellm_fast.cli, timellm_fast.forecast, timellm_fast.data\n"
+              "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n"
+              "print('unchanged')\n")
+    proc = _run(["-c", script], USER_ENV)
+    assert proc.returncode == 0 and proc.stdout.strip() == "unchanged", proc.stderr[-3000:]
+
+
+def test_interpreter_is_turned_on_in_exactly_two_places():
+    """The test configuration, and the check command's child process; nothing a user imports or
+    runs otherwise (forecast, bench, the benchmark suites) runs the kernels in the interpreter."""
+    setting = re.compile(r"""environ\.setdefault\(\s*["']TRITON_INTERPRET|environ\[\s*["']TRITON_INTERPRET["']\s*\]\s*="""
+                         r"""|TRITON_INTERPRET=["']1["']|export\s+TRITON_INTERPRET""")
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".sh") or p.name == "run"]
+    found = sorted(str(p.relative_to(REPO)) for p in files
+                   if not any(part.startswith(".venv") or part == "build" for part in p.parts)
+                   and p.is_file() and setting.search(p.read_text(errors="ignore")))
+    assert found == ["tests/conftest.py", "timellm_fast/cli.py"], found
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the fast layers take their Triton kernels")
+def test_forecast_on_a_cpu_runs_the_eager_path_and_says_the_data_is_synthetic():
+    """Without CUDA and without the interpreter our layers take their eager path (the mechanism
+    that makes the fast model no slower than eager on a CPU), and with no data asked for the run
+    says, before and after its table, that the series is synthetic."""
+    proc = _run(["-m", "timellm_fast", *TINY_FORECAST], USER_ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.splitlines()[0].startswith("NOTICE: synthetic series: no data was given")
+    assert "(synthetic data: these MSE/MAE are not ETTh1's)" in out
+    assert "fast layers run as: their eager path (no CUDA device" in out
+    taken = next(line for line in out.splitlines() if line.startswith("paths taken by the fast layers:"))
+    assert "patch_embedding eager" in taken and "reprogramming_attention eager" in taken and "triton" not in taken
+    assert ": agree" in out
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]  # no progress bar in captured output
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_forecast_with_a_data_path_that_does_not_exist_is_an_error_naming_it(tmp_path, where, capsys, monkeypatch):
+    missing = tmp_path / "nowhere" / "ETTh1.csv"
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    if where == "env":
+        monkeypatch.setenv(data.DATA_ENV, str(missing))
+        argv = TINY_FORECAST
+    else:
+        argv = TINY_FORECAST + ["--data", str(missing)]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert str(missing) in captured.err and "does not exist" in captured.err
+    assert "synthetic" not in captured.out + captured.err
+
+
+def test_data_folder_without_the_csv_is_an_error_and_a_folder_with_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    with pytest.raises(data.DataNotFoundError, match="folder without ETTh1.csv"):
+        data.load_ett_values(tmp_path)
+    csv_path = write_ett_csv(tmp_path / "ETTh1.csv", rows=40)
+    values, source = data.load_ett_values(tmp_path)
+    assert values.shape == (40, 7) and source == str(csv_path)
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.load_ett("ETTh1")[1] == str(csv_path)
+    with pytest.raises(data.DataNotFoundError, match="ETTh2.csv"):
+        data.load_ett("ETTh2")
+    monkeypatch.delenv(data.DATA_ENV)
+    values, source = data.load_ett_values()
+    assert values.shape == (17420, 7) and source.startswith("synthetic series")
+
+
+def test_library_and_cli_never_point_at_the_development_data_folder():
+    for path in sorted((REPO / "timellm_fast").glob("*.py")) + sorted((REPO / "kernels").glob("*.py")):
+        assert "shared" + "/data" not in path.read_text() and "../shared" not in path.read_text(), path
+
+
+def test_forecast_reads_the_csv_it_is_given(tmp_path, capsys):
+    csv_path = write_ett_csv(tmp_path / "my-ETTh1.csv")
+    assert cli.main(TINY_FORECAST + ["--data", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {csv_path}" in out and "NOTICE" not in out and "synthetic" not in out
+
+
+def test_help_texts_carry_no_markup():
+    parser = cli.build_parser()
+    texts = [parser.format_help()]
+    texts += [sub.format_help() for action in parser._subparsers._group_actions
+              for sub in action.choices.values()]
+    assert len(texts) == 5
+    for text in texts:
+        for markup in ("``", ":func:", ":class:", "**", "`"):
+            assert markup not in text, (markup, text)
+    proc = _run(["-m", "timellm_fast", "--help"], USER_ENV)
+    assert proc.returncode == 0 and "check" in proc.stdout and "``" not in proc.stdout
+
+
+def _fake_check(results):
+    """A check run that returns `results` (tensor name -> (error, oracle scale)) for every op and dtype."""
+    def run(inputs, dtype):
+        pairs = {}
+        for name, (err, scale) in results.items():
+            ref = torch.full((3,), float(scale), dtype=torch.float64)
+            pairs[name] = (ref + err, ref)
+        return "eager", pairs
+    return run
+
+
+def test_check_ends_with_a_verdict_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_check_patch_embedding", _fake_check({"y": (0.0, 1.0), "dW": (0.0, 1.0)}))
+    monkeypatch.setattr(cli, "_check_reprogramming", _fake_check({"out": (0.0, 1.0), "dWq": (1e-6, 0.0)}))
+    assert cli.check() is True
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "check: 12/12 within tolerance"
+    # 3e-3 is outside the fp32 bar (1e-4 * 2) and fp16's (2^-10 * 2), inside bf16's (2^-7 * 2)
+    monkeypatch.setattr(cli, "_check_reprogramming", _fake_check({"out": (0.0, 1.0), "dWq": (3e-3, 1.0)}))
+    assert cli.check() is False
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == "check: 10/12 within tolerance; outside it: reprogramming float32 dWq, reprogramming float16 dWq"
+
+
+def test_check_command_exits_non_zero_when_an_op_is_outside_tolerance(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "check", lambda: False)
+    monkeypatch.setattr(cli, "DEVICE", torch.device("cuda"))  # in process, as on a GPU
+    assert cli.main(["check"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU check runs the kernels natively, in process")
+def test_check_on_a_cpu_runs_the_kernels_in_the_interpreter_and_says_so():
+    """From a user's shell (no TRITON_INTERPRET): check re-runs itself with the interpreter on,
+    its header says so, every row ran the Triton path, and it ends with the verdict."""
+    proc = _run(["-m", "timellm_fast", "check"], USER_ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "Triton's interpreter" in lines[0]
+    header = next(line for line in lines if line.startswith("check: device cpu"))
+    assert "ops run as: Triton kernels in Triton's interpreter" in header
+    rows = [line.split() for line in lines if line.startswith(("patch_embedding ", "reprogramming "))]
+    assert len(rows) == 24 and all(row[2] == "triton" for row in rows)
+    assert lines[-1] == "check: 24/24 within tolerance"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal():
+    captured = io.StringIO()
+    assert list(forecast.progress(range(3), 3, "train", stream=captured)) == [0, 1, 2]
+    assert captured.getvalue() == ""
+    terminal = _Terminal()
+    assert list(forecast.progress(range(3), 3, "train", stream=terminal)) == [0, 1, 2]
+    drawn = terminal.getvalue()
+    assert "train" in drawn and not drawn.endswith("\n")  # cleared in place: the next line starts clean
