@@ -550,7 +550,7 @@ class KernelConfig:
 # than sm_80's.
 _TILES = {
     ("fwd", "fma", 32, False): (64, 32, 8, 1), ("fwd", "fma", 32, True): (64, 32, 8, 1),
-    ("fwd", "fma", 64, False): (64, 32, 8, 1), ("fwd", "fma", 64, True): (64, 32, 8, 1),
+    ("fwd", "fma", 64, False): (64, 32, 8, 1), ("fwd", "fma", 64, True): (64, 32, 8, 2),
     ("fwd", "fma", 128, False): (32, 16, 8, 1), ("fwd", "fma", 128, True): (32, 16, 8, 1),
     ("fwd", "tf32", 32, False): (128, 64, 4, 2), ("fwd", "tf32", 32, True): (128, 64, 8, 2),
     ("fwd", "tf32", 64, False): (128, 64, 8, 2), ("fwd", "tf32", 64, True): (64, 32, 4, 2),
@@ -572,7 +572,7 @@ _TILES = {
     ("bwd_dq", "bf16", 128, False): (64, 32, 4, 2), ("bwd_dq", "bf16", 128, True): (32, 32, 8, 2),
     ("bwd_dq", "fp16", 32, False): (64, 32, 8, 2), ("bwd_dq", "fp16", 32, True): (64, 32, 8, 2),
     ("bwd_dq", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 64, True): (16, 32, 8, 2),
-    ("bwd_dq", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 128, True): (32, 32, 8, 2),
+    ("bwd_dq", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 128, True): (32, 32, 8, 1),
     ("bwd_dkdv", "fma", 32, False): (32, 32, 8, 1), ("bwd_dkdv", "fma", 32, True): (32, 32, 8, 1),
     ("bwd_dkdv", "fma", 64, False): (16, 32, 8, 1), ("bwd_dkdv", "fma", 64, True): (16, 32, 4, 1),
     ("bwd_dkdv", "fma", 128, False): (16, 16, 8, 1), ("bwd_dkdv", "fma", 128, True): (16, 16, 8, 1),
@@ -582,8 +582,8 @@ _TILES = {
     ("bwd_dkdv", "bf16", 32, False): (32, 128, 4, 3), ("bwd_dkdv", "bf16", 32, True): (32, 64, 4, 2),
     ("bwd_dkdv", "bf16", 64, False): (64, 64, 8, 2), ("bwd_dkdv", "bf16", 64, True): (32, 64, 8, 2),
     ("bwd_dkdv", "bf16", 128, False): (128, 32, 8, 3), ("bwd_dkdv", "bf16", 128, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "fp16", 32, False): (32, 64, 4, 2), ("bwd_dkdv", "fp16", 32, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 64, True): (32, 32, 8, 2),
+    ("bwd_dkdv", "fp16", 32, False): (32, 64, 8, 2), ("bwd_dkdv", "fp16", 32, True): (32, 64, 8, 2),
+    ("bwd_dkdv", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 64, True): (16, 64, 8, 2),
     ("bwd_dkdv", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 128, True): (32, 64, 8, 2),
 }
 _DROPOUT_MASK_TILE = (64, 64, 4, 1)
