@@ -2,8 +2,10 @@
 
 ``python -m timellm_fast.kernels.report [--arch 75,80,90]`` compiles each entry of every kernel
 file's ``aot_configs()`` with ``triton.compile`` for the given compute capabilities and prints
-registers, spill bytes and shared memory per configuration (ptxas -v on the generated PTX).
-The test suite calls :func:`compile_all` and asserts zero spills.
+registers, spill bytes and shared memory per configuration (ptxas -v on the generated PTX),
+marks every row that spills or fails, and names the toolchain it used (Triton version, the
+ptxas of each architecture). tests/test_aot.py runs it under each supported Triton and asserts
+zero spills.
 """
 from __future__ import annotations
 
@@ -62,6 +64,42 @@ def _ptxas(arch: int) -> str:
         return nvidia.get_ptxas(arch).path
     except TypeError:  # triton <= 3.6: one ptxas for every arch
         return nvidia.get_ptxas().path
+
+
+def _ptxas_version(path: str) -> str:
+    """The CUDA release of a ptxas binary ("12.8.93"), or "unknown"."""
+    try:
+        text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except OSError:
+        return "unknown"
+    match = re.search(r"V(\d+\.\d+\.\d+)", text)
+    return match.group(1) if match else "unknown"
+
+
+def toolchain(archs: Iterable[int] = ARCHS) -> dict:
+    """What compiles here: Triton's version and, per architecture, the ptxas Triton uses."""
+    import triton
+
+    ptxas = {}
+    for arch in archs:
+        try:
+            path = _ptxas(arch)
+        except Exception as exc:  # reported: a Triton without a bundled ptxas cannot compile here
+            ptxas[arch] = dict(path=None, version=f"unavailable ({type(exc).__name__}: {exc})")
+        else:
+            ptxas[arch] = dict(path=path, version=_ptxas_version(path))
+    return dict(triton=triton.__version__, ptxas=ptxas)
+
+
+def format_toolchain(info: dict) -> str:
+    """One line: "Triton 3.9.0; ptxas 12.8.93 for sm_75, sm_80 (/.../ptxas); ..." (arches sharing
+    a ptxas are grouped)."""
+    groups: dict = {}
+    for arch, tool in info["ptxas"].items():
+        groups.setdefault((tool["version"], tool["path"]), []).append(arch)
+    parts = [f"ptxas {version} for {', '.join(f'sm_{a}' for a in archs)}" + (f" ({path})" if path else "")
+             for (version, path), archs in groups.items()]
+    return f"toolchain: Triton {info['triton']}; " + "; ".join(parts)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple:
@@ -185,13 +223,28 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> d
                 loads=dict(loads), loop_opcodes=dict(in_loops))
 
 
+SPILL_MARK = "SPILLS"
+ERROR_MARK = "ERROR"
+
+
 def format_table(results: List[AotResult]) -> str:
+    """One row per compilation; a row that spills ends with SPILLS, one that failed reads ERROR."""
     lines = [f"{'kernel configuration':<96} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
     for r in results:
         if r.error:
-            lines.append(f"{r.kernel:<96} {r.arch:>3} ERROR {r.error[:200]}")
+            lines.append(f"{r.kernel:<96} {r.arch:>3} {ERROR_MARK} {r.error[:200]}")
         else:
-            lines.append(f"{r.kernel:<96} {r.arch:>3} {r.registers:>5} {r.spills:>8} {r.shared_bytes:>7}")
+            mark = f"  <- {SPILL_MARK}" if r.spills else ""
+            lines.append(f"{r.kernel:<96} {r.arch:>3} {r.registers:>5} {r.spills:>8} {r.shared_bytes:>7}{mark}")
+    return "\n".join(lines)
+
+
+def summary(results: List[AotResult]) -> str:
+    """The closing lines: the count, and each configuration that spilled or failed by name."""
+    bad = [r for r in results if r.error or r.spills]
+    lines = [f"{len(results)} compilations, {len(bad)} with errors or spills"]
+    lines += [f"  {ERROR_MARK if r.error else SPILL_MARK}: {r.kernel} sm_{r.arch}"
+              + ("" if r.error else f" ({r.spill_stores} B stored, {r.spill_loads} B loaded)") for r in bad]
     return "\n".join(lines)
 
 
@@ -218,14 +271,16 @@ def main(argv=None) -> int:
                     print(sass_profile(cfg, arch, tuple(n for n in args.ones.split(",") if n),
                                        tuple(n for n in args.div16.split(",") if n)))
         return 0
+    info = toolchain(archs)
+    print(format_toolchain(info), flush=True)
     results = compile_all(archs, jobs=args.jobs)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
-    bad = [r for r in results if r.error or r.spills]
-    print(f"\n{len(results)} compilations, {len(bad)} with errors or spills")
-    return 1 if bad else 0
+            json.dump(dict(toolchain=info, results=[asdict(r) for r in results]), f, indent=1)
+    print("\n" + format_toolchain(info))
+    print(summary(results))
+    return 1 if any(r.error or r.spills for r in results) else 0
 
 
 if __name__ == "__main__":

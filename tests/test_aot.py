@@ -5,9 +5,11 @@ reports registers and spills. A configuration that spills or fails to build fail
 before any user launches it. The compile runs in a child process: under TRITON_INTERPRET=1 (set
 by conftest on CPU machines) the kernels in this process are interpreter objects.
 
-It runs with this environment's Triton and, when the venv `.venv-aot-triton36` exists (.ci/run
-makes it), with Triton 3.6, the version on our GPU machines: the two allocate registers
-differently (3.6 spilled on four tiles that fit 3.9), so a tile must fit both.
+It runs with this environment's Triton and with every other Triton a user gets from a plain
+install, each from its own venv when that exists (.ci/run makes them): Triton 3.6 (torch 2.11,
+our GPU machines) in `.venv-aot-triton36` and Triton 3.8 (what `pip install torch` brings with
+torch 2.14.1) in `.venv-aot-triton38`. The versions allocate registers differently (3.6 and 3.8
+each spilled on four tiles that fit 3.9), so a tile must fit all of them.
 """
 import json
 import os
@@ -20,11 +22,13 @@ import pytest
 from timellm_fast.kernels import report
 
 REPO = Path(__file__).resolve().parent.parent
-TRITON36_PYTHON = REPO / ".venv-aot-triton36" / "bin" / "python"
-TOOLCHAINS = {
-    "this-env": sys.executable,
-    "triton36": str(TRITON36_PYTHON),
+#: toolchain -> (the venv that holds it, the Triton version it must hold, what to pip install there)
+AOT_VENVS = {
+    "triton36": (".venv-aot-triton36", "3.6", "torch==2.13.0 triton==3.6.0 'numpy<2.4'"),
+    "triton38": (".venv-aot-triton38", "3.8", "torch==2.13.0 triton==3.8.0 numpy"),
 }
+TOOLCHAINS = {"this-env": sys.executable,
+              **{name: str(REPO / venv / "bin" / "python") for name, (venv, _, _) in AOT_VENVS.items()}}
 
 
 def test_every_kernel_file_contributes_configs():
@@ -40,9 +44,9 @@ def _toolchain_python(toolchain: str) -> str:
     """The toolchain's python, or a skip that says how to make it."""
     python = TOOLCHAINS[toolchain]
     if not Path(python).exists():
-        pytest.skip(f"no {python}: python3 -m venv .venv-aot-triton36 && .venv-aot-triton36/bin/pip "
-                    f"install torch==2.13.0 triton==3.6.0 'numpy<2.4' && .venv-aot-triton36/bin/pip "
-                    f"install --no-deps -e .")
+        venv, _, packages = AOT_VENVS[toolchain]
+        pytest.skip(f"no {python}: python3 -m venv {venv} && {venv}/bin/pip install {packages} && "
+                    f"{venv}/bin/pip install --no-deps -e .")
     return python
 
 
@@ -62,18 +66,39 @@ def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path
         [python, "-m", "timellm_fast.kernels.report", "--json", str(out),
          "--jobs", os.environ.get("TIMELLM_FAST_AOT_JOBS", str(min(4, os.cpu_count() or 1)))],
         env=env, capture_output=True, text=True, timeout=1800)
-    results = json.loads(out.read_text()) if out.exists() else []
+    written = json.loads(out.read_text()) if out.exists() else {}
+    results = written.get("results")
     assert results, f"report wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     expected = sum(len(set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS))
                    for cfg in report.all_configs())
     assert len(results) == expected
     bad = [r for r in results if r["error"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "\n".join(f"{r['kernel']} sm_{r['arch']}: {r['error'] or r}" for r in bad)
-    if toolchain == "triton36":  # the venv must hold the version it is named for
-        version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        assert version.startswith("3.6"), version
+    triton_version = written["toolchain"]["triton"]
+    if toolchain in AOT_VENVS:  # the venv must hold the version it is named for
+        assert triton_version.startswith(AOT_VENVS[toolchain][1] + "."), triton_version
+    assert f"toolchain: Triton {triton_version};" in proc.stdout
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_report_marks_spilled_rows_and_names_its_toolchain():
+    """What a person reads in the report: a spilled row is marked, the closing lines name it with
+    its bytes, and the toolchain line gives the Triton version and a ptxas per architecture."""
+    results = [report.AotResult("fits[E=32]", 90, 128, 0, 0, 4096),
+               report.AotResult("spills[E=64]", 90, 255, 24, 12, 4096),
+               report.AotResult("breaks[E=128]", 75, None, None, None, 0, "RuntimeError: out of resources")]
+    rows = report.format_table(results).splitlines()
+    assert [report.SPILL_MARK in row for row in rows[1:]] == [False, True, False]
+    assert report.ERROR_MARK in rows[3]
+    closing = report.summary(results)
+    assert closing.splitlines()[0] == "3 compilations, 2 with errors or spills"
+    assert "SPILLS: spills[E=64] sm_90 (24 B stored, 12 B loaded)" in closing
+    assert "ERROR: breaks[E=128] sm_75" in closing and "fits" not in closing
+    info = dict(triton="3.8.0", ptxas={75: dict(path="/a/ptxas", version="12.8.93"),
+                                       80: dict(path="/a/ptxas", version="12.8.93"),
+                                       90: dict(path="/a/ptxas-blackwell", version="13.1.80")})
+    assert report.format_toolchain(info) == ("toolchain: Triton 3.8.0; ptxas 12.8.93 for sm_75, sm_80 (/a/ptxas); "
+                                             "ptxas 13.1.80 for sm_90 (/a/ptxas-blackwell)")
 
 
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
