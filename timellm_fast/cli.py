@@ -40,7 +40,8 @@ PATCH_SHAPES = [("explained-gpt2", 28, 32), ("etth1-folded", 168, 32), ("ecl-fol
 
 
 def _series(rows: int, seq_len: int = 512) -> tuple:
-    """x: [rows // 7 (+1), 7, T] windows of real ETTh1, cut to `rows` series."""
+    """x: [rows, 1, T] series cut from ETTh1 windows ($TIMELLM_FAST_DATA), or from the synthetic
+    stand-in when no data was given; and where they came from."""
     windows, source = ett_windows((rows + 6) // 7, seq_len)
     x = windows.permute(0, 2, 1).reshape(-1, seq_len)[:rows]  # [rows, T]
     return x.reshape(rows, 1, seq_len).to(DEVICE), source
@@ -100,13 +101,14 @@ def _device_name() -> str:
 def check(rows: int = 14) -> bool:
     """Both ops against the float64 oracle on this process's device and interpreter setting;
     prints a table and a verdict line, returns whether every tensor is within tolerance."""
-    if DEVICE.type == "cuda":
+    problem = dispatch.triton_device_problem(DEVICE)
+    if problem is not None:
+        how = f"eager path, so the kernels are not checked ({problem})"
+    elif DEVICE.type == "cuda":
         how = "Triton kernels on the GPU"
-    elif dispatch.interpreter_enabled():
+    else:
         how = ("Triton kernels in Triton's interpreter (TRITON_INTERPRET=1; no CUDA device): "
                "checks the kernels' numbers, slowly; says nothing about GPU speed")
-    else:
-        how = "eager path (no CUDA device and no interpreter: the kernels are not checked)"
     print(f"check: device {_device_name()}; ops run as: {how}")
     x_base, source = _series(rows, 96)
     print(f"data: {source}")

@@ -35,7 +35,7 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                              "folder), or a folder holding ETTh1.csv. Default: $TIMELLM_FAST_DATA; without "
                              "either, a synthetic series (and the output says so). A path that does not "
                              "exist is an error.")
-    parser.add_argument("--steps", type=_positive_int, default=3, help="training steps per model (default 3)")
+    parser.add_argument("--steps", type=_positive_int, default=5, help="training steps per model (default 5)")
     parser.add_argument("--mode", choices=MODE_CHOICES, default="independent",
                         help="independent: one variable per sample, x [B, T, 1] (Time-LLM's loader); "
                              "folded: all variables, x [B, T, N]")
@@ -45,7 +45,7 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: 24 on GPU, 4 on CPU")
     parser.add_argument("--seq-len", type=_positive_int, default=None, help="default: 512 on GPU, 96 on CPU")
     parser.add_argument("--pred-len", type=_positive_int, default=None, help="default: 96 on GPU, 24 on CPU")
-    parser.add_argument("--eval-batches", type=_positive_int, default=2, help="test batches to evaluate (default 2)")
+    parser.add_argument("--eval-batches", type=_positive_int, default=4, help="test batches to evaluate (default 4)")
     parser.add_argument("--llm-layers", type=_positive_int, default=2)
     parser.add_argument("--d-llm", type=_positive_int, default=None, help="backbone width (default 768 GPU, 64 CPU)")
     parser.add_argument("--num-tokens", type=_positive_int, default=1000, help="text prototypes S (default 1000)")
@@ -86,12 +86,19 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _in_turn(models: dict, batch_index: int) -> list:
+    """(label, model) pairs in the order they run on batch `batch_index`: reversed on odd batches."""
+    pairs = list(models.items())
+    return pairs[::-1] if batch_index % 2 else pairs
+
+
 def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr: float, device) -> dict:
     """Trains and evaluates every model of `models` (label -> model) on the same batches.
 
-    The models take turns batch by batch (eager's step 1, fast's step 1, eager's step 2, ...):
-    each sees exactly its own sequence of batches, and a change of machine load during the run
-    (other processes, clock boost) hits both alike instead of favouring the one that ran first."""
+    The models take turns batch by batch, and which goes first alternates (eager then fast on
+    batch 1, fast then eager on batch 2, ...): each sees exactly its own sequence of batches, and
+    a change of machine load during the run (other processes, clock boost) or a cache warmed by
+    the previous call hits both alike instead of favouring one."""
     import torch
     import torch.nn.functional as F
 
@@ -100,9 +107,9 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
              for label, m in models.items()}
     for model in models.values():
         model.train()
-    for x, y in progress(train_batches, len(train_batches), "train"):
+    for i, (x, y) in enumerate(progress(train_batches, len(train_batches), "train")):
         x, y = x.to(device), y.to(device)
-        for label, model in models.items():
+        for label, model in _in_turn(models, i):
             st = state[label]
             _synchronize(device)
             start = time.perf_counter()
@@ -117,9 +124,9 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
     for model in models.values():
         model.eval()
     with torch.no_grad():
-        for x, y in progress(test_batches, len(test_batches), "test"):
+        for i, (x, y) in enumerate(progress(test_batches, len(test_batches), "test")):
             x, y = x.to(device), y.to(device)
-            for label, model in models.items():
+            for label, model in _in_turn(models, i):
                 st = state[label]
                 _synchronize(device)
                 start = time.perf_counter()
