@@ -106,6 +106,26 @@ def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
     text = render_readme.render([path])
     assert "| reprogramming | etth1-folded | bfloat16 | fwd | 1.000 | 4.00x | OOM |  | 2.00x |  | 0.500 | 10 | 400 |" in text
     assert "Issue 6 targets on this run" in text
+    headline = render_readme.render_headline([path])
+    assert ("| reprogramming layer, ETTh1 folded (168 series) | fwd | 1.000 | 4.00x | OOM | 2.00x | 4.00x | 10 "
+            "| 400 | 1 |") in headline
+    assert "1: NVIDIA H100, torch 2.11, Triton 3.6, 2026-11-25 (`h100-x`)" in headline
+    assert "not yet timed on a GPU" in headline
+    assert render_readme.render_headline([]) == render_readme.render([])
+
+
+def test_readme_results_are_the_rendering_of_the_committed_runs():
+    """README's and bench/README.md's result blocks are exactly what bench/render_readme.py makes
+    of bench/results/: no number in them is typed by hand, none is stale."""
+    spec = importlib.util.spec_from_file_location("render_readme", REPO / "bench" / "render_readme.py")
+    render_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_readme)
+    files = render_readme.gpu_result_files()
+    for readme, block in ((REPO / "README.md", render_readme.render_headline(files)),
+                          (REPO / "bench" / "README.md", render_readme.render(files))):
+        text = readme.read_text()
+        assert f"{render_readme.START}\n{block}\n{render_readme.END}" in text, (
+            f"{readme.name} is stale: run python bench/render_readme.py")
 
 
 def test_bench_runs_targets_first_and_max_autotune_last():

@@ -112,6 +112,20 @@ def test_library_and_cli_never_point_at_the_development_data_folder():
         assert "shared" + "/data" not in path.read_text() and "../shared" not in path.read_text(), path
 
 
+def test_readme_serves_users():
+    """README: short, no pointer to our own machines' folders or the internal contract, says where
+    the ETT CSVs come from, gives the two commands CI and users run."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for internal in ("../shared", "shared/data", "SPEC"):
+        assert internal not in text, internal
+    assert "https://github.com/zhouhaoyi/ETDataset" in text and "dataset/" in text
+    assert "python -m pytest tests -q -n auto" in text and "timellm-fast " in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python -m pytest tests -q -n auto" in ci  # README's test command is what CI runs
+
+
 def test_forecast_reads_the_csv_it_is_given(tmp_path, capsys):
     csv_path = write_ett_csv(tmp_path / "my-ETTh1.csv")
     assert cli.main(TINY_FORECAST + ["--data", str(csv_path)]) == 0
@@ -190,3 +204,9 @@ def test_progress_bars_only_on_a_terminal():
     assert list(forecast.progress(range(3), 3, "train", stream=terminal)) == [0, 1, 2]
     drawn = terminal.getvalue()
     assert "train" in drawn and not drawn.endswith("\n")  # cleared in place: the next line starts clean
+
+
+def test_forecast_models_take_turns_and_alternate_who_goes_first():
+    models = {"eager": "E", "fast": "F"}
+    orders = [[label for label, _ in forecast._in_turn(models, i)] for i in range(4)]
+    assert orders == [["eager", "fast"], ["fast", "eager"], ["eager", "fast"], ["fast", "eager"]]
