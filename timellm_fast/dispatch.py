@@ -1,6 +1,6 @@
 """Which path runs an op: the Triton kernel or the eager reference.
 
-Rules (README "Dispatch"):
+Rules (docs/design.md, "Dispatch"):
 
 * ``TIMELLM_FAST_BACKEND=eager`` always runs eager; ``=triton`` demands the kernel and raises
   if it cannot run; ``=auto`` (default) picks Triton where it can run, eager otherwise.
