@@ -30,7 +30,8 @@ TOOLCHAINS = {
 def test_every_kernel_file_contributes_configs():
     names = {cfg["fn"].__name__ if hasattr(cfg["fn"], "__name__") else cfg["fn"].fn.__name__
              for cfg in report.all_configs()}
-    assert {"patch_conv_gemm", "patch_conv_dweight", "patch_fold", "reprogramming_fwd_kernel",
+    assert {"patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce", "patch_window_dx",
+            "patch_conv_gemm", "patch_fold", "reprogramming_fwd_kernel",
             "reprogramming_bwd_dq_kernel", "reprogramming_bwd_dkdv_kernel"} <= names
     for cfg in report.all_configs():  # a config nobody can dispatch to would be dead weight
         assert set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS), cfg["name"]

@@ -322,30 +322,26 @@ def test_eval_mode_does_not_advance_the_rng():
 
 
 @requires_triton
-@pytest.mark.parametrize("tile", [(32, 2), (128, 8)], ids=["bm32-w2", "bm128-w8"])
-def test_gemm_tile_override_for_tuning_keeps_the_numbers(tile):
-    """bench/tune_patch_embedding.py launches other (BLOCK_M, num_warps) through
-    override_gemm_tile: blocks that straddle series boundaries (P = 9 patches) must give the
-    same output, forward and d(patches) backward, and the shipped tile must come back after."""
+@pytest.mark.parametrize("tile", [(32, 2, 1, 1), (128, 8, 2, 1), (16, 1, 3, 2)],
+                         ids=["bm32-w2-1prog", "bm128-w8-pipelined", "bm16-w1-2prog"])
+def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
+    """bench/tune_patch_embedding.py launches other tiles through override_window_tile: blocks that
+    straddle series boundaries (P = 9 patches), a persistent grid of one or two programs looping
+    over every row block, and pipelined (L1-cached asynchronous) loads must give the same output,
+    and the shipped tile must come back after."""
     from timellm_fast.kernels import patch_embedding as pe
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 41, generator=g).to(DEVICE).requires_grad_(True)
-    w = torch.randn(16, 8, 3, generator=g).to(DEVICE).requires_grad_(True)
-    grad = torch.randn(10, num_patches(41, 8, 4), 16, generator=g).to(DEVICE)
-
-    def run():
-        y = patch_embedding(x, w, 8, 4)
-        dx, dw = torch.autograd.grad(y, (x, w), grad)
-        return y, dx, dw
-
-    shipped = run()
-    with pe.override_gemm_tile(*tile):
-        assert pe.select_gemm_config(24, 16, torch.float32, False).block_m == tile[0]
-        tuned = run()
-    assert pe.select_gemm_config(24, 16, torch.float32, False).block_m == pe.GEMM_BLOCK_M
-    for name, a, b in zip(("y", "dx", "dW"), shipped, tuned):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    with pytest.raises(ValueError, match="BLOCK_M"):
-        with pe.override_gemm_tile(48, 4):
+    x = torch.randn(2, 5, 41, generator=g).to(DEVICE)
+    w = torch.randn(16, 8, 3, generator=g).to(DEVICE)
+    shipped = patch_embedding(x, w, 8, 4)
+    override = pe.WindowTile(*tile)
+    with pe.override_window_tile(override):
+        assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == override
+        tuned = patch_embedding(x, w, 8, 4)
+    assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == pe.WINDOW_FWD_TILES[torch.float32]
+    torch.testing.assert_close(tuned, shipped, rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle("y", tuned, patch_embedding_reference(x.double(), w.double(), 8, 4))
+    with pytest.raises(ValueError, match="block_m"):
+        with pe.override_window_tile(pe.WindowTile(48, 4, 1, 1)):
             pass
