@@ -808,3 +808,26 @@ def aot_configs() -> list:
                             constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
     return configs
 
+
+#: The forward's configuration at Traffic-folded (SPEC §2: 20688 contiguous bf16 series, T 512,
+#: patch_len 16, stride 8, d_model 16) and the arguments the JIT compiles as the constant 1 there
+#: (one variable per series as bench/common.py lays it out, unit time stride, the weight's tap
+#: stride); the multiples of 16 are the configuration's divisible_by_16.
+TRAFFIC_FOLDED_FWD = "patch_window_fwd[x=bf16,w=bf16,dot=bf16,C=16,O=16,dropout=False]"
+TRAFFIC_FOLDED_ONES = ("N_VARS", "s_t", "s_wk")
+
+
+def traffic_cases() -> list:
+    """For `python -m timellm_fast.kernels.report --traffic`: the forward's main loop at
+    Traffic-folded, with SPEC §1.1's minimum per output row (each series read once, each row of
+    y written once; the weight is 1.5 KB for the whole call)."""
+    T, patch_len, stride, d_model, elem = 512, 16, 8, 16, 2
+    P = (T + stride - patch_len) // stride + 1
+    tile = WINDOW_FWD_TILES[torch.bfloat16]
+    config = next(c for c in aot_configs() if c["name"] == TRAFFIC_FOLDED_FWD)
+    return [dict(config=config, ones=TRAFFIC_FOLDED_ONES, div16=(),
+                 shape="Traffic-folded (T 512, patch 16/8, d_model 16, bf16)",
+                 rows_per_iteration=tile.block_m, threads=32 * tile.num_warps,
+                 minimum_read=T * elem / P, minimum_written=d_model * elem, footprint_read=T * elem / P,
+                 issued_note=f"reads: 3 taps x {patch_len * elem} B, overlapping windows meant to hit L1, plus the "
+                             f"series' last {32 // elem} steps, loaded only by the rows whose patches reach past T")]
