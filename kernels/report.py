@@ -187,8 +187,8 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> d
                 loop_memory=dict(_loop_memory(instructions, labels)))
 
 
-GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)"
-GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)"
+GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"  # not LDGDEPBAR
+GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"
 
 
 def _loop_memory(instructions: list, labels: dict) -> "collections.Counter":
