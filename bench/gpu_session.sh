@@ -115,7 +115,7 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       install
       say "ncu (SpeedOfLight, Occupancy, LaunchStats, MemoryWorkloadAnalysis; 4 kernels)"
       if command -v ncu >/dev/null 2>&1; then
-        timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"patch_conv_gemm|reprogramming_" \
+        timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"patch_window_fwd|reprogramming_" \
           --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section MemoryWorkloadAnalysis $PY bench/ncu_kernels.py >>"$LOG" 2>&1
         say "ncu rc $?"

@@ -43,7 +43,8 @@ def stubbed_kernels():
     saved = []
     targets = [(attn_kernels, n) for n in ("reprogramming_fwd_kernel", "reprogramming_bwd_dq_kernel",
                                            "reprogramming_bwd_dkdv_kernel")]
-    targets += [(pe_kernels, n) for n in ("patch_conv_gemm", "patch_conv_dweight", "patch_fold")]
+    targets += [(pe_kernels, n) for n in ("patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce",
+                                          "patch_window_dx", "patch_conv_gemm", "patch_fold")]
     targets.append((dispatch, "triton_device_problem"))
     for module, name in targets:
         saved.append((module, name, getattr(module, name)))

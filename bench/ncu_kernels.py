@@ -1,11 +1,11 @@
 """The kernels issue 6's missed targets hinge on, each launched twice (a warm-up that compiles, then
 the launch to profile), for Nsight Compute:
 
-    ncu --clock-control none --kernel-name regex:"patch_conv_gemm|reprogramming_" --launch-skip 4 \\
+    ncu --clock-control none --kernel-name regex:"patch_window_fwd|reprogramming_" --launch-skip 4 \\
         --launch-count 4 python bench/ncu_kernels.py
 
-- patch_conv_gemm, the patch embedding forward at Traffic-folded (20688 series, bf16): 18 % of
-  HBM in run 1 (bench/ROOFLINE.md estimates neither HBM nor issue is the bound; this settles it);
+- patch_window_fwd, the patch embedding forward at Traffic-folded (20688 series, bf16): whether
+  its windowed 16-byte loads reach the HBM bound (bench/ROOFLINE.md), or latency still limits it;
 - reprogramming_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel at ETTh1-folded, E = 128 (bf16):
   the backward is 2x SDPA's.
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         attn.attention_backward(target, wq, bq, k, v, dout, lse, attn_shape.n_heads)
         if ON_GPU:
             torch.cuda.synchronize()
-        print(f"{launch}: patch_conv_gemm at {patch_shape.name} ({patch_shape.rows} series), "
+        print(f"{launch}: patch_window_fwd at {patch_shape.name} ({patch_shape.rows} series), "
               f"reprogramming fwd, bwd_dq, bwd_dkdv at {attn_shape.name} (E = {attn_shape.d_keys}), bf16",
               flush=True)
     return 0

@@ -28,6 +28,21 @@ def device_capability(device: torch.device) -> tuple:
     return capability
 
 
+_SM_COUNT: dict = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, asked once per device (persistent kernels size
+    their grid by it on every call); 1 elsewhere: the interpreter runs programs one at a time."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids: plain integer arithmetic (triton.cdiv is a constexpr function
     object, ~2 us per host call, and a launch computes several)."""

@@ -1,19 +1,38 @@
 """Fused patch embedding: replication pad + unfold + circular Conv1d (kernel 3) + dropout.
 
 The layer is a GEMM ``[B*N*P, 3*patch_len] x [3*patch_len, d_model]`` whose left operand is
-gathered on the fly from the raw series, so neither the padded series nor the unfolded patches
-ever exist in memory. One kernel (`patch_conv_gemm`) serves two roles:
+formed on chip from the raw series, so neither the padded series nor the unfolded patches ever
+exist in memory. Output row (series bn, patch p), conv tap k reads patch ``q = (p + k - 1) mod P``,
+and patch q is the window ``xp[q*stride : q*stride + patch_len]`` of the padded series: a
+strided view of the series, contiguous along the patch. So every operand row is one contiguous
+window load, and with unit time stride, 16-byte aligned series and ``stride * element size`` a
+multiple of 16 bytes (Time-LLM's contiguous bf16 ``[B, N, 512]`` with stride 8) it is made of
+16-byte vector loads. The circular wrap is a per-row index; the replication pad (positions
+``>= T`` read ``x[T - 1]``) is a select against ``x[T - 1]``, loaded only for the rows whose
+windows reach past T. Neighbouring windows overlap (a window is read by three taps and, when
+``stride < patch_len``, by several patches); the loads go through L1 (plain loads, or L1-cached
+asynchronous copies when pipelined) so that the overlap is served there and HBM sees each series
+about once; that is the design, measured on no GPU yet (bench/ncu_kernels.py asks Nsight).
 
-* forward: rows are (series bn, patch p); the operand column (tap k, offset c) reads
-  ``x[bn, min(((p + k - 1) mod P) * stride + c, T - 1)]`` — the ``min`` is the replication pad,
-  the ``mod`` the circular conv padding;
-* backward, d(patches): the adjoint of a circular 3-tap conv is the same circular conv with
-  taps flipped and the weight transposed, so the same gather reads the (dropout-masked)
-  output gradient instead of ``x`` (time stride d_model, nothing to clamp).
+Windowed kernels (every SPEC §2 shape):
 
-Backward also has a deterministic dW reduction (`patch_conv_dweight`, one partial per row
-chunk, summed in a fixed order) and the fold of d(patches) back onto the series
-(`patch_fold`), where every padded position ``>= T - 1`` lands on ``T - 1``.
+* ``patch_window_fwd``: the forward, persistent over row blocks so the (strided, gathered)
+  weight is read once per program and the loop does window loads, three MMAs and row stores;
+* ``patch_window_dweight``: dW^T partials, one per row chunk, from the same windows and the
+  output gradient; ``patch_dweight_reduce`` sums them in a fixed order (deterministic, no
+  atomics) straight into the weight's ``[d_model, patch_len, 3]`` layout and dtype;
+* ``patch_window_dx``: dx straight from windows of the output gradient, one launch. The adjoint
+  of the conv is a circular conv with flipped taps, and the fold of the patches back onto the
+  series is a sum over the patches covering each step: step ``t = j*stride + u`` (chunk j) is
+  read by patch ``q = j - i`` at channel ``u + i*stride``, for the few shifts i with that
+  channel inside the patch, so a block of chunks computes its steps as a sum over (i, tap) of
+  ``g[(q - k + 1) mod P] @ W_k^T`` restricted to those channels. Padded steps ``>= T`` fold into
+  ``T - 1`` inside the block that holds step ``T - 1``.
+
+Gather kernels, the fallback outside the windowed tiles (patch_len > 32 in the forward, stride
+> 16 in dx): ``patch_conv_gemm`` gathers the operand with a clamped address per element;
+for dx it reads the output gradient with taps flipped (d(patches)) and ``patch_fold`` folds
+d(patches) onto the series.
 """
 from __future__ import annotations
 
@@ -21,36 +40,16 @@ import contextlib
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, next_pow2, store_dtype
+from ._launch import (SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, multiprocessor_count, next_pow2,
+                      store_dtype)
 
 MAX_PHILOX_ELEMENTS = 2**31 - 1  # tl.rand offsets are int32
-
-
-@triton.jit
-def _gather_conv_operand(
-    src_ptr, rows, cols, M, P, N_VARS, K_TOTAL, C_IN, TIME_STRIDE, CLAMP,
-    s_b, s_n, s_t,
-):
-    """Tile of the implicit GEMM operand: [len(rows), len(cols)], fp32-free raw loads.
-
-    rows index (bn, p) with bn = b * N_VARS + n; cols index (k, c) with k the conv tap.
-    """
-    bn = rows // P
-    p = rows - bn * P
-    b = (bn // N_VARS).to(tl.int64)
-    n = (bn % N_VARS).to(tl.int64)
-    k = cols // C_IN
-    c = cols - k * C_IN
-    q = (p[:, None] + k[None, :] + P - 1) % P  # circular neighbour patch
-    pos = tl.minimum(q * TIME_STRIDE + c[None, :], CLAMP)  # replication pad on the right
-    ptrs = src_ptr + b[:, None] * s_b + n[:, None] * s_n + pos.to(tl.int64) * s_t
-    mask = (rows < M)[:, None] & (cols < K_TOTAL)[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -59,6 +58,252 @@ def _dropout_keep(seed, rows, cols, OUT_COLS, dropout_p):
     so forward and backward regenerate the same mask from the same seed."""
     offsets = rows[:, None] * OUT_COLS + cols[None, :]
     return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _series_rows(x_ptr, rows, M, P, N_VARS, s_b, s_n):
+    """Rows (series bn, patch p) -> each row's series base pointer, p, and whether it exists."""
+    bn = rows // P
+    p = rows - bn * P
+    series = x_ptr + (bn // N_VARS).to(tl.int64) * s_b + (bn % N_VARS).to(tl.int64) * s_n  # [BLOCK_M]
+    return series, p, rows < M
+
+
+@triton.jit
+def _circular(q, P):
+    """q mod P for q in [-P, 2P): a neighbour patch of the circular conv, without a division."""
+    q = tl.where(q < 0, q + P, q)
+    return tl.where(q >= P, q - P, q)
+
+
+@triton.jit
+def _series_end(series, needed, T, s_t, TAIL: tl.constexpr):
+    """x[T - 1] of each row's series ([BLOCK_M], x's dtype; 0 where not `needed`), the value of
+    the replication pad: a TAIL-wide load of the series' last steps (whole vectors when T is a
+    multiple of 16), the last step picked on chip. Predicated on `needed`, so rows whose windows
+    stay inside the series issue no load."""
+    tail = tl.maximum(T - TAIL, 0) + tl.arange(0, TAIL)  # [TAIL] time steps
+    vals = tl.load(series[:, None] + tail.to(tl.int64)[None, :] * s_t,
+                   mask=needed[:, None] & (tail < T)[None, :], other=0.0)  # [BLOCK_M, TAIL]
+    return tl.sum(tl.where((tail == T - 1)[None, :], vals.to(tl.float32), 0.0), axis=1).to(vals.dtype)
+
+
+@triton.jit
+def _window(series, q, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t,
+            ELEM_BYTES: tl.constexpr, CACHE: tl.constexpr):
+    """Channels c of padded patch q of each row's series: [BLOCK_M, BLOCK_C], zero at c >= PATCH_LEN.
+
+    One contiguous window per row. The start q * stride is computed from the stride in bytes:
+    the JIT marks that argument divisible by 16 exactly when every window starts on a 16-byte
+    boundary, and the division by the element size keeps that fact, so the load vectorizes.
+    """
+    start = q * STRIDE_BYTES // ELEM_BYTES  # [BLOCK_M] first time step of the patch
+    pos = start[:, None] + c[None, :]  # [BLOCK_M, BLOCK_C]
+    in_series = pos < T
+    c_ok = (c < PATCH_LEN)[None, :]
+    a = tl.load(series[:, None] + pos.to(tl.int64) * s_t, mask=row_ok[:, None] & in_series & c_ok,
+                other=0.0, cache_modifier=CACHE)
+    return tl.where(in_series | ~c_ok, a, x_end[:, None])  # replication pad on the right
+
+
+@triton.jit
+def patch_window_fwd(
+    x_ptr,  # x: [B, N_VARS, T] (strides s_b, s_n, s_t), any float dtype
+    w_ptr,  # w: [D, PATCH_LEN, 3] (strides s_wd, s_wc, s_wk)
+    out_ptr,  # out: [M, D] contiguous, M = B * N_VARS * P, dtype of the pointer
+    M, P, N_VARS, T, PATCH_LEN, STRIDE_BYTES, D,  # STRIDE_BYTES: stride * x's element size
+    s_b, s_n, s_t, s_wd, s_wc, s_wk,
+    seed_ptr,  # seed: [1] int64 on the device, read only under DROPOUT
+    dropout_p, dropout_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, CACHE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """y[bn*P + p] = sum_k patch[(p + k - 1) mod P] @ W_k, with PATCH_LEN <= BLOCK_C.
+
+    Persistent: grid axis 0 is a few programs per SM, each looping over row blocks, so the
+    weight (a [D, PATCH_LEN, 3] tensor, strided along every axis the MMA needs) is loaded once
+    per program and the loop body reads windows and writes rows only.
+    """
+    ELEM_BYTES: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+    TAIL: tl.constexpr = 32 // ELEM_BYTES  # two 16-byte vectors of the series' end
+    stride = STRIDE_BYTES // ELEM_BYTES
+    pid_o = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_ok = outs < D
+    w_tap = w_ptr + c[:, None] * s_wc + outs[None, :] * s_wd  # tap 0 of W^T: [BLOCK_C, BLOCK_O]
+    w_ok = (c < PATCH_LEN)[:, None] & out_ok[None, :]
+    w0 = tl.load(w_tap, mask=w_ok, other=0.0).to(DOT_DTYPE)
+    w1 = tl.load(w_tap + s_wk, mask=w_ok, other=0.0).to(DOT_DTYPE)
+    w2 = tl.load(w_tap + 2 * s_wk, mask=w_ok, other=0.0).to(DOT_DTYPE)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    for block in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        series, p, row_ok = _series_rows(x_ptr, rows, M, P, N_VARS, s_b, s_n)
+        q0 = _circular(p - 1, P)
+        q2 = _circular(p + 1, P)
+        # the last patches reach past T (row 0 too, its tap 0 wraps to patch P - 1)
+        reach = tl.maximum(tl.maximum(q0, p), q2) * stride + PATCH_LEN
+        x_end = _series_end(series, row_ok & (reach > T), T, s_t, TAIL)
+        a = _window(series, q0, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, CACHE)
+        acc = tl.dot(a.to(DOT_DTYPE), w0, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_O] fp32
+        a = _window(series, p, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, CACHE)
+        acc = tl.dot(a.to(DOT_DTYPE), w1, acc, input_precision=INPUT_PRECISION)
+        a = _window(series, q2, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, CACHE)
+        acc = tl.dot(a.to(DOT_DTYPE), w2, acc, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows, outs, D, dropout_p)
+            acc = tl.where(keep, acc * dropout_scale, 0.0)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + outs[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+
+@triton.jit
+def patch_window_dweight(
+    x_ptr,  # x: [B, N_VARS, T] (strides s_b, s_n, s_t)
+    g_ptr,  # g: [M, D] contiguous, grad of the layer output
+    dw_partial_ptr,  # dw_partial: [num_chunks, 3, PATCH_LEN, D] fp32, one slice per row chunk
+    g_masked_ptr,  # g_masked: [M, D] fp32, written only under WRITE_MASKED_GRAD
+    M, P, N_VARS, T, PATCH_LEN, STRIDE_BYTES, D, ROWS_PER_CHUNK,  # STRIDE_BYTES: stride * x's element size
+    s_b, s_n, s_t,
+    seed_ptr,  # seed: [1] int64, the forward's
+    dropout_p, dropout_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_MASKED_GRAD: tl.constexpr,
+):
+    """dW_k^T[c, d] = sum over the chunk's rows of patch[(p + k - 1) mod P][c] * g[row, d], k = 0, 1, 2.
+
+    Grid: (row chunk, channel block, output block). Chunks are summed by patch_dweight_reduce
+    in a fixed order, so dW is bitwise reproducible.
+    """
+    ELEM_BYTES: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+    TAIL: tl.constexpr = 32 // ELEM_BYTES
+    stride = STRIDE_BYTES // ELEM_BYTES
+    pid_chunk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    outs = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_ok = outs < D
+    acc0 = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    row_start = pid_chunk * ROWS_PER_CHUNK
+    row_end = tl.minimum(row_start + ROWS_PER_CHUNK, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        series, p, row_ok = _series_rows(x_ptr, rows, row_end, P, N_VARS, s_b, s_n)
+        g_mask = row_ok[:, None] & out_ok[None, :]
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * D + outs[None, :], mask=g_mask, other=0.0)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows, outs, D, dropout_p)
+            g = tl.where(keep, g.to(tl.float32) * dropout_scale, 0.0)
+            if WRITE_MASKED_GRAD:
+                if pid_c == 0:
+                    tl.store(g_masked_ptr + rows.to(tl.int64)[:, None] * D + outs[None, :], g, mask=g_mask)
+        g = g.to(DOT_DTYPE)  # [BLOCK_M, BLOCK_O]
+        q0 = _circular(p - 1, P)
+        q2 = _circular(p + 1, P)
+        reach = tl.maximum(tl.maximum(q0, p), q2) * stride + PATCH_LEN
+        x_end = _series_end(series, row_ok & (reach > T), T, s_t, TAIL)
+        # pipelined loads are asynchronous copies: ".ca" keeps the window in L1 for the next taps
+        a = _window(series, q0, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, ".ca")
+        acc0 = tl.dot(tl.trans(a.to(DOT_DTYPE)), g, acc0, input_precision=INPUT_PRECISION)
+        a = _window(series, p, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, ".ca")
+        acc1 = tl.dot(tl.trans(a.to(DOT_DTYPE)), g, acc1, input_precision=INPUT_PRECISION)
+        a = _window(series, q2, row_ok, x_end, c, T, STRIDE_BYTES, PATCH_LEN, s_t, ELEM_BYTES, ".ca")
+        acc2 = tl.dot(tl.trans(a.to(DOT_DTYPE)), g, acc2, input_precision=INPUT_PRECISION)
+    tap_size = PATCH_LEN * D
+    ptrs = (dw_partial_ptr + pid_chunk.to(tl.int64) * 3 * tap_size + c[:, None] * D + outs[None, :])
+    mask = (c < PATCH_LEN)[:, None] & out_ok[None, :]
+    tl.store(ptrs, acc0, mask=mask)
+    tl.store(ptrs + tap_size, acc1, mask=mask)
+    tl.store(ptrs + 2 * tap_size, acc2, mask=mask)
+
+
+@triton.jit
+def patch_dweight_reduce(
+    partial_ptr,  # partial: [NUM_CHUNKS, 3, PATCH_LEN, D] fp32 contiguous
+    dw_ptr,  # dw: [D, PATCH_LEN, 3] contiguous, dtype of the pointer
+    NUM_CHUNKS, PATCH_LEN, D,
+    BLOCK_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dw[d, c, k] = sum over chunks of partial[chunk, k, c, d], always in the same order."""
+    size = 3 * PATCH_LEN * D
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (k, c, d) flattened
+    ok = idx < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for ch0 in range(0, NUM_CHUNKS, BLOCK_CHUNKS):
+        chunks = ch0 + tl.arange(0, BLOCK_CHUNKS)
+        vals = tl.load(partial_ptr + chunks.to(tl.int64)[:, None] * size + idx[None, :],
+                       mask=(chunks < NUM_CHUNKS)[:, None] & ok[None, :], other=0.0)  # [BLOCK_CHUNKS, BLOCK]
+        acc += tl.sum(vals, axis=0)
+    k = idx // (PATCH_LEN * D)
+    rest = idx - k * (PATCH_LEN * D)
+    c = rest // D
+    d = rest - c * D
+    tl.store(dw_ptr + d * (3 * PATCH_LEN) + c * 3 + k, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def patch_window_dx(
+    g_ptr,  # g: [R * P, D] contiguous, the (dropout-masked) output gradient
+    w_ptr,  # w: [D, PATCH_LEN, 3] (strides s_wd, s_wc, s_wk)
+    dx_ptr,  # dx: [R, T] contiguous, dtype of the pointer
+    R, P, T, PATCH_LEN, STRIDE_BYTES, D, N_CHUNKS, N_SHIFTS,  # STRIDE_BYTES: stride * dx's element size
+    s_wd, s_wc, s_wk,
+    BLOCK_J: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dx of rows (series r, chunk j): steps j*stride + u, u < stride, with BLOCK_U >= 2 * stride.
+
+    N_CHUNKS = cdiv(T, stride) chunks per series, so step T - 1 is in the last one; N_SHIFTS =
+    cdiv(PATCH_LEN, stride). Column u of a row is step j*stride + u, read by patch q = j - i at
+    channel u + i*stride for i in [-1, N_SHIFTS): every patch covering the step, for u < 2*stride.
+    The row's columns u in [stride, 2*stride) are steps of the next chunk, which the last chunk
+    needs: its steps >= T are the replication pad, whose gradient goes to step T - 1.
+    """
+    ELEM_BYTES: tl.constexpr = dx_ptr.dtype.element_ty.primitive_bitwidth // 8
+    stride = STRIDE_BYTES // ELEM_BYTES
+    rows = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    r = rows // N_CHUNKS
+    j = rows - r * N_CHUNKS
+    row_ok = rows < R * N_CHUNKS
+    g_series = g_ptr + r.to(tl.int64) * P * D  # [BLOCK_J]
+    u = tl.arange(0, BLOCK_U)
+    acc = tl.zeros((BLOCK_J, BLOCK_U), dtype=tl.float32)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    # One flat loop over (shift i, tap k, d block): nested or unrolled loops keep more loop
+    # scalars live than sm_80/90 hold in registers (ptxas spilled them, at any register count).
+    for step in range(0, (N_SHIFTS + 1) * 3 * d_blocks):
+        ik = step // d_blocks
+        i = ik // 3 - 1
+        k = ik - (i + 1) * 3
+        d = (step - ik * d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q = j - i  # [BLOCK_J] the patch
+        q_ok = row_ok & (q >= 0) & (q < P)
+        chan = u + i * stride  # [BLOCK_U] its channel
+        chan_ok = (chan >= 0) & (chan < PATCH_LEN) & (u < 2 * stride)
+        # d(patch q) = sum_k W_k^T g[(q - k + 1) mod P]: the conv's adjoint, taps flipped
+        g_rows = g_series + _circular(q + (1 - k), P).to(tl.int64) * D  # [BLOCK_J]
+        g = tl.load(g_rows[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # [BLOCK_J, BLOCK_D]
+        w = tl.load(w_ptr + d[:, None] * s_wd + chan[None, :] * s_wc + k * s_wk,
+                    mask=d_ok[:, None] & chan_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_U]
+        # pairs (patch, channel) that do not exist are left out, not added as 0 * value: a NaN or
+        # inf in W or g must reach exactly the steps it reaches in the reference
+        term = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        acc += tl.where(q_ok[:, None] & chan_ok[None, :], term, 0.0)
+    pos = j[:, None] * stride + u[None, :]  # [BLOCK_J, BLOCK_U] time step
+    last = (j == N_CHUNKS - 1)[:, None]
+    pad = tl.sum(tl.where(last & (pos >= T) & (u < 2 * stride)[None, :], acc, 0.0), axis=1)  # [BLOCK_J]
+    acc = tl.where(pos == T - 1, acc + pad[:, None], acc)
+    mask = row_ok[:, None] & (u < stride)[None, :] & (pos < T)
+    tl.store(dx_ptr + r.to(tl.int64)[:, None] * T + pos, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -80,9 +325,8 @@ def patch_conv_gemm(
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     row_ok = rows < M
     out_ok = outs < OUT_COLS
-    # Index math once per row, not per operand element: at 20688 series the previous form ran at
-    # 18% of the H200's HBM bandwidth with an integer division and modulo per gathered element
-    # (python -m timellm_fast.kernels.report --sass counts the instructions).
+    # Index math once per row, not per operand element (an integer division per gathered element
+    # costs more instructions than the gather; python -m timellm_fast.kernels.report --sass counts them).
     # A row is (series bn, patch p); tap k reads patch (p + k - 1) mod P, a shift of p.
     bn = rows // P
     p = rows - bn * P
@@ -117,56 +361,6 @@ def patch_conv_gemm(
     mask = row_ok[:, None] & out_ok[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * s_om + outs[None, :] * s_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def patch_conv_dweight(
-    x_ptr,  # x: [B, N_VARS, T] (strides s_b, s_n, s_t)
-    g_ptr,  # g: [M, D] contiguous, grad of the layer output
-    dw_partial_ptr,  # dw_partial: [num_chunks, K_TOTAL, D] fp32, one slice per row chunk
-    g_masked_ptr,  # g_masked: [M, D] fp32, written only when WRITE_MASKED_GRAD
-    M, P, N_VARS, K_TOTAL, C_IN, D, TIME_STRIDE, CLAMP, ROWS_PER_CHUNK,
-    s_b, s_n, s_t,
-    seed_ptr,  # seed: [1] int64, the forward's
-    dropout_p, dropout_scale,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr, WRITE_MASKED_GRAD: tl.constexpr,
-):
-    """dW^T[(k, c), d] = sum over rows of operand[row, (k, c)] * g[row, d] for one row chunk.
-
-    Chunks are summed afterwards in a fixed order, so dW is bitwise reproducible (no atomics).
-    """
-    pid_chunk = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_o = tl.program_id(2)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    acc = tl.zeros((BLOCK_K, BLOCK_O), dtype=tl.float32)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    row_start = pid_chunk * ROWS_PER_CHUNK
-    row_end = tl.minimum(row_start + ROWS_PER_CHUNK, M)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        in_chunk = rows < row_end
-        a = _gather_conv_operand(x_ptr, rows, cols, row_end, P, N_VARS, K_TOTAL, C_IN,
-                                 TIME_STRIDE, CLAMP, s_b, s_n, s_t)
-        g_mask = in_chunk[:, None] & (outs < D)[None, :]
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * D + outs[None, :], mask=g_mask,
-                    other=0.0)
-        if DROPOUT:
-            keep = _dropout_keep(seed, rows, outs, D, dropout_p)
-            g = tl.where(keep, g.to(tl.float32) * dropout_scale, 0.0)
-            if WRITE_MASKED_GRAD:
-                if pid_k == 0:
-                    tl.store(g_masked_ptr + rows.to(tl.int64)[:, None] * D + outs[None, :], g,
-                             mask=g_mask)
-        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), acc,
-                     input_precision=INPUT_PRECISION)
-    ptrs = (dw_partial_ptr + pid_chunk.to(tl.int64) * K_TOTAL * D + cols[:, None] * D
-            + outs[None, :])
-    tl.store(ptrs, acc, mask=(cols < K_TOTAL)[:, None] & (outs < D)[None, :])
 
 
 @triton.jit
@@ -206,15 +400,112 @@ def patch_fold(
 # Configurations. Launchers pick only from these tables, and tests compile every entry ahead of
 # time for real GPUs, so nothing dispatch can choose is unproven on sm_75/80/90.
 
+
+@dataclass(frozen=True)
+class WindowTile:
+    """How patch_window_fwd is launched: rows per block, warps, software-pipeline stages, and the
+    persistent grid's programs per SM (the grid is min(row blocks, programs_per_sm * SMs))."""
+    block_m: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+
+    @property
+    def cache(self) -> str:
+        # Pipelined loads become asynchronous copies, which skip L1 unless asked to cache there;
+        # the taps re-read each window, so it must stay in L1.
+        return ".ca" if self.num_stages > 1 else ""
+
+
+#: The shipped forward tiles by dot dtype, on every GPU generation. Half precision: 4 warps over 64
+#: rows (one warpgroup's MMA tile on Hopper), no software pipelining: the loop's loads are plain
+#: 16-byte loads through L1, and latency is hidden by the 8 programs an SM holds at <= 64 registers.
+#: fp32 (IEEE dots run on the FMA units): 8 warps, which 32-channel tiles need to stay spill-free
+#: on sm_80. Chosen from SASS and register counts only: no GPU has timed them
+#: (bench/tune_patch_embedding.py sweeps them).
+WINDOW_FWD_TILES = {
+    torch.bfloat16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
+    torch.float16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
+    torch.float32: WindowTile(block_m=64, num_warps=8, num_stages=1, programs_per_sm=4),
+}
+WINDOW_BLOCK_C = (16, 32)  # a whole patch per tile: patch_len <= 32 takes the windowed forward
+WINDOW_BLOCK_O = (16, 32)  # output columns per program (more d_model: more column blocks)
+DWEIGHT_BLOCK_M = 32
+DWEIGHT_BLOCK_C = 16  # channel blocks are a grid axis: any patch_len
+DWEIGHT_NUM_WARPS = 8  # 4 spill with the dropout mask on sm_90 (Triton 3.6)
+DWEIGHT_NUM_STAGES = 3  # ~256 programs on a whole GPU: the row loop's loads must be pipelined
+MAX_DW_CHUNKS = 256  # fixed (not SM-count) so dW is the same bits on every GPU
+REDUCE_BLOCK_CHUNKS, REDUCE_BLOCK = 8, 256
+DX_BLOCK_J = 32  # 64 spills with fp32 dots (sm_80/90)
+DX_BLOCK_U = (16, 32)  # >= 2 * stride: stride <= 16 takes the windowed dx
+DX_BLOCK_D = (16, 32)
+DX_NUM_STAGES = 1  # the pipeliner's buffers for the d-loop's loads cost registers the loads do not need
+
+# the gather fallback
 GEMM_BLOCK_M = 64
 GEMM_BLOCK_K = (16,)
 GEMM_BLOCK_O = (16, 32)  # 64 spills under dropout (Philox on 4096 elements)
-DWEIGHT_BLOCK_M = 32
-DWEIGHT_BLOCK_K = 32
 FOLD_BLOCK_R, FOLD_BLOCK_T = 16, 64
 NUM_WARPS = 4
-DWEIGHT_NUM_WARPS = 8
-MAX_DW_CHUNKS = 256  # fixed (not SM-count) so dW is the same bits on every GPU
+
+
+@dataclass(frozen=True)
+class WindowFwdConfig:
+    block_c: int
+    block_o: int
+    dot_dtype: torch.dtype
+    dropout: bool
+    tile: Optional[WindowTile] = None  # None: WINDOW_FWD_TILES[dot_dtype]
+
+    def __post_init__(self):
+        if self.tile is None:
+            object.__setattr__(self, "tile", WINDOW_FWD_TILES[self.dot_dtype])
+
+
+#: WindowTile of patch_window_fwd for tuning (bench/tune_patch_embedding.py); None in normal use.
+#: Set only through override_window_tile: a tile here has not been through the ahead-of-time
+#: spill check of tests/test_aot.py.
+_WINDOW_TILE_OVERRIDE = [None]
+
+_TUNABLE = dict(block_m=(16, 32, 64, 128, 256), num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4))
+
+
+@contextlib.contextmanager
+def override_window_tile(tile: WindowTile):
+    """Launch patch_window_fwd with another tile inside the block (tuning only)."""
+    for field, allowed in _TUNABLE.items():
+        if getattr(tile, field) not in allowed:
+            raise ValueError(f"{field} must be one of {allowed}, got {getattr(tile, field)} in {tile}")
+    if tile.programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {tile.programs_per_sm}")
+    saved = _WINDOW_TILE_OVERRIDE[0]
+    _WINDOW_TILE_OVERRIDE[0] = tile
+    try:
+        yield
+    finally:
+        _WINDOW_TILE_OVERRIDE[0] = saved
+
+
+def windowed_forward(patch_len: int) -> bool:
+    """Whether the forward takes patch_window_fwd (else the gather fallback)."""
+    return patch_len <= WINDOW_BLOCK_C[-1]
+
+
+def windowed_dx(stride: int) -> bool:
+    """Whether dx takes patch_window_dx (else d(patches) by the gather, then patch_fold)."""
+    return 2 * stride <= DX_BLOCK_U[-1]
+
+
+def _fit(n: int, blocks: tuple) -> int:
+    """The smallest block of `blocks` >= n, else the largest."""
+    return next((b for b in blocks if b >= n), blocks[-1])
+
+
+def select_window_fwd_config(patch_len: int, d_model: int, dot_dt: torch.dtype, dropout: bool) -> WindowFwdConfig:
+    cfg = WindowFwdConfig(_fit(patch_len, WINDOW_BLOCK_C), _fit(d_model, WINDOW_BLOCK_O), dot_dt, dropout)
+    if _WINDOW_TILE_OVERRIDE[0] is not None:
+        cfg = dataclasses.replace(cfg, tile=_WINDOW_TILE_OVERRIDE[0])
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -228,41 +519,31 @@ class GemmConfig:
     num_warps: int = NUM_WARPS
 
 
-#: (BLOCK_M, num_warps) of patch_conv_gemm for tuning (bench/tune_patch_embedding.py); None in
-#: normal use. Set only through override_gemm_tile: a tile here has not been through the
-#: ahead-of-time spill check of tests/test_aot.py.
-_GEMM_TILE_OVERRIDE = [None]
-
-
-@contextlib.contextmanager
-def override_gemm_tile(block_m: int, num_warps: int):
-    """Launch patch_conv_gemm with another (BLOCK_M, num_warps) inside the block (tuning only)."""
-    if block_m not in (16, 32, 64, 128, 256) or num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"BLOCK_M must be a power of two in 16..256 and num_warps in 1..16, got "
-                         f"({block_m}, {num_warps})")
-    saved = _GEMM_TILE_OVERRIDE[0]
-    _GEMM_TILE_OVERRIDE[0] = (block_m, num_warps)
-    try:
-        yield
-    finally:
-        _GEMM_TILE_OVERRIDE[0] = saved
-
-
 def select_gemm_config(k_total: int, out_cols: int, dot_dt: torch.dtype, dropout: bool) -> GemmConfig:
     use_dot = k_total >= 16
     block_k = min(GEMM_BLOCK_K[-1], next_pow2(k_total)) if use_dot else GEMM_BLOCK_K[0]
     block_o = min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(out_cols)))
-    cfg = GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
-    if _GEMM_TILE_OVERRIDE[0] is not None:
-        cfg = dataclasses.replace(cfg, block_m=_GEMM_TILE_OVERRIDE[0][0], num_warps=_GEMM_TILE_OVERRIDE[0][1])
-    return cfg
+    return GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
 
 
 def dweight_block_o(d_model: int, dropout: bool) -> int:
-    # Regenerating the dropout mask (Philox) next to an fp32 FMA dot spills at 32 columns.
+    # Regenerating the dropout mask (Philox) next to an fp32 dot spills at 32 columns.
     if dropout:
         return GEMM_BLOCK_O[0]
-    return min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(d_model)))
+    return _fit(d_model, GEMM_BLOCK_O)
+
+
+def dweight_chunks(M: int) -> tuple:
+    """(number of row chunks, rows per chunk) of the dW reduction: a function of M alone."""
+    num_chunks = min(MAX_DW_CHUNKS, max(1, cdiv(M, DWEIGHT_BLOCK_M * 4)))
+    rows_per_chunk = cdiv(cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
+    return cdiv(M, rows_per_chunk), rows_per_chunk
+
+
+def _window_fwd_constexprs(cfg: WindowFwdConfig) -> dict:
+    return dict(BLOCK_M=cfg.tile.block_m, BLOCK_C=cfg.block_c, BLOCK_O=cfg.block_o, CACHE=cfg.tile.cache,
+                DOT_DTYPE=TL_DTYPE[cfg.dot_dtype], INPUT_PRECISION=input_precision(cfg.dot_dtype),
+                DROPOUT=cfg.dropout)
 
 
 def _gemm_constexprs(cfg: GemmConfig, allow_tf32: bool = False) -> dict:
@@ -271,6 +552,10 @@ def _gemm_constexprs(cfg: GemmConfig, allow_tf32: bool = False) -> dict:
         DOT_DTYPE=TL_DTYPE[cfg.dot_dtype], INPUT_PRECISION=input_precision(cfg.dot_dtype, allow_tf32),
         DROPOUT=cfg.dropout,
     )
+
+
+def _dropout_args(dropout_p: float) -> tuple:
+    return float(dropout_p), (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
 #: kernel name -> what its last launch returned (on a GPU, the compiled kernel: n_regs, n_spills)
@@ -284,19 +569,18 @@ def patch_conv(
     *, P: int, c_in: int, time_stride: int, clamp: int, w_strides: tuple, dot_dt: torch.dtype,
     seed: torch.Tensor, dropout_p: float = 0.0,  # seed: [1] int64 on the device
 ) -> torch.Tensor:
+    """The gather kernel (patch_conv_gemm): the forward's fallback, and d(patches) of dx's."""
     B, n_vars, _ = src.shape
     M, out_cols = out.shape
     if M == 0:
         return out
-    k_total = 3 * c_in
-    dropout = dropout_p > 0.0
-    cfg = select_gemm_config(k_total, out_cols, dot_dt, dropout)
+    cfg = select_gemm_config(3 * c_in, out_cols, dot_dt, dropout_p > 0.0)
     grid = (cdiv(M, cfg.block_m), cdiv(out_cols, cfg.block_o))
     last_launch["patch_conv_gemm"] = patch_conv_gemm[grid](
         src, weight, out,
         M, P, n_vars, c_in, out_cols, time_stride, clamp,
         src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
-        seed, float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout else 1.0,
+        seed, *_dropout_args(dropout_p),
         num_warps=cfg.num_warps, **_gemm_constexprs(cfg),
     )
     return out
@@ -310,14 +594,47 @@ def patch_embedding_fwd(
 ) -> torch.Tensor:  # y: [B*N*P, D]
     B, N, T = x.shape
     D = weight.shape[0]
-    y = torch.empty((B * N * P, D), device=x.device, dtype=store_dtype(out_dtype))
+    M = B * N * P
+    y = torch.empty((M, D), device=x.device, dtype=store_dtype(out_dtype))
+    dot_dt = dot_dtype(x.dtype, weight.dtype, device=x.device)
+    sw_d, sw_c, sw_k = weight.stride()
+    if M == 0:
+        pass
+    elif windowed_forward(patch_len):
+        cfg = select_window_fwd_config(patch_len, D, dot_dt, dropout_p > 0.0)
+        tile = cfg.tile
+        programs = min(cdiv(M, tile.block_m), tile.programs_per_sm * multiprocessor_count(x.device))
+        last_launch["patch_window_fwd"] = patch_window_fwd[(programs, cdiv(D, cfg.block_o))](
+            x, weight, y,
+            M, P, N, T, patch_len, stride * x.element_size(), D,
+            x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
+            seed, *_dropout_args(dropout_p),
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **_window_fwd_constexprs(cfg),
+        )
+    else:
+        patch_conv(x, weight, y, P=P, c_in=patch_len, time_stride=stride, clamp=T - 1,
+                   w_strides=(sw_k, sw_c, sw_d), dot_dt=dot_dt, seed=seed, dropout_p=dropout_p)
+    return y.to(out_dtype)
+
+
+def _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed):
+    """dx through d(patches) [M, patch_len] fp32 in memory (strides the windowed dx does not tile)."""
+    B, N, T = dx.shape
+    D = weight.shape[0]
+    M = B * N * P
+    # d(patches)[r, p, c] = sum_{k, d} W[d, c, 2 - k] * g[r, (p + k - 1) mod P, d]
+    dpatch = torch.empty((M, patch_len), device=g_src.device, dtype=torch.float32)
     sw_d, sw_c, sw_k = weight.stride()
     patch_conv(
-        x, weight, y, P=P, c_in=patch_len, time_stride=stride, clamp=T - 1,
-        w_strides=(sw_k, sw_c, sw_d), dot_dt=dot_dtype(x.dtype, weight.dtype, device=x.device),
-        seed=seed, dropout_p=dropout_p,
+        g_src.view(B * N, 1, P * D), weight[:, :, 2:], dpatch, P=P, c_in=D, time_stride=D,
+        clamp=P * D - 1, w_strides=(-sw_k, sw_d, sw_c),
+        dot_dt=dot_dtype(g_src.dtype, weight.dtype, device=g_src.device), seed=seed,
     )
-    return y.to(out_dtype)
+    R = B * N
+    patch_fold[(cdiv(R, FOLD_BLOCK_R), cdiv(T, FOLD_BLOCK_T))](
+        dpatch, dx, R, P, T, stride, patch_len, max(1, cdiv(patch_len, stride)),
+        BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T, num_warps=NUM_WARPS,
+    )
 
 
 def patch_embedding_bwd(
@@ -327,63 +644,62 @@ def patch_embedding_bwd(
     patch_len: int, stride: int, P: int,
     seed: torch.Tensor,  # seed: [1] int64 on the device, the forward's
     dropout_p: float, need_dx: bool, need_dw: bool,
-):  # -> (dx: [B, N, T] in x.dtype or None, dw: [D, patch_len, 3] fp32 or None)
+):  # -> (dx: [B, N, T] in x.dtype or None, dw: [D, patch_len, 3] in weight.dtype or None)
     B, N, T = x.shape
     D = weight.shape[0]
     M = B * N * P
-    g = grad_y.contiguous()
-    dropout = dropout_p > 0.0
-    scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
-    k_total = 3 * patch_len
-    dw = None
-    g_masked = g
     if M == 0:
-        dw = torch.zeros((D, patch_len, 3), device=g.device) if need_dw else None
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
         dx = torch.zeros_like(x) if need_dx else None
         return dx, dw
+    g = grad_y.contiguous()
+    dropout = dropout_p > 0.0
+    dw = None
+    g_src = g
     if need_dw or (need_dx and dropout):
-        # the dW pass regenerates the dropout mask anyway; when dx is wanted it also keeps
-        # the masked gradient so the dx pass does not need Philox again.
+        # the dW pass regenerates the dropout mask anyway; when dx is wanted it also keeps the
+        # masked gradient, so the dx pass does not need Philox again.
         write_masked = need_dx and dropout
         if write_masked:
-            g_masked = torch.empty((M, D), device=g.device, dtype=torch.float32)
-        num_chunks = min(MAX_DW_CHUNKS, max(1, cdiv(M, DWEIGHT_BLOCK_M * 4)))
-        rows_per_chunk = cdiv(cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
-        num_chunks = cdiv(M, rows_per_chunk)
+            g_src = torch.empty((M, D), device=g.device, dtype=torch.float32)
+        num_chunks, rows_per_chunk = dweight_chunks(M)
         block_o = dweight_block_o(D, dropout)
-        partial = torch.empty((num_chunks, k_total, D), device=g.device, dtype=torch.float32)
+        partial = torch.empty((num_chunks, 3, patch_len, D), device=g.device, dtype=torch.float32)
         dot_dt = dot_dtype(x.dtype, g.dtype, device=g.device) if not dropout else torch.float32
-        grid = (num_chunks, cdiv(k_total, DWEIGHT_BLOCK_K), cdiv(D, block_o))
-        patch_conv_dweight[grid](
-            x, g, partial, g_masked,
-            M, P, N, k_total, patch_len, D, stride, T - 1, rows_per_chunk,
+        patch_window_dweight[(num_chunks, cdiv(patch_len, DWEIGHT_BLOCK_C), cdiv(D, block_o))](
+            x, g, partial, g_src,
+            M, P, N, T, patch_len, stride * x.element_size(), D, rows_per_chunk,
             x.stride(0), x.stride(1), x.stride(2),
-            seed, float(dropout_p), scale,
-            BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_K=DWEIGHT_BLOCK_K, BLOCK_O=block_o,
+            seed, *_dropout_args(dropout_p),
+            BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o,
             DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
             DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked, num_warps=DWEIGHT_NUM_WARPS,
+            num_stages=DWEIGHT_NUM_STAGES,
         )
         if need_dw:
-            # [K, D] with K = (tap, channel) -> [D, patch_len, 3]
-            dw = partial.sum(0).view(3, patch_len, D).permute(2, 1, 0).contiguous()
+            dw = torch.empty((D, patch_len, 3), device=g.device, dtype=store_dtype(weight.dtype))
+            patch_dweight_reduce[(cdiv(3 * patch_len * D, REDUCE_BLOCK),)](
+                partial, dw, num_chunks, patch_len, D,
+                BLOCK_CHUNKS=REDUCE_BLOCK_CHUNKS, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+            )
+            dw = dw.to(weight.dtype)
     dx = None
     if need_dx:
-        # d(patches)[r, p, c] = sum_{k, d} W[d, c, 2 - k] * g[r, (p + k - 1) mod P, d]
-        dpatch = torch.empty((M, patch_len), device=g.device, dtype=torch.float32)
-        sw_d, sw_c, sw_k = weight.stride()
-        src = g_masked.view(B * N, 1, P * D)
-        patch_conv(
-            src, weight[:, :, 2:], dpatch, P=P, c_in=D, time_stride=D, clamp=P * D - 1,
-            w_strides=(-sw_k, sw_d, sw_c),
-            dot_dt=dot_dtype(g_masked.dtype, weight.dtype, device=g.device), seed=seed,
-        )
         dx = torch.empty((B, N, T), device=x.device, dtype=store_dtype(x.dtype))
-        R = B * N
-        grid = (cdiv(R, FOLD_BLOCK_R), cdiv(T, FOLD_BLOCK_T))
-        patch_fold[grid](
-            dpatch, dx, R, P, T, stride, patch_len, max(1, cdiv(patch_len, stride)),
-            BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T, num_warps=NUM_WARPS,
-        )
+        if windowed_dx(stride):
+            n_chunks = cdiv(T, stride)
+            dot_dt = dot_dtype(g_src.dtype, weight.dtype, device=g.device)
+            sw_d, sw_c, sw_k = weight.stride()
+            patch_window_dx[(cdiv(B * N * n_chunks, DX_BLOCK_J),)](
+                g_src, weight, dx,
+                B * N, P, T, patch_len, stride * dx.element_size(), D, n_chunks, cdiv(patch_len, stride),
+                sw_d, sw_c, sw_k,
+                BLOCK_J=DX_BLOCK_J, BLOCK_U=_fit(2 * stride, DX_BLOCK_U), BLOCK_D=_fit(D, DX_BLOCK_D),
+                DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
+                num_warps=NUM_WARPS, num_stages=DX_NUM_STAGES,
+            )
+        else:
+            _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed)
         dx = dx.to(x.dtype)
     return dx, dw
 
@@ -392,62 +708,126 @@ def patch_embedding_bwd(
 # Ahead-of-time compilation table (see timellm_fast.kernels.report and tests/test_aot.py).
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: (x, w, out, dot) pointer dtypes: each dtype alone, plus bf16 data with an fp32 weight (the
+#: mixed case Time-LLM users hit, computed in fp32)
+_PTR_CASES = [(torch.float32, torch.float32, torch.float32, torch.float32),
+              (torch.bfloat16, torch.float32, torch.float32, torch.float32),
+              (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+              (torch.float16, torch.float16, torch.float16, torch.float16)]
+#: the window kernels' integer arguments that SPEC §2 shapes make multiples of 16 (T = 512,
+#: P = 64, patch_len 16, d_model 16/32, stride 8 in bytes of bf16 = 16), as the JIT marks them
+_WINDOW_DIV16 = ("M", "P", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "s_b", "s_n", "s_wd")
+
+
+def _signature(ptrs: dict, ints: tuple, tail: dict, constexprs: dict) -> dict:
+    return {**ptrs, **{name: "i32" for name in ints}, **tail, **{k: "constexpr" for k in constexprs}}
+
+
+_DROPOUT_SIG = {"seed_ptr": "*i64", "dropout_p": "fp32", "dropout_scale": "fp32"}
+
+
+def window_fwd_aot_config(x_dt, w_dt, out_dt, cfg: WindowFwdConfig) -> dict:
+    cx = _window_fwd_constexprs(cfg)
+    sig = _signature({"x_ptr": f"*{SIG_DTYPE[x_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}", "out_ptr": f"*{SIG_DTYPE[out_dt]}"},
+                     ("M", "P", "N_VARS", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "s_b", "s_n", "s_t", "s_wd", "s_wc",
+                      "s_wk"), _DROPOUT_SIG, cx)
+    return dict(name=f"patch_window_fwd[x={SIG_DTYPE[x_dt]},w={SIG_DTYPE[w_dt]},dot={SIG_DTYPE[cfg.dot_dtype]},"
+                     f"C={cfg.block_c},O={cfg.block_o},dropout={cfg.dropout}]",
+                fn=patch_window_fwd, signature=sig, constexprs=cx, num_warps=cfg.tile.num_warps,
+                num_stages=cfg.tile.num_stages, divisible_by_16=_WINDOW_DIV16)
 
 
 def aot_configs() -> list:
     """Every (kernel, constexpr set) the launchers above can choose, with a representative
-    signature: pointer dtypes follow the dot dtype (plus bf16 data with an fp32 weight, the
-    mixed case Time-LLM users hit)."""
+    signature: pointer dtypes follow the dot dtype (plus bf16 data with an fp32 weight)."""
     configs = []
-    gemm_sig_base = {
-        "M": "i32", "P": "i32", "N_VARS": "i32", "C_IN": "i32",
-        "OUT_COLS": "i32", "TIME_STRIDE": "i32", "CLAMP": "i32",
-        "s_b": "i32", "s_n": "i32", "s_t": "i32", "s_wk": "i32", "s_wc": "i32", "s_wo": "i32",
-        "s_om": "i32", "s_oc": "i32", "seed_ptr": "*i64", "dropout_p": "fp32", "dropout_scale": "fp32",
-    }
-    ptr_cases = [(torch.float32, torch.float32, torch.float32, torch.float32),
-                 (torch.bfloat16, torch.float32, torch.float32, torch.float32),
-                 (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
-                 (torch.float16, torch.float16, torch.float16, torch.float16)]
-    for (x_dt, w_dt, out_dt, dot_dt), use_dot, block_k, block_o, dropout in itertools.product(
-            ptr_cases, (True, False), GEMM_BLOCK_K, GEMM_BLOCK_O, (False, True)):
-        if not use_dot and (block_k != GEMM_BLOCK_K[0] or dot_dt != torch.float32):
-            continue
-        cfg = GemmConfig(block_k, block_o, use_dot, dot_dt, dropout)
-        sig = {"src_ptr": f"*{SIG_DTYPE[x_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}",
-               "out_ptr": f"*{SIG_DTYPE[out_dt]}", **gemm_sig_base}
-        cx = _gemm_constexprs(cfg)
-        sig.update({k: "constexpr" for k in cx})
-        configs.append(dict(
-            name=f"patch_conv_gemm[x={SIG_DTYPE[x_dt]},w={SIG_DTYPE[w_dt]},dot={SIG_DTYPE[dot_dt]},"
-                 f"K={block_k},O={block_o},fma={not use_dot},dropout={dropout}]",
-            fn=patch_conv_gemm, signature=sig, constexprs=cx, num_warps=cfg.num_warps, num_stages=3))
-    dw_sig_base = {
-        "M": "i32", "P": "i32", "N_VARS": "i32", "K_TOTAL": "i32", "C_IN": "i32", "D": "i32",
-        "TIME_STRIDE": "i32", "CLAMP": "i32", "ROWS_PER_CHUNK": "i32",
-        "s_b": "i32", "s_n": "i32", "s_t": "i32", "seed_ptr": "*i64", "dropout_p": "fp32",
-        "dropout_scale": "fp32",
-    }
+    for (x_dt, w_dt, out_dt, dot_dt), block_c, block_o, dropout in itertools.product(
+            _PTR_CASES, WINDOW_BLOCK_C, WINDOW_BLOCK_O, (False, True)):
+        configs.append(window_fwd_aot_config(x_dt, w_dt, out_dt, WindowFwdConfig(block_c, block_o, dot_dt, dropout)))
     for dt, block_o, (dropout, write_masked) in itertools.product(
             _FLOAT_DTYPES, GEMM_BLOCK_O, ((False, False), (True, False), (True, True))):
         if block_o != dweight_block_o(block_o, dropout):
             continue
         dot_dt = dt if not dropout else torch.float32
-        cx = dict(BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_K=DWEIGHT_BLOCK_K, BLOCK_O=block_o,
+        cx = dict(BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o,
                   DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
                   DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked)
-        sig = {"x_ptr": f"*{SIG_DTYPE[dt]}", "g_ptr": f"*{SIG_DTYPE[dt]}",
-               "dw_partial_ptr": "*fp32", "g_masked_ptr": "*fp32", **dw_sig_base}
-        sig.update({k: "constexpr" for k in cx})
+        sig = _signature({"x_ptr": f"*{SIG_DTYPE[dt]}", "g_ptr": f"*{SIG_DTYPE[dt]}", "dw_partial_ptr": "*fp32",
+                          "g_masked_ptr": "*fp32"},
+                         ("M", "P", "N_VARS", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "ROWS_PER_CHUNK", "s_b", "s_n",
+                          "s_t"), _DROPOUT_SIG, cx)
         configs.append(dict(
-            name=f"patch_conv_dweight[{SIG_DTYPE[dt]},dot={SIG_DTYPE[dot_dt]},O={block_o},"
+            name=f"patch_window_dweight[{SIG_DTYPE[dt]},dot={SIG_DTYPE[dot_dt]},O={block_o},"
                  f"dropout={dropout},write_masked={write_masked}]",
-            fn=patch_conv_dweight, signature=sig, constexprs=cx, num_warps=DWEIGHT_NUM_WARPS, num_stages=3))
+            fn=patch_window_dweight, signature=sig, constexprs=cx, num_warps=DWEIGHT_NUM_WARPS,
+            num_stages=DWEIGHT_NUM_STAGES,
+            divisible_by_16=_WINDOW_DIV16))
+    for dt in _FLOAT_DTYPES:
+        cx = dict(BLOCK_CHUNKS=REDUCE_BLOCK_CHUNKS, BLOCK=REDUCE_BLOCK)
+        sig = _signature({"partial_ptr": "*fp32", "dw_ptr": f"*{SIG_DTYPE[dt]}"}, ("NUM_CHUNKS", "PATCH_LEN", "D"),
+                         {}, cx)
+        configs.append(dict(name=f"patch_dweight_reduce[{SIG_DTYPE[dt]}]", fn=patch_dweight_reduce, signature=sig,
+                            constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
+    # (g, w, dx, dot): g is the output gradient (weight's dtype) or, under dropout, the fp32
+    # masked gradient; dx has x's dtype
+    dx_cases = [(torch.float32, torch.float32, torch.float32, torch.float32),
+                (torch.float32, torch.float32, torch.bfloat16, torch.float32),
+                (torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+                (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                (torch.float16, torch.float16, torch.float16, torch.float16)]
+    for (g_dt, w_dt, dx_dt, dot_dt), block_u, block_d in itertools.product(dx_cases, DX_BLOCK_U, DX_BLOCK_D):
+        cx = dict(BLOCK_J=DX_BLOCK_J, BLOCK_U=block_u, BLOCK_D=block_d, DOT_DTYPE=TL_DTYPE[dot_dt],
+                  INPUT_PRECISION=input_precision(dot_dt))
+        sig = _signature({"g_ptr": f"*{SIG_DTYPE[g_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}", "dx_ptr": f"*{SIG_DTYPE[dx_dt]}"},
+                         ("R", "P", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "N_CHUNKS", "N_SHIFTS", "s_wd", "s_wc",
+                          "s_wk"), {}, cx)
+        configs.append(dict(
+            name=f"patch_window_dx[g={SIG_DTYPE[g_dt]},w={SIG_DTYPE[w_dt]},dx={SIG_DTYPE[dx_dt]},U={block_u},"
+                 f"D={block_d}]",
+            fn=patch_window_dx, signature=sig, constexprs=cx, num_warps=NUM_WARPS, num_stages=DX_NUM_STAGES,
+            divisible_by_16=("P", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "s_wd")))
+    gemm_ints = ("M", "P", "N_VARS", "C_IN", "OUT_COLS", "TIME_STRIDE", "CLAMP", "s_b", "s_n", "s_t", "s_wk",
+                 "s_wc", "s_wo", "s_om", "s_oc")
+    for (x_dt, w_dt, out_dt, dot_dt), use_dot, block_k, block_o, dropout in itertools.product(
+            _PTR_CASES, (True, False), GEMM_BLOCK_K, GEMM_BLOCK_O, (False, True)):
+        if not use_dot and (block_k != GEMM_BLOCK_K[0] or dot_dt != torch.float32):
+            continue
+        cfg = GemmConfig(block_k, block_o, use_dot, dot_dt, dropout)
+        cx = _gemm_constexprs(cfg)
+        sig = _signature({"src_ptr": f"*{SIG_DTYPE[x_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}",
+                          "out_ptr": f"*{SIG_DTYPE[out_dt]}"}, gemm_ints, _DROPOUT_SIG, cx)
+        configs.append(dict(
+            name=f"patch_conv_gemm[x={SIG_DTYPE[x_dt]},w={SIG_DTYPE[w_dt]},dot={SIG_DTYPE[dot_dt]},"
+                 f"K={block_k},O={block_o},fma={not use_dot},dropout={dropout}]",
+            fn=patch_conv_gemm, signature=sig, constexprs=cx, num_warps=cfg.num_warps, num_stages=3))
     for dt in _FLOAT_DTYPES:
         cx = dict(BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T)
-        sig = {"dpatch_ptr": "*fp32", "dx_ptr": f"*{SIG_DTYPE[dt]}", "R": "i32", "P": "i32",
-               "T": "i32", "STRIDE": "i32", "PATCH_LEN": "i32", "N_OVERLAP": "i32",
-               "BLOCK_R": "constexpr", "BLOCK_T": "constexpr"}
+        sig = _signature({"dpatch_ptr": "*fp32", "dx_ptr": f"*{SIG_DTYPE[dt]}"},
+                         ("R", "P", "T", "STRIDE", "PATCH_LEN", "N_OVERLAP"), {}, cx)
         configs.append(dict(name=f"patch_fold[{SIG_DTYPE[dt]}]", fn=patch_fold, signature=sig,
                             constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
     return configs
+
+
+#: The forward's configuration at Traffic-folded (SPEC §2: 20688 contiguous bf16 series, T 512,
+#: patch_len 16, stride 8, d_model 16) and the arguments the JIT compiles as the constant 1 there
+#: (one variable per series as bench/common.py lays it out, unit time stride, the weight's tap
+#: stride); the multiples of 16 are the configuration's divisible_by_16.
+TRAFFIC_FOLDED_FWD = "patch_window_fwd[x=bf16,w=bf16,dot=bf16,C=16,O=16,dropout=False]"
+TRAFFIC_FOLDED_ONES = ("N_VARS", "s_t", "s_wk")
+
+
+def traffic_cases() -> list:
+    """For `python -m timellm_fast.kernels.report --traffic`: the forward's main loop at
+    Traffic-folded, with SPEC §1.1's minimum per output row (each series read once, each row of
+    y written once; the weight is 1.5 KB for the whole call)."""
+    T, patch_len, stride, d_model, elem = 512, 16, 8, 16, 2
+    P = (T + stride - patch_len) // stride + 1
+    tile = WINDOW_FWD_TILES[torch.bfloat16]
+    config = next(c for c in aot_configs() if c["name"] == TRAFFIC_FOLDED_FWD)
+    return [dict(config=config, ones=TRAFFIC_FOLDED_ONES, div16=(),
+                 shape="Traffic-folded (T 512, patch 16/8, d_model 16, bf16)",
+                 rows_per_iteration=tile.block_m, threads=32 * tile.num_warps,
+                 minimum_read=T * elem / P, minimum_written=d_model * elem, footprint_read=T * elem / P,
+                 issued_note=f"reads: 3 taps x {patch_len * elem} B, overlapping windows meant to hit L1, plus the "
+                             f"series' last {32 // elem} steps, loaded only by the rows whose patches reach past T")]

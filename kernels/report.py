@@ -219,8 +219,62 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> d
             in_loops.update(m.group(1) for t in body for m in [re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t)] if m)
     loads = collections.Counter(m.group(1) for t in instructions
                                 for m in [re.search(r"\b(LDG[.A-Z0-9_]*|LDGSTS[.A-Z0-9_]*)", t)] if m)
+    stores = collections.Counter(m.group(1) for t in instructions for m in [re.search(GLOBAL_STORE, t)] if m)
     return dict(kernel=cfg["name"], arch=arch, instructions=len(instructions), loop_bodies=loops,
-                loads=dict(loads), loop_opcodes=dict(in_loops))
+                loads=dict(loads), stores=dict(stores), loop_opcodes=dict(in_loops),
+                loop_memory=dict(_loop_memory(instructions, labels)))
+
+
+GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"  # not LDGDEPBAR
+GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"
+
+
+def _loop_memory(instructions: list, labels: dict) -> "collections.Counter":
+    """Global loads and stores inside loop bodies, by full opcode (its width suffix included)."""
+    import collections
+
+    found = collections.Counter()
+    for i, text in enumerate(instructions):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), i + 1) < i:
+            for body_text in instructions[labels[target.group(1)]:i + 1]:
+                for pattern in (GLOBAL_LOAD, GLOBAL_STORE):
+                    m = re.search(pattern, body_text)
+                    if m:
+                        found[m.group(1)] += 1
+    return found
+
+
+def access_bytes(opcode: str) -> int:
+    """Bytes one thread moves with a global load/store opcode (LDG.E.128 -> 16, LDG.E.U16 -> 2;
+    no width suffix is a 32-bit access)."""
+    parts = opcode.split(".")
+    for part, size in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if part in parts:
+            return size
+    return 4
+
+
+def traffic_report(archs: Iterable[int]) -> List[str]:
+    """Bytes read and written per output row by each kernel file's traffic_cases() (a kernel's main
+    loop in SASS at a named specialization), against the case's SPEC minimum."""
+    lines = []
+    for mod in kernel_modules():
+        for case in getattr(mod, "traffic_cases", lambda: [])():
+            for arch in archs:
+                prof = sass_profile(case["config"], arch, case["ones"], case["div16"])
+                per_row = case["threads"] / case["rows_per_iteration"]
+                read = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("LD"))
+                written = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("ST"))
+                lines += [f"{case['config']['name']} sm_{arch}, {case['shape']}:",
+                          f"  loop body ({case['rows_per_iteration']} rows, {case['threads']} threads): "
+                          + ", ".join(f"{op} x{n}" for op, n in sorted(prof["loop_memory"].items())),
+                          f"  issued per output row: {read * per_row:.0f} B read, {written * per_row:.0f} B written"
+                          f" ({case['issued_note']})",
+                          f"  SPEC §1.1 minimum per output row: {case['minimum_read']:.0f} B read, "
+                          f"{case['minimum_written']:.0f} B written; the loop's reads cover {case['footprint_read']:.0f} "
+                          f"distinct B per row (the rest re-reads them)"]
+    return lines
 
 
 SPILL_MARK = "SPILLS"
@@ -262,8 +316,14 @@ def main(argv=None) -> int:
                                                    "constant 1, comma separated (unit strides: s_t,s_oc)")
     parser.add_argument("--div16", default="", help="with --sass: integer arguments compiled as "
                                                     "multiples of 16, comma separated")
+    parser.add_argument("--traffic", action="store_true",
+                        help="instead: global bytes read and written per output row by the kernels' main "
+                             "loops (SASS), against the SPEC minimum")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
+    if args.traffic:
+        print("\n".join(traffic_report(archs)))
+        return 0
     if args.sass:
         for cfg in all_configs():
             if args.sass in cfg["name"]:

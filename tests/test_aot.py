@@ -34,7 +34,8 @@ TOOLCHAINS = {"this-env": sys.executable,
 def test_every_kernel_file_contributes_configs():
     names = {cfg["fn"].__name__ if hasattr(cfg["fn"], "__name__") else cfg["fn"].fn.__name__
              for cfg in report.all_configs()}
-    assert {"patch_conv_gemm", "patch_conv_dweight", "patch_fold", "reprogramming_fwd_kernel",
+    assert {"patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce", "patch_window_dx",
+            "patch_conv_gemm", "patch_fold", "reprogramming_fwd_kernel",
             "reprogramming_bwd_dq_kernel", "reprogramming_bwd_dkdv_kernel"} <= names
     for cfg in report.all_configs():  # a config nobody can dispatch to would be dead weight
         assert set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS), cfg["name"]
@@ -130,3 +131,51 @@ def test_patch_embedding_gather_does_no_integer_division_per_element(toolchain):
         assert p["loop_opcodes"].get("LDG", 0) > 0, p  # the gather is inside them
         division = {op: n for op, n in p["loop_opcodes"].items() if op in ("I2F", "F2I", "MUFU")}
         assert not division, (p["arch"], division)
+
+
+@pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
+def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
+    """The windowed forward's main loop at Traffic-folded (contiguous bf16 series, stride 8) reads
+    its windows with 128-bit loads and writes y with 128-bit stores: no 2-byte gather is left in
+    the loop (the weight's strided gather happens once per program, before it). SASS of sm_90
+    and sm_80 from nvdisasm, specialized as the JIT compiles that launch."""
+    import ast
+
+    from timellm_fast.kernels import patch_embedding as pe
+
+    python = _toolchain_python(toolchain)
+    has_nvdisasm = subprocess.run(
+        [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
+                       "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
+    if has_nvdisasm != "True":
+        pytest.skip(f"the Triton of {python} ships no nvdisasm")
+    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", pe.TRAFFIC_FOLDED_FWD,
+                           "--arch", "80,90", "--ones", ",".join(pe.TRAFFIC_FOLDED_ONES)],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profiles = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [p["arch"] for p in profiles] == [80, 90]
+    for p in profiles:
+        assert len(p["loop_bodies"]) == 1, p  # the persistent loop over row blocks
+        loop = p["loop_memory"]
+        loads = {op: n for op, n in loop.items() if op.startswith("LDG")}
+        stores = {op: n for op, n in loop.items() if op.startswith("STG")}
+        assert loads and all(report.access_bytes(op) == 16 for op in loads), (p["arch"], loop)
+        assert loads.get("LDG.E.128", 0) >= 3, (p["arch"], loop)  # three taps (and the series' end)
+        assert stores and all(report.access_bytes(op) == 16 for op in stores), (p["arch"], loop)
+        assert sum(loop.values()) == sum(loads.values()) + sum(stores.values()), (p["arch"], loop)
+
+
+def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
+    """`report --traffic` (the same SASS, sm_90) states the bytes the forward's loop moves per
+    output row at Traffic-folded: y's 32 B written (a 16-byte store per thread, 128 threads per
+    64 rows), 128 B of reads issued (three 32-byte taps and the predicated series-end load), and
+    beside them the SPEC minimum of 16 B read and 32 B written."""
+    python = _toolchain_python("this-env")
+    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--traffic", "--arch", "90"],
+                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "nvdisasm" in proc.stderr:
+        pytest.skip("this Triton ships no nvdisasm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "issued per output row: 128 B read, 32 B written" in proc.stdout, proc.stdout
+    assert "SPEC §1.1 minimum per output row: 16 B read, 32 B written" in proc.stdout, proc.stdout

@@ -177,7 +177,7 @@ def test_ncu_driver_smoke_run():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "ncu_kernels.py"), "--smoke"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("patch_conv_gemm at cpu-tiny") == 2
+    assert proc.stdout.count("patch_window_fwd at cpu-tiny") == 2
 
 
 def test_targets_verdicts_follow_the_measured_ratios():

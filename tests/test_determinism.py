@@ -2,7 +2,7 @@
 
 Both ops, with and without dropout, including shapes whose backward splits the reduction over
 rows into several chunks (reprogramming dK/dV: `dkdv_rows_per_chunk`; patch embedding dW:
-`MAX_DW_CHUNKS` / `DWEIGHT_BLOCK_M`). The chunk partials are summed in a fixed order and no float
+`dweight_chunks`). The chunk partials are summed in a fixed order and no float
 atomics are used, so this must hold exactly.
 
 Where bitwise reproducibility does NOT hold (documented, not tested here):
@@ -17,6 +17,8 @@ Where bitwise reproducibility does NOT hold (documented, not tested here):
   backward and the literal reference's index ops can use non-deterministic CUDA algorithms unless
   ``torch.use_deterministic_algorithms(True)`` is set. On the CPU the eager path is deterministic.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,10 +84,11 @@ def reprogramming_run_other_seed(B, L, S, E, dropout, shared):
         return layer(target, source, value)
 
 
-def patch_run(B, N, T, dropout, d_model=24):
+def patch_run(B, N, T, dropout, d_model=24, contiguous=False):
     torch.manual_seed(1234)
     layer = PatchEmbedding(d_model, 16, 8, dropout).to(DEVICE).train()
-    x = torch.randn(B, T, N, device=DEVICE).permute(0, 2, 1).requires_grad_(True)
+    x = torch.randn(B, T, N, device=DEVICE).permute(0, 2, 1)
+    x = (x.contiguous() if contiguous else x).requires_grad_(True)
     torch.manual_seed(7)
     with dispatch.record_paths() as seen:
         y, _ = layer(x)
@@ -102,7 +105,20 @@ def test_patch_embedding_same_seed_same_bits(B, N, T, dropout, monkeypatch):
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     M = B * N * ((T + 8 - 16) // 8 + 1)
-    chunks = min(kern.MAX_DW_CHUNKS, max(1, -(-M // (kern.DWEIGHT_BLOCK_M * 4))))
+    chunks, _ = kern.dweight_chunks(M)
     if T == 256:
         assert chunks >= 4, "must use several dW chunks"
     assert_bitwise_equal(patch_run(B, N, T, dropout), patch_run(B, N, T, dropout))
+
+
+@requires_triton
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_patch_embedding_bits_do_not_depend_on_the_persistent_grid(dropout, monkeypatch):
+    """The forward's grid is a multiple of the GPU's SM count: each row's arithmetic and dropout
+    mask must not depend on it, so GPUs of one generation with different SM counts agree."""
+    from timellm_fast.kernels import patch_embedding as kern
+
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    shipped = patch_run(2, 8, 256, dropout, contiguous=True)
+    with kern.override_window_tile(dataclasses.replace(kern.WINDOW_FWD_TILES[torch.float32], programs_per_sm=3)):
+        assert_bitwise_equal(patch_run(2, 8, 256, dropout, contiguous=True), shipped)

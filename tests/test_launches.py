@@ -44,8 +44,8 @@ def test_patch_embedding_eval_forward_is_one_kernel_launch(monkeypatch):
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
     layer(x)  # first call: the cached seed placeholder is made here
-    counter = LaunchCounter(pe_kernels.patch_conv_gemm)
-    monkeypatch.setattr(pe_kernels, "patch_conv_gemm", counter)
+    counter = LaunchCounter(pe_kernels.patch_window_fwd)
+    monkeypatch.setattr(pe_kernels, "patch_window_fwd", counter)
     with torch.no_grad():
         ops = compute_ops(lambda: layer(x))
     assert ops == ["timellm_fast.patch_embedding_fwd"], ops

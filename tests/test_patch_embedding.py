@@ -322,30 +322,185 @@ def test_eval_mode_does_not_advance_the_rng():
 
 
 @requires_triton
-@pytest.mark.parametrize("tile", [(32, 2), (128, 8)], ids=["bm32-w2", "bm128-w8"])
-def test_gemm_tile_override_for_tuning_keeps_the_numbers(tile):
-    """bench/tune_patch_embedding.py launches other (BLOCK_M, num_warps) through
-    override_gemm_tile: blocks that straddle series boundaries (P = 9 patches) must give the
-    same output, forward and d(patches) backward, and the shipped tile must come back after."""
+@pytest.mark.parametrize("tile", [(32, 2, 1, 1), (128, 8, 2, 1), (16, 1, 3, 2)],
+                         ids=["bm32-w2-1prog", "bm128-w8-pipelined", "bm16-w1-2prog"])
+def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
+    """bench/tune_patch_embedding.py launches other tiles through override_window_tile: blocks that
+    straddle series boundaries (P = 9 patches), a persistent grid of one or two programs looping
+    over every row block, and pipelined (L1-cached asynchronous) loads must give the same output,
+    and the shipped tile must come back after."""
     from timellm_fast.kernels import patch_embedding as pe
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 41, generator=g).to(DEVICE).requires_grad_(True)
-    w = torch.randn(16, 8, 3, generator=g).to(DEVICE).requires_grad_(True)
-    grad = torch.randn(10, num_patches(41, 8, 4), 16, generator=g).to(DEVICE)
-
-    def run():
-        y = patch_embedding(x, w, 8, 4)
-        dx, dw = torch.autograd.grad(y, (x, w), grad)
-        return y, dx, dw
-
-    shipped = run()
-    with pe.override_gemm_tile(*tile):
-        assert pe.select_gemm_config(24, 16, torch.float32, False).block_m == tile[0]
-        tuned = run()
-    assert pe.select_gemm_config(24, 16, torch.float32, False).block_m == pe.GEMM_BLOCK_M
-    for name, a, b in zip(("y", "dx", "dW"), shipped, tuned):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    with pytest.raises(ValueError, match="BLOCK_M"):
-        with pe.override_gemm_tile(48, 4):
+    x = torch.randn(2, 5, 41, generator=g).to(DEVICE)
+    w = torch.randn(16, 8, 3, generator=g).to(DEVICE)
+    shipped = patch_embedding(x, w, 8, 4)
+    override = pe.WindowTile(*tile)
+    with pe.override_window_tile(override):
+        assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == override
+        tuned = patch_embedding(x, w, 8, 4)
+    assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == pe.WINDOW_FWD_TILES[torch.float32]
+    torch.testing.assert_close(tuned, shipped, rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle("y", tuned, patch_embedding_reference(x.double(), w.double(), 8, 4))
+    with pytest.raises(ValueError, match="block_m"):
+        with pe.override_window_tile(pe.WindowTile(48, 4, 1, 1)):
             pass
+
+
+# ---- which kernels run: the windowed kernels and the gather fallback ---------------------------
+
+PATCH_KERNELS = ("patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce", "patch_window_dx",
+                 "patch_conv_gemm", "patch_fold")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts launches of every patch-embedding kernel: {kernel name: count}."""
+    from helpers import LaunchCounter
+    from timellm_fast.kernels import patch_embedding as pe
+
+    counters = {name: LaunchCounter(getattr(pe, name)) for name in PATCH_KERNELS}
+    for name, counter in counters.items():
+        monkeypatch.setattr(pe, name, counter)
+
+    def counts():
+        return {name: c.launches for name, c in counters.items() if c.launches}
+    return counts
+
+
+# (name, B, N, T, patch_len, stride, d_model): the windowed kernels' cases, contiguous [B, N, T]
+# as Time-LLM passes it
+WINDOW_SHAPES = [
+    ("stride-divides-16-8", 2, 3, 64, 16, 8, 16),
+    ("stride-divides-8-4", 1, 2, 30, 8, 4, 8),
+    ("stride-equals-patch", 2, 2, 48, 16, 16, 16),
+    ("stride-not-dividing-12-5", 2, 2, 47, 12, 5, 24),
+    ("stride-not-dividing-16-6", 1, 3, 40, 16, 6, 16),
+    ("m4-patch1-stride1", 3, 1, 24, 1, 1, 8),
+    ("ragged-T-37", 2, 2, 37, 16, 8, 16),  # (T - patch_len) % stride != 0
+    ("last-patch-all-pad", 2, 1, 52, 4, 6, 8),  # stride > patch_len: patch P-1 starts past T
+    ("patch-longer-than-T", 1, 2, 5, 5, 3, 8),  # T = patch_len: every later patch is pad
+    ("patch32-stride16", 1, 2, 70, 32, 16, 40),  # widest windowed patch, widest dx chunk, 2 column blocks
+    ("d_model-1", 1, 1, 33, 16, 8, 1),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", WINDOW_SHAPES, ids=[s[0] for s in WINDOW_SHAPES])
+def test_windowed_kernels_match_oracle(shape, dtype, launches):
+    _, B, N, T, patch_len, stride, d_model = shape
+    x = make_series(B, N, T, dtype, contiguous=True)
+    w = make_weight(d_model, patch_len, dtype)
+    check_against_oracle(x, w, patch_len, stride)
+    # forward one launch; backward dW (partials + fixed-order sum) and dx, one launch each
+    assert launches() == {"patch_window_fwd": 1, "patch_window_dweight": 1, "patch_dweight_reduce": 1,
+                          "patch_window_dx": 1}
+
+
+class ArgumentsSeen:
+    """Stands in for a Triton kernel: records the first argument of each launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.first_args = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.first_args.append(args[0])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["permuted", "sliced", "offset-by-one"])
+def test_windowed_kernels_read_non_contiguous_input_in_place(layout, monkeypatch):
+    """Other strides (Time-LLM's permuted [B, T, N] view, every other step, a start that is not
+    16-byte aligned) take the same kernels, which read x itself through its strides."""
+    from timellm_fast.kernels import patch_embedding as pe
+
+    g = torch.Generator().manual_seed(5)
+    if layout == "permuted":
+        x = torch.randn(2, 45, 3, generator=g).permute(0, 2, 1)
+    elif layout == "sliced":
+        x = torch.randn(2, 3, 90, generator=g)[..., ::2]
+    else:
+        x = torch.randn(2, 3, 46, generator=g)[..., 1:]
+    x = x.to(DEVICE)
+    assert not x.is_contiguous()
+    seen = {name: ArgumentsSeen(getattr(pe, name)) for name in ("patch_window_fwd", "patch_window_dweight")}
+    for name, wrapper in seen.items():
+        monkeypatch.setattr(pe, name, wrapper)
+    xg = x.detach().requires_grad_(True)  # the same storage
+    w = make_weight(16, 16, torch.float32).requires_grad_(True)
+    y = patch_embedding(xg, w, 16, 8)
+    grad = torch.randn(y.shape, generator=g).to(DEVICE)
+    y.backward(grad)
+    for wrapper in seen.values():
+        (arg,) = wrapper.first_args
+        assert (arg.data_ptr(), arg.stride()) == (x.data_ptr(), x.stride()), "x was copied"
+    y64, dx64, dw64 = oracle(x, w, 16, 8, grad)
+    assert_close_to_oracle("y", y, y64)
+    assert_close_to_oracle("dx", xg.grad, dx64)
+    assert_close_to_oracle("dW", w.grad, dw64)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_wide_patch_forward_takes_the_gather_fallback(dtype, launches):
+    """patch_len > 32 has no windowed forward tile: the gather kernel computes it."""
+    x = make_series(2, 2, 100, dtype, contiguous=True)
+    w = make_weight(16, 40, dtype)
+    check_against_oracle(x, w, 40, 8)
+    assert launches() == {"patch_conv_gemm": 1, "patch_window_dweight": 1, "patch_dweight_reduce": 1,
+                          "patch_window_dx": 1}
+
+
+@requires_triton
+def test_wide_stride_dx_takes_the_gather_and_fold_fallback(launches):
+    """stride > 16 has no windowed dx tile: d(patches) by the gather kernel, then patch_fold."""
+    x = make_series(2, 2, 90, torch.float32, contiguous=True)
+    w = make_weight(16, 24, torch.float32)
+    check_against_oracle(x, w, 24, 20)
+    assert launches() == {"patch_window_fwd": 1, "patch_window_dweight": 1, "patch_dweight_reduce": 1,
+                          "patch_conv_gemm": 1, "patch_fold": 1}
+
+
+@requires_triton
+@pytest.mark.parametrize("need", ["dw", "dx", "dx-dropout"])
+def test_backward_launches_only_what_is_needed(need, launches):
+    """dW alone (Time-LLM: the series has no gradient) is two launches; dx alone one, or two under
+    dropout (the dW kernel regenerates the mask and keeps the masked gradient, without summing)."""
+    p = 0.3 if need == "dx-dropout" else 0.0
+    x = make_series(2, 3, 64, torch.float32, contiguous=True).requires_grad_(need != "dw")
+    w = make_weight(16, 16, torch.float32).requires_grad_(need == "dw")
+    y = patch_embedding(x, w, 16, 8, dropout_p=p, training=True)
+    fwd = launches()
+    y.sum().backward()
+    bwd = {k: v - fwd.get(k, 0) for k, v in launches().items() if v - fwd.get(k, 0)}
+    expected = {"dw": {"patch_window_dweight": 1, "patch_dweight_reduce": 1},
+                "dx": {"patch_window_dx": 1},
+                "dx-dropout": {"patch_window_dweight": 1, "patch_window_dx": 1}}[need]
+    assert bwd == expected
+
+
+@requires_triton
+@pytest.mark.parametrize("series", [1, 3, 13, 26], ids=lambda n: f"{n}-series")
+def test_persistent_forward_covers_awkward_row_counts(series):
+    """B·N·P rows (5, 15, 65, 130) not a multiple of the 16-row block, a grid of at most 3
+    programs looping over the blocks: every row is computed (uninitialized rows would fail the
+    oracle), and the dropout mask is the element's, whichever program computes it."""
+    from timellm_fast.kernels import patch_embedding as pe
+
+    T, patch_len, stride = 9, 4, 2  # P = 5
+    x = make_series(series, 1, T, torch.float32, contiguous=True)
+    w = make_weight(8, patch_len, torch.float32)
+    few_programs = pe.WindowTile(16, 1, 1, 3)
+    with pe.override_window_tile(few_programs):
+        y = patch_embedding(x, w, patch_len, stride)
+        torch.manual_seed(4)
+        y_drop = patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True)
+    assert_close_to_oracle("y", y, patch_embedding_reference(x.double(), w.double(), patch_len, stride))
+    torch.manual_seed(4)
+    assert torch.equal(y_drop, patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True))
+    kept = y_drop != 0
+    torch.testing.assert_close(y_drop[kept], (y * 2)[kept], rtol=1e-5, atol=1e-6)

@@ -68,6 +68,9 @@ SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
 @given(patch_problems())
 @example(dict(B=1, N=1, T=1, patch_len=1, stride=1, d_model=1, dtype="fp32", layout="contiguous", seed=0))
 @example(dict(B=1, N=1, T=20, patch_len=20, stride=12, d_model=17, dtype="fp16", layout="sliced", seed=1))
+# beyond the windowed tiles: the forward's gather (patch_len > 32), dx by d(patches) + fold (stride > 16)
+@example(dict(B=2, N=2, T=70, patch_len=40, stride=7, d_model=12, dtype="bf16", layout="permuted", seed=3))
+@example(dict(B=1, N=3, T=64, patch_len=24, stride=20, d_model=9, dtype="fp32", layout="sliced", seed=4))
 def test_triton_path_matches_oracle(p):
     with dispatch.record_paths() as seen:
         check_problem(p)

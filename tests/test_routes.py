@@ -149,8 +149,8 @@ def test_direct_eval_forward_of_the_patch_embedding_is_one_launch(monkeypatch):
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
     layer(x)  # the cached seed placeholder is made here
-    counter = LaunchCounter(pe_kernels.patch_conv_gemm)
-    monkeypatch.setattr(pe_kernels, "patch_conv_gemm", counter)
+    counter = LaunchCounter(pe_kernels.patch_window_fwd)
+    monkeypatch.setattr(pe_kernels, "patch_window_fwd", counter)
     with torch.no_grad(), dispatch.record_routes() as routes:
         y, _ = layer(x)
     assert routes == {("patch_embedding", "direct"): 1} and counter.launches == 1
