@@ -1,67 +1,105 @@
-"""Fused cross-attention of Time-LLM's reprogramming layer (SPEC §1.2): Triton kernels and launchers.
+"""Fused cross-attention of Time-LLM's reprogramming layer on factorized logits (SPEC §1.2, §1.3):
+Triton kernels and their launchers.
 
 Notation, used in every shape comment below:
 
-* ``R = B'·L`` query rows (the batch and patch axes folded together: every row attends to the
-  same prototypes, so the batch is just more rows),
-* ``H`` heads of width ``E`` (``HE = H·E``), ``DM = d_model``, ``S`` prototypes.
+* ``R = B'·L`` query rows (batch and patch axes folded: every row attends to the same prototypes),
+* ``H`` heads, ``E`` the value width of a head (d_keys), ``S`` prototypes,
+* ``D`` the width of the logits' dot products: d_model padded to BLOCK_D on the factorized form, E
+  on the standard one.
 
-What the kernels compute, per (row r, head h):
+Per head h the kernels see the logits as a thin product plus a bias:
 
-    q       = target[r] · Wq[hE:(h+1)E]ᵀ + bq[hE:(h+1)E]                         (never stored)
-    P[s]    = softmax_s(q · K[s, hE:(h+1)E] / sqrt(E))
-    out[r, hE:(h+1)E] = Σ_s dropout(P)[s] · V[s, hE:(h+1)E]
-    lse[h, r] = log2 Σ_s 2^(q·K[s]·log2(e)/sqrt(E))       (base 2: the kernels work with exp2)
+    Z_h[r, s] = scale · (X_h[r] · Y_h[s] + c_h[s])        (natural-log units; the kernels use exp2)
+    P_h       = softmax_s(Z_h)
+    out[r, hE:(h+1)E] = Σ_s dropout(P_h)[r, s] · V_h[s]
+    lse[h, r] = log2 Σ_s 2^(log2(e)·Z_h[r, s])
 
-K and V come from GEMMs in the op layer (timellm_fast/reprogramming.py); so do the output
-projection and every weight gradient. The kernels only cover the part that would otherwise
-materialize the [B', H, L, S] attention matrix.
+* factorized form (d_model <= E: every Time-LLM shape): X_h = target for every head, Y_h = K_h·Wq_h
+  ([S, d_model]), c_h = K_h·bq_h, scale = 1/sqrt(E). X_h·Y_hᵀ + c_h = Q_h·K_hᵀ exactly, so Q is never
+  formed and the logit dots are d_model wide instead of E (SPEC §1.3).
+* standard form (d_model > E): X_h = Q_h from a cuBLAS projection, Y_h = K_h, no bias.
 
-Dropout (training) uses Triton's counter-based Philox generator, so the backward kernels
-regenerate the forward's mask instead of storing it. Each element (r, h, s) of the virtual
-[R, H, S] probability matrix gets
+The op layer (timellm_fast/reprogramming.py) builds X, Y, c and V with GEMMs; the kernels never see a
+projection weight. Layouts (every tensor has unit stride along its last axis):
+
+    x    [R, *]       head h reads columns h·x_head_stride + [0, D) (x_head_stride 0: factorized)
+    mc   [H, W, S']   the prototype side, transposed: rows [0, D) hold Y_hᵀ, row D the bias c_h
+                      (factorized; W = D + 1), or W = D = E rows of K_hᵀ (standard). Rows run along
+                      the prototypes, so a block of them, its bias included, is read with 16-byte
+                      loads: the row stride is a multiple of 8 (S' = S rounded up to 8)
+    v    [S, H, E]
+    out  [R, H·E]     heads merged: what the output projection reads
+    lse  [H, R]       fp32, base 2
+
+Backward, from the forward's lse and the stored output O (G = d out):
+
+    delta[h, r] = Σ_e G·O over head h's columns    (= Σ_s P·dP; bench/ROOFLINE.md "Delta")
+    dP = G_h·V_hᵀ (through the forward's dropout mask),  dZ = P ∘ (dP − delta)
+    prototype side:  dV_h = dropout(P)ᵀ·G_h,  dY_h = scale·dZᵀ·X_h,  dc_h = scale·Σ_r dZ
+    row side:        dX_h = scale·dZ·Y_h       (factorized: summed over heads into d target)
+
+`attention_bwd_protos_kernel` owns a block of prototypes of one head and a chunk of rows: it forms
+each (row, prototype) element's P, dP and dZ once (6·D + 4·E MMA FLOPs per element), keeps the
+prototype side in registers (one fp32 partial per row chunk, summed in a fixed order) and, in the
+default mode, adds the row side into dX with fp32 atomics (the order of those additions varies run
+to run, as in FlashAttention's and PyTorch's own SDPA backward). Deterministic mode takes the row
+side from `attention_bwd_rows_kernel` instead, a row-stationary pass that forms P, dP and dZ a second
+time and reduces in a fixed order (8·D + 6·E per element in all): bitwise reproducible.
+
+The row-stationary loops (forward, row pass) run their full prototype blocks without masks and the
+last, partial block with them: in a loop bound by instruction issue, a compare and a select per
+element are a tenth of the work.
+
+Exponentials: MUFU.EX2 by default; a configuration may compute POLY_EIGHTHS eighths of them as a
+polynomial on the FMA units (_exp2_poly), chosen per group of POLY_GROUP prototypes so that every
+kernel gives an element the same exponential. The forward may skip rescales below a threshold
+(RESCALE_THRESHOLD). The tiles module has each configuration's values and bench/ROOFLINE.md the
+reasoning.
+
+Dropout (training) uses Triton's counter-based Philox generator, so the backward kernels regenerate
+the forward's mask instead of storing it. Each element (r, h, s) of the virtual [R, H, S] probability
+matrix gets
 
     key     = seed + 2**32 · (h + H · (r // rows_per_group))
     counter = (r mod rows_per_group) · S + s
 
 `rows_per_group` is a multiple of 128 chosen on the host so that every counter fits in int32
-(``rows_per_group · S < 2**31``); any row block of at most 128 rows aligned to its size lies in
-one group, so the key is a scalar per block. Distinct (seed, h, group) give distinct Philox keys
-and distinct (r, s) inside a group give distinct counters: every element draws its own number
-whatever the tiling, which is what lets three kernels with different tilings agree on the mask.
-An element is kept when its uniform draw is >= dropout_p, with probability 1 - dropout_p.
+(``rows_per_group · S < 2**31``); any row block of at most 128 rows aligned to its size lies in one
+group, so the key is a scalar per block. Distinct (seed, h, group) give distinct Philox keys and
+distinct (r, s) inside a group distinct counters: every element draws its own number whatever the
+tiling, which is what lets kernels with different tilings agree on the mask. An element is kept when
+its uniform draw is >= dropout_p, with probability 1 - dropout_p.
 
-Every configuration a launcher can pick comes from :func:`config_table`; :func:`aot_configs`
-lists the same table for ahead-of-time compilation.
+Launch parameters come only from kernels/reprogramming_attention_tiles.py.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import math
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (SIG_DTYPE, TL_DTYPE, cdiv, device_capability, dot_dtype, input_precision, interpreting,
-                      next_pow2, store_dtype)
+from ._launch import cdiv, interpreting, store_dtype
+from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
+                                            PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
+                                            is_factorized, launch_params, no_config_reason, override_softmax,
+                                            override_tiles, select_config)
+from .reprogramming_attention_tiles import aot_configs as tiles_aot_configs
 
-#: head widths the kernels accept; E is padded with masks up to the next block width
-MIN_HEAD_DIM = 16
-MAX_HEAD_DIM = 128
-BLOCK_E_CHOICES = (32, 64, 128)
-#: the d_model axis of the query prologue is walked in chunks of this width (tl.dot needs >= 16)
-BLOCK_DM = 16
-#: largest row block of any kernel; Philox row groups are multiples of it
-MAX_BLOCK_R = 128
-#: the dK/dV kernel splits the rows into chunks until the grid has about this many programs
-DKDV_TARGET_PROGRAMS = 512
+#: the prototype-stationary backward splits the rows into chunks until the grid has about this many programs
+PROTOS_TARGET_PROGRAMS = 512
 INT32_LIMIT = 2**31 - 1
+LOG2E = 1.4426950408889634
+#: mc's strides reach the kernels in units of PROTOTYPE_ALIGN elements, multiplied back by this
+#: constant: the compiler then knows every row of mc starts 16-byte aligned and loads it 16 bytes at
+#: a time (the JIT marks only multiples of 16 as aligned, and S = 1000 is not one)
+_ALIGN = tl.constexpr(PROTOTYPE_ALIGN)
 
-_LOG2E = 1.4426950408889634
+__all__ = ["BLOCK_E_CHOICES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "PROTOTYPE_ALIGN", "AttentionConfig",
+           "attention_forward", "attention_backward", "block_d_for", "block_e_for", "dropout_keep_mask",
+           "is_factorized", "override_softmax", "override_tiles", "select_config", "unsupported_reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,49 +121,30 @@ def _dot_operand(x, DOT_DTYPE: tl.constexpr, ROUND_TO_BF16: tl.constexpr):
 
 
 @triton.jit
-def _project_query(
-    target_ptr,  # target: [R, DM]
-    wq_ptr,  # wq: [H*E, DM]
-    bq_ptr,  # bq: [H*E]
-    offs_r,  # [BLOCK_R] global row indices
-    r_mask,  # [BLOCK_R]
-    offs_e,  # [BLOCK_E]
-    e_mask,  # [BLOCK_E]
-    head,
-    DM,
-    E,
-    BLOCK_R: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_DM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ROUND_TO_BF16: tl.constexpr,
-):
-    """q: [BLOCK_R, BLOCK_E] in DOT_DTYPE, this head's query projection of the given target rows
-    (accumulated and biased in fp32, rounded once for the attention dots)."""
-    offs_dm = tl.arange(0, BLOCK_DM)
-    target_rows = target_ptr + offs_r.to(tl.int64)[:, None] * DM  # [BLOCK_R, 1]
-    wq_cols = wq_ptr + (head * E + offs_e)[None, :] * DM  # [1, BLOCK_E]
-    q = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-    for dm_start in range(0, DM, BLOCK_DM):
-        dm = dm_start + offs_dm
-        dm_mask = dm < DM
-        target_tile = tl.load(target_rows + dm[None, :], mask=r_mask[:, None] & dm_mask[None, :], other=0.0)
-        wq_tile = tl.load(wq_cols + dm[:, None], mask=dm_mask[:, None] & e_mask[None, :], other=0.0)
-        # target_tile: [BLOCK_R, BLOCK_DM], wq_tile: [BLOCK_DM, BLOCK_E]
-        q = tl.dot(target_tile.to(DOT_DTYPE), wq_tile.to(DOT_DTYPE), q, input_precision=INPUT_PRECISION)
-    bias = tl.load(bq_ptr + head * E + offs_e, mask=e_mask, other=0.0).to(tl.float32)
-    return _dot_operand(q + bias[None, :], DOT_DTYPE, ROUND_TO_BF16)
+def _load_rows(ptr, offs_r, r_mask, cols, col_mask, stride_r, DOT_DTYPE: tl.constexpr):
+    """[len(offs_r), len(cols)] tile of a row-major operand (0 outside the masks), in DOT_DTYPE."""
+    ptrs = ptr + offs_r.to(tl.int64)[:, None] * stride_r + cols[None, :]
+    return tl.load(ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(DOT_DTYPE)
 
 
 @triton.jit
-def _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE: tl.constexpr):
-    """(k, v): [BLOCK_S, BLOCK_E] each in DOT_DTYPE, this head's prototypes offs_s (0 outside S, E)."""
-    offsets = offs_s[:, None] * stride_kv + head_cols[None, :]
-    mask = s_mask[:, None] & e_mask[None, :]
-    k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(DOT_DTYPE)
-    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(DOT_DTYPE)
-    return k, v
+def _load_protos(mc_head, v_head, offs_s, s_mask, offs_d, d_mask, offs_e, e_mask, D, stride_mc_d, stride_v_s,
+                 has_bias, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One head's prototypes offs_s: (y_t: [BLOCK_D, BLOCK_S] and v: [BLOCK_S, BLOCK_E] in DOT_DTYPE,
+    bias: [BLOCK_S] fp32, zeros without one). MASKED: the block runs past S."""
+    y_ptrs = mc_head + offs_d[:, None] * stride_mc_d + offs_s[None, :]
+    v_ptrs = v_head + offs_s[:, None] * stride_v_s + offs_e[None, :]
+    # the flag broadcast to a tensor first: the interpreter cannot mask with a scalar bool
+    bias_mask = (offs_s * 0 + has_bias) != 0
+    if MASKED:
+        y_t = tl.load(y_ptrs, mask=d_mask[:, None] & s_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=s_mask[:, None] & e_mask[None, :], other=0.0)
+        bias = tl.load(mc_head + D * stride_mc_d + offs_s, mask=bias_mask & s_mask, other=0.0)
+    else:
+        y_t = tl.load(y_ptrs, mask=d_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=e_mask[None, :], other=0.0)
+        bias = tl.load(mc_head + D * stride_mc_d + offs_s, mask=bias_mask, other=0.0)
+    return y_t.to(DOT_DTYPE), v.to(DOT_DTYPE), bias.to(tl.float32)
 
 
 @triton.jit
@@ -133,9 +152,7 @@ def _dropout_keep(seed, head, H, block_row_start, rows_per_group, rows, protos, 
     """Keep mask (True = kept) for the elements (rows, protos); the two broadcast against each other.
 
     The (key, counter) scheme is documented at the top of this module; `block_row_start` must be
-    the first row of a block that does not cross a multiple of `rows_per_group`. The kernels mark
-    `seed` do_not_specialize: the JIT would otherwise turn a seed of 1 into a constexpr (no .to())
-    and compile twice for seeds that are and are not multiples of 16.
+    the first row of a block that does not cross a multiple of `rows_per_group`.
     """
     group = block_row_start // rows_per_group
     key = seed.to(tl.uint64) + ((head + H * group).to(tl.uint64) << 32)
@@ -143,48 +160,127 @@ def _dropout_keep(seed, head, H, block_row_start, rows_per_group, rows, protos, 
     return tl.rand(key, counter) >= dropout_p
 
 
-@triton.jit
-def _probs_and_grads(
-    q,  # [BLOCK_R, BLOCK_E] in DOT_DTYPE
-    dout,  # [BLOCK_R, BLOCK_E] in DOT_DTYPE
-    lse,  # [BLOCK_R] fp32, base 2
-    k_ptr,  # k: [S, H*E], row stride stride_kv
-    v_ptr,  # v: [S, H*E], row stride stride_kv
-    proto_start,
-    head_cols,  # [BLOCK_E] columns of this head in H*E
-    e_mask,  # [BLOCK_E]
-    offs_r,  # [BLOCK_R]
-    row_start,
-    head,
-    H,
-    S,
-    stride_kv,
-    qk_scale_log2,
-    dropout_p,
-    seed,
-    rows_per_group,
-    BLOCK_S: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
-    """For the prototypes [proto_start, proto_start + BLOCK_S): (k, P, dP).
+#: 2^f on [-1/2, 1/2], the minimax (relative error) cubic with p(0) = 1: max relative error 1.02e-4,
+#: 38x below the bf16 rounding (2^-8) that P gets anyway as an MMA operand
+_EXP2_C1 = tl.constexpr(0.6932828857276646)
+_EXP2_C2 = tl.constexpr(0.2422102431806135)
+_EXP2_C3 = tl.constexpr(0.05500858446972155)
+#: 1.5 · 2^23: adding it rounds an fp32 |x| < 2^22 to an integer held in the low mantissa bits
+_ROUND_MAGIC = tl.constexpr(12582912.0)
+#: prototypes per group of the exponential's split: an element of prototype s takes the polynomial
+#: iff (s // POLY_GROUP) % 8 < POLY_EIGHTHS. Every BLOCK_S divides it, so a block lies in one group
+#: and the forward and both backward kernels give an element the same exponential whatever their tiles.
+POLY_GROUP = tl.constexpr(128)
 
-    k: [BLOCK_S, BLOCK_E] in DOT_DTYPE; P: [BLOCK_R, BLOCK_S] the softmax probabilities before
-    dropout (0 past S); dP: [BLOCK_R, BLOCK_S] the gradient w.r.t. P, i.e. dout·Vᵀ through the
-    forward's dropout mask and 1/(1-p).
-    """
+
+@triton.jit
+def _exp2_poly(x):
+    """2^x on the FMA units instead of the special-function units (MUFU.EX2), which do 16 exponentials
+    per clock per SM against 128 FMAs. For the softmax's arguments: x <= 0, or up to the forward's
+    rescale threshold (x < 127 in all). x = n + f with n = round(x) (the magic-number add: no F2I,
+    which would run on the same slow pipe), 2^f by a cubic in Horner form, n added into the exponent
+    bits. x is clamped at -127, where the result is exactly +0.0 (so a masked -inf gives 0); between
+    -127 and -126, where 2^x is below the smallest normal fp32, the result is off by less than 2^-125
+    absolute. Relative error elsewhere <= 1.02e-4 (tests/test_reprogramming.py)."""
+    x = tl.maximum(x, -127.0)
+    rounded = x + _ROUND_MAGIC
+    f = x - (rounded - _ROUND_MAGIC)  # [-1/2, 1/2]
+    p = 1.0 + f * (_EXP2_C1 + f * (_EXP2_C2 + f * _EXP2_C3))
+    # the low bits of `rounded` hold n (two's complement, mod 2^9): shifted into the exponent field
+    bits = p.to(tl.int32, bitcast=True) + (rounded.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _softmax_exp2(x, proto_start, POLY_EIGHTHS: tl.constexpr):
+    """2^x of a block of softmax arguments whose prototypes start at proto_start: by the polynomial
+    for POLY_EIGHTHS of every 8 prototype groups, by MUFU.EX2 for the rest. 0 and 8 leave no branch."""
+    if POLY_EIGHTHS == 0:
+        return tl.exp2(x)
+    elif POLY_EIGHTHS == 8:
+        return _exp2_poly(x)
+    else:
+        if ((proto_start // POLY_GROUP) % 8) < POLY_EIGHTHS:
+            p = _exp2_poly(x)
+        else:
+            p = tl.exp2(x)
+        return p
+
+
+@triton.jit
+def _forward_block(
+    acc, row_sum, row_max,  # the online softmax's state: [BLOCK_R, BLOCK_E], [BLOCK_R], [BLOCK_R] fp32
+    x,  # [BLOCK_R, BLOCK_D] in DOT_DTYPE
+    proto_start, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask,
+    S, D, H, stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group, dropout_p,
+    BLOCK_S: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    POLY_EIGHTHS: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr, ROUND_TO_BF16: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One block of prototypes of the forward's online softmax: returns the updated (acc, row_sum, row_max).
+
+    row_max is the reference maximum the running sums are scaled to. With RESCALE_THRESHOLD > 0 it
+    moves only when a row's maximum exceeds it by more than the threshold, so most blocks skip the
+    rescale: P·2^(m - ref) <= 2^RESCALE_THRESHOLD stays bounded (row_sum <= S·2^threshold; at 8, a P
+    operand of at most 256 is exact in bf16 and fp16), and the result is exact because the final
+    normalization and lse use the same reference."""
     offs_s = proto_start + tl.arange(0, BLOCK_S)
     s_mask = offs_s < S
-    k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
-    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
-    probs = tl.where(s_mask[None, :], tl.exp2(scores - lse[:, None]), 0.0)
-    dprobs = tl.dot(dout, tl.trans(v), input_precision=INPUT_PRECISION)
+    y_t, v, bias = _load_protos(mc_head, v_head, offs_s, s_mask, offs_d, d_mask, offs_e, e_mask, D, stride_mc_d,
+                                stride_v_s, has_bias, MASKED, DOT_DTYPE)
+    # base-2 logits; bias·scale is one multiply per prototype, the rest one FMA per element
+    logits = tl.dot(x, y_t, input_precision=INPUT_PRECISION) * qk_scale + (bias * qk_scale)[None, :]
+    if MASKED:
+        logits = tl.where(s_mask[None, :], logits, float("-inf"))
+    block_max = tl.max(logits, axis=1)
+    if RESCALE_THRESHOLD == 0:
+        new_max = tl.maximum(row_max, block_max)
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale
+        acc = acc * rescale[:, None]
+    else:
+        new_max = tl.where(block_max > row_max + RESCALE_THRESHOLD, block_max, row_max)
+        if tl.max((new_max != row_max).to(tl.int32), axis=0) > 0:  # one branch for the whole block
+            rescale = tl.exp2(row_max - new_max)
+            row_sum = row_sum * rescale
+            acc = acc * rescale[:, None]
+    probs = _softmax_exp2(logits - new_max[:, None], proto_start, POLY_EIGHTHS)
+    # the softmax normalizer counts every prototype; dropout acts on the normalized probabilities
+    row_sum = row_sum + tl.sum(probs, axis=1)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, head, H, row_start, rows_per_group, offs_r[:, None], offs_s[None, :], S,
                              dropout_p)
-        dprobs = tl.where(keep, dprobs * (1.0 / (1.0 - dropout_p)), 0.0)
-    return k, probs, dprobs
+        probs = tl.where(keep, probs, 0.0)
+    acc = tl.dot(_dot_operand(probs, DOT_DTYPE, ROUND_TO_BF16), v, acc, input_precision=INPUT_PRECISION)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def _row_block(
+    dx,  # the row side's accumulator: [BLOCK_R, BLOCK_D] fp32
+    x, grad, lse, delta,  # [BLOCK_R, BLOCK_D], [BLOCK_R, BLOCK_E] in DOT_DTYPE; [BLOCK_R], [BLOCK_R] fp32
+    proto_start, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask,
+    S, D, H, stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group, dropout_p,
+    keep_scale,
+    BLOCK_S: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, POLY_EIGHTHS: tl.constexpr,
+    ROUND_TO_BF16: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One block of prototypes of the row-stationary backward: returns dx + dZ·Y_h over the block."""
+    offs_s = proto_start + tl.arange(0, BLOCK_S)
+    s_mask = offs_s < S
+    y_t, v, bias = _load_protos(mc_head, v_head, offs_s, s_mask, offs_d, d_mask, offs_e, e_mask, D, stride_mc_d,
+                                stride_v_s, has_bias, MASKED, DOT_DTYPE)
+    logits = tl.dot(x, y_t, input_precision=INPUT_PRECISION) * qk_scale + (bias * qk_scale)[None, :]
+    probs = _softmax_exp2(logits - lse[:, None], proto_start, POLY_EIGHTHS)
+    if MASKED:
+        probs = tl.where(s_mask[None, :], probs, 0.0)
+    dprobs = tl.dot(grad, tl.trans(v), input_precision=INPUT_PRECISION)
+    if dropout_p > 0.0:
+        keep = _dropout_keep(seed, head, H, row_start, rows_per_group, offs_r[:, None], offs_s[None, :], S,
+                             dropout_p)
+        dprobs = tl.where(keep, dprobs * keep_scale, 0.0)
+    dlogits = probs * (dprobs - delta[:, None])
+    return tl.dot(_dot_operand(dlogits, DOT_DTYPE, ROUND_TO_BF16), tl.trans(y_t), dx, input_precision=INPUT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,245 +288,255 @@ def _probs_and_grads(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def reprogramming_fwd_kernel(
-    target_ptr,  # target: [R, DM]
-    wq_ptr,  # wq: [H*E, DM]
-    bq_ptr,  # bq: [H*E]
-    k_ptr,  # k: [S, H*E], row stride stride_kv
-    v_ptr,  # v: [S, H*E], row stride stride_kv
-    out_ptr,  # out: [R, H*E] (heads merged, what the out projection reads)
-    lse_ptr,  # lse: [H, R] fp32, base-2 log-sum-exp of the log2(e)/sqrt(E)-scaled scores
-    R,
-    S,
-    DM,
-    H,
-    E,
-    stride_kv,
-    qk_scale_log2,  # log2(e) / sqrt(E)
+@triton.jit(do_not_specialize=["has_bias"])
+def attention_fwd_kernel(
+    x_ptr,  # x: [R, *], head h's logit operand at columns h*x_head_stride + [0, D)
+    mc_ptr,  # mc: [H, W, S'] (strides stride_mc_h8·8, stride_mc_d8·8, 1): Y_hᵀ in rows [0, D), c_h in row D
+    v_ptr,  # v: [S, H, E] (strides stride_v_s, stride_v_h, 1)
+    out_ptr,  # out: [R, H*E], written here (heads merged)
+    lse_ptr,  # lse: [H, R] fp32, written here: base-2 log-sum-exp of the logits
+    R, S, D, H, E,
+    stride_x_r, x_head_stride, stride_mc_h8, stride_mc_d8, stride_v_s, stride_v_h,
+    has_bias,  # 1: factorized form, c_h in row D of mc; 0: standard form
+    qk_scale,  # log2(e) · scale: logits in base-2 units
     dropout_p,
     seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
     rows_per_group,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_DM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    POLY_EIGHTHS: tl.constexpr,  # share of the exponentials on the FMA units (_softmax_exp2), in eighths
+    RESCALE_THRESHOLD: tl.constexpr,  # base-2: rescale only when a row's maximum grows by more (0: always)
     ROUND_TO_BF16: tl.constexpr,
 ):
-    seed = tl.load(seed_ptr)
     row_start = tl.program_id(0) * BLOCK_R
     head = tl.program_id(1)
     offs_r = row_start + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     r_mask = offs_r < R
+    d_mask = offs_d < D
     e_mask = offs_e < E
+    stride_mc_h, stride_mc_d = stride_mc_h8 * _ALIGN, stride_mc_d8 * _ALIGN  # 16-byte aligned rows
+    x = _load_rows(x_ptr, offs_r, r_mask, head * x_head_stride + offs_d, d_mask, stride_x_r, DOT_DTYPE)
+    mc_head = mc_ptr + head * stride_mc_h
+    v_head = v_ptr + head * stride_v_h
+    seed = tl.load(seed_ptr)
 
-    q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
-
-    head_cols = head * E + offs_e
     row_max = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-    for proto_start in range(0, S, BLOCK_S):
-        offs_s = proto_start + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < S
-        k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2  # [BLOCK_R, BLOCK_S]
-        scores = tl.where(s_mask[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp2(row_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        # the softmax normalizer counts every prototype; dropout acts on the normalized probabilities
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, head, H, row_start, rows_per_group, offs_r[:, None], offs_s[None, :], S,
-                                 dropout_p)
-            probs = tl.where(keep, probs, 0.0)
-        acc = acc * rescale[:, None]
-        acc = tl.dot(_dot_operand(probs, DOT_DTYPE, ROUND_TO_BF16), v, acc, input_precision=INPUT_PRECISION)
-        row_max = new_max
+    full_end = (S // BLOCK_S) * BLOCK_S
+    for proto_start in range(0, full_end, BLOCK_S):
+        acc, row_sum, row_max = _forward_block(
+            acc, row_sum, row_max, x, proto_start, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask, S, D, H,
+            stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group, dropout_p,
+            BLOCK_S, DOT_DTYPE, INPUT_PRECISION, HAS_DROPOUT, POLY_EIGHTHS, RESCALE_THRESHOLD, ROUND_TO_BF16, False)
+    if full_end < S:
+        acc, row_sum, row_max = _forward_block(
+            acc, row_sum, row_max, x, full_end, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask, S, D, H,
+            stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group, dropout_p,
+            BLOCK_S, DOT_DTYPE, INPUT_PRECISION, HAS_DROPOUT, POLY_EIGHTHS, RESCALE_THRESHOLD, ROUND_TO_BF16, True)
 
     out = acc / row_sum[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    out_ptrs = out_ptr + offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
+    out_ptrs = out_ptr + offs_r.to(tl.int64)[:, None] * (H * E) + (head * E + offs_e)[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & e_mask[None, :])
     tl.store(lse_ptr + head * R + offs_r, row_max + tl.log2(row_sum), mask=r_mask)
 
 
-@triton.jit
-def reprogramming_bwd_dq_kernel(
-    target_ptr,  # target: [R, DM]
-    wq_ptr,  # wq: [H*E, DM]
-    bq_ptr,  # bq: [H*E]
-    k_ptr,  # k: [S, H*E], row stride stride_kv
-    v_ptr,  # v: [S, H*E], row stride stride_kv
-    dout_ptr,  # dout: [R, H*E], gradient of the forward output
-    lse_ptr,  # lse: [H, R] fp32, from the forward
-    delta_ptr,  # delta: [H, R] fp32, written here: sum_s P·dP per (row, head)
-    dq_ptr,  # dq: [R, H*E], written here: gradient of the query projection
-    R,
-    S,
-    DM,
-    H,
-    E,
-    stride_kv,
-    qk_scale_log2,  # log2(e) / sqrt(E)
-    sm_scale,  # 1 / sqrt(E)
-    dropout_p,
-    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
-    rows_per_group,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_DM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ROUND_TO_BF16: tl.constexpr,
+@triton.jit(do_not_specialize=["zero_dx"])
+def attention_bwd_delta_kernel(
+    out_ptr,  # out: [R, H*E], the forward's output
+    grad_ptr,  # grad: [R, H*E], its gradient
+    delta_ptr,  # delta: [H, R] fp32, written here
+    dx_ptr,  # dx: [R, DX_COLS] fp32, zeroed here when zero_dx (the atomic row side adds into it)
+    R, H, E, DX_COLS, zero_dx,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
-    seed = tl.load(seed_ptr)
-    row_start = tl.program_id(0) * BLOCK_R
-    head = tl.program_id(1)
-    offs_r = row_start + tl.arange(0, BLOCK_R)
-    offs_e = tl.arange(0, BLOCK_E)
+    """delta[h, r] = Σ_e grad·out over head h's columns. Equal to Σ_s P·dP in exact arithmetic
+    (the forward's out is Σ_s dropout(P)·V), with no pass over the prototypes."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    e_mask = offs_e < E
-    head_cols = head * E + offs_e
-    re_mask = r_mask[:, None] & e_mask[None, :]
-    re_offsets = offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
-
-    q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                       BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
-    dout = tl.load(dout_ptr + re_offsets, mask=re_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
-    lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
-
-    # Pass 1: delta = sum_s P·dP from the very P and dP used below, so every row of the softmax
-    # gradient sums to zero as it must. FlashAttention's rowsum(dout * out) is the same number in
-    # exact arithmetic, but the forward rounds P (PV dot operand) and `out` (store) to the data
-    # dtype; in bf16 that put the key-bias gradient, exactly zero, at up to 2.2x the eager
-    # layer's error, past SPEC's 2x, where this pass gives 1.4x (bench/ROOFLINE.md, "Delta").
-    delta = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for proto_start in range(0, S, BLOCK_S):
-        _, probs, dprobs = _probs_and_grads(q, dout, lse, k_ptr, v_ptr, proto_start, head_cols, e_mask, offs_r,
-                                            row_start, head, H, S, stride_kv, qk_scale_log2, dropout_p, seed,
-                                            rows_per_group, BLOCK_S, DOT_DTYPE, INPUT_PRECISION, HAS_DROPOUT)
-        delta += tl.sum(probs * dprobs, axis=1)
-    tl.store(delta_ptr + head * R + offs_r, delta, mask=r_mask)
-
-    # Pass 2: dQ = sum_s P·(dP - delta)·K / sqrt(E)
-    dq = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-    for proto_start in range(0, S, BLOCK_S):
-        k, probs, dprobs = _probs_and_grads(q, dout, lse, k_ptr, v_ptr, proto_start, head_cols, e_mask, offs_r,
-                                            row_start, head, H, S, stride_kv, qk_scale_log2, dropout_p, seed,
-                                            rows_per_group, BLOCK_S, DOT_DTYPE, INPUT_PRECISION, HAS_DROPOUT)
-        dscores = probs * (dprobs - delta[:, None])
-        dq = tl.dot(_dot_operand(dscores, DOT_DTYPE, ROUND_TO_BF16), k, dq, input_precision=INPUT_PRECISION)
-
-    dq = dq * sm_scale
-    tl.store(dq_ptr + re_offsets, dq.to(dq_ptr.dtype.element_ty), mask=re_mask)
+    row_offsets = offs_r.to(tl.int64)[:, None] * (H * E)
+    for head in range(0, H):
+        delta = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for e_start in range(0, E, BLOCK_E):  # BLOCK_E: a chunk of the head's columns
+            offs_e = e_start + tl.arange(0, BLOCK_E)
+            cols = row_offsets + (head * E + offs_e)[None, :]
+            mask = r_mask[:, None] & (offs_e < E)[None, :]
+            o = tl.load(out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            delta += tl.sum(o * g, axis=1)
+        tl.store(delta_ptr + head * R + offs_r, delta, mask=r_mask)
+    if zero_dx != 0:
+        offs_x = tl.arange(0, BLOCK_X)
+        zeros = tl.zeros((BLOCK_R, BLOCK_X), dtype=tl.float32)
+        for col_start in range(0, DX_COLS, BLOCK_X):
+            cols = col_start + offs_x
+            tl.store(dx_ptr + offs_r.to(tl.int64)[:, None] * DX_COLS + cols[None, :], zeros,
+                     mask=r_mask[:, None] & (cols < DX_COLS)[None, :])
 
 
-@triton.jit
-def reprogramming_bwd_dkdv_kernel(
-    target_ptr,  # target: [R, DM]
-    wq_ptr,  # wq: [H*E, DM]
-    bq_ptr,  # bq: [H*E]
-    k_ptr,  # k: [S, H*E], row stride stride_kv
-    v_ptr,  # v: [S, H*E], row stride stride_kv
-    dout_ptr,  # dout: [R, H*E]
-    lse_ptr,  # lse: [H, R] fp32
-    delta_ptr,  # delta: [H, R] fp32, from the dQ kernel
-    dkv_partial_ptr,  # dkv_partial: [n_chunks, S, 2*H*E] fp32, written here; dK in [0, HE), dV in [HE, 2HE)
-    R,
-    S,
-    DM,
-    H,
-    E,
-    stride_kv,
+@triton.jit(do_not_specialize=["has_bias", "with_dx"])
+def attention_bwd_protos_kernel(
+    x_ptr,  # x: [R, *] as in the forward
+    mc_ptr,  # mc: [H, W, S'] as in the forward
+    v_ptr,  # v: [S, H, E] as in the forward
+    grad_ptr,  # grad: [R, H*E], gradient of the forward's out
+    lse_ptr,  # lse: [H, R] fp32, the forward's
+    delta_ptr,  # delta: [H, R] fp32, attention_bwd_delta_kernel's
+    dmc_ptr,  # dmc: [n_chunks, H, W, S'] fp32 (dense), written here: dYᵀ and dc of each row chunk
+    dv_ptr,  # dv: [n_chunks, S, H, E] fp32 (dense), written here
+    dx_ptr,  # dx: [R, *] fp32 with x's columns, added to atomically when with_dx
+    R, S, D, H, E, W, S_PAD,
+    stride_x_r, x_head_stride, stride_mc_h8, stride_mc_d8, stride_v_s, stride_v_h, stride_dx_r,
     rows_per_chunk,  # a multiple of BLOCK_R
-    qk_scale_log2,  # log2(e) / sqrt(E)
-    sm_scale,  # 1 / sqrt(E)
-    dropout_p,
-    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
+    has_bias,  # as in the forward
+    qk_scale,  # log2(e) · scale
+    grad_scale,  # scale: the logits' factor, applied to dY, dc and dX
+    with_dx,  # 1: add the row side into dx (default mode); 0: leave it to attention_bwd_rows_kernel
+    dropout_p,  # a run-time value: one build serves training with and without dropout
+    seed_ptr,  # seed: [1] int64 on the device, the forward's
     rows_per_group,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_DM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    POLY_EIGHTHS: tl.constexpr,  # as in the forward: an element gets the forward's exponential
     ROUND_TO_BF16: tl.constexpr,
 ):
-    seed = tl.load(seed_ptr)
     proto_start = tl.program_id(0) * BLOCK_S
     head = tl.program_id(1)
     chunk = tl.program_id(2)
     offs_s = proto_start + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     s_mask = offs_s < S
+    d_mask = offs_d < D
     e_mask = offs_e < E
-    head_cols = head * E + offs_e
-    k, v = _load_kv_tile(k_ptr, v_ptr, offs_s, s_mask, head_cols, e_mask, stride_kv, DOT_DTYPE)
-    kv_mask = s_mask[:, None] & e_mask[None, :]  # for the dK/dV partial stores
+    stride_mc_h, stride_mc_d = stride_mc_h8 * _ALIGN, stride_mc_d8 * _ALIGN
+    mc_head = mc_ptr + head * stride_mc_h
+    y_t, v, bias = _load_protos(mc_head, v_ptr + head * stride_v_h, offs_s, s_mask, offs_d, d_mask, offs_e, e_mask,
+                                D, stride_mc_d, stride_v_s, has_bias, True, DOT_DTYPE)
+    y = tl.trans(y_t)  # [BLOCK_S, BLOCK_D]
+    bias = bias * qk_scale
+    seed = tl.load(seed_ptr)
+    keep_scale = 1.0 / (1.0 - dropout_p)
 
-    dk = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+    dy = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+    dc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    x_cols = head * x_head_stride + offs_d
     chunk_start = chunk * rows_per_chunk
     chunk_end = tl.minimum(chunk_start + rows_per_chunk, R)
     for row_start in range(chunk_start, chunk_end, BLOCK_R):
         offs_r = row_start + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        q = _project_query(target_ptr, wq_ptr, bq_ptr, offs_r, r_mask, offs_e, e_mask, head, DM, E,
-                           BLOCK_R, BLOCK_E, BLOCK_DM, DOT_DTYPE, INPUT_PRECISION, ROUND_TO_BF16)
-        dout_ptrs = dout_ptr + offs_r.to(tl.int64)[:, None] * (H * E) + head_cols[None, :]
-        dout = tl.load(dout_ptrs, mask=r_mask[:, None] & e_mask[None, :], other=0.0).to(DOT_DTYPE)
-        lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
-        delta = tl.load(delta_ptr + head * R + offs_r, mask=r_mask, other=0.0)  # [BLOCK_R]
+        x = _load_rows(x_ptr, offs_r, r_mask, x_cols, d_mask, stride_x_r, DOT_DTYPE)  # [BLOCK_R, BLOCK_D]
+        grad = _load_rows(grad_ptr, offs_r, r_mask, head * E + offs_e, e_mask, H * E, DOT_DTYPE)  # [BLOCK_R, BLOCK_E]
+        lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)
+        delta = tl.load(delta_ptr + head * R + offs_r, mask=r_mask, other=0.0)
 
-        # transposed orientation [BLOCK_S, BLOCK_R]: dK and dV reduce over rows
-        scores_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
-        probs_t = tl.exp2(scores_t - lse[None, :])
-        # padded rows load dout = delta = 0, which zeroes their terms, but exp2(score - 0) can
-        # overflow to inf there, and inf·0 is NaN
-        probs_t = tl.where(r_mask[None, :], probs_t, 0.0)
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=INPUT_PRECISION)  # [BLOCK_S, BLOCK_R]
-        if HAS_DROPOUT:
+        # transposed orientation [BLOCK_S, BLOCK_R]: the prototype side reduces over rows
+        logits_t = tl.dot(y, tl.trans(x), input_precision=INPUT_PRECISION) * qk_scale + bias[:, None]
+        # padded rows and prototypes must give P = 0: exp2(logit - 0) there can overflow to inf,
+        # and inf · 0 is NaN
+        probs_t = _softmax_exp2(logits_t - lse[None, :], proto_start, POLY_EIGHTHS)
+        probs_t = tl.where(s_mask[:, None] & r_mask[None, :], probs_t, 0.0)
+        dprobs_t = tl.dot(v, tl.trans(grad), input_precision=INPUT_PRECISION)  # [BLOCK_S, BLOCK_R]
+        if dropout_p > 0.0:
             keep_t = _dropout_keep(seed, head, H, row_start, rows_per_group, offs_r[None, :], offs_s[:, None], S,
                                    dropout_p)
-            keep_scale = 1.0 / (1.0 - dropout_p)
             attn_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
             dprobs_t = tl.where(keep_t, dprobs_t * keep_scale, 0.0)
         else:
             attn_t = probs_t
-        dv = tl.dot(_dot_operand(attn_t, DOT_DTYPE, ROUND_TO_BF16), dout, dv, input_precision=INPUT_PRECISION)
-        dscores_t = probs_t * (dprobs_t - delta[None, :])
-        dk = tl.dot(_dot_operand(dscores_t, DOT_DTYPE, ROUND_TO_BF16), q, dk, input_precision=INPUT_PRECISION)
+        dv = tl.dot(_dot_operand(attn_t, DOT_DTYPE, ROUND_TO_BF16), grad, dv, input_precision=INPUT_PRECISION)
+        dlogits_t = probs_t * (dprobs_t - delta[None, :])
+        dlogits_op = _dot_operand(dlogits_t, DOT_DTYPE, ROUND_TO_BF16)
+        dy = tl.dot(dlogits_op, x, dy, input_precision=INPUT_PRECISION)
+        dc += tl.sum(dlogits_t, axis=1)
+        if with_dx != 0:
+            dx = tl.dot(tl.trans(dlogits_op), y, input_precision=INPUT_PRECISION)  # [BLOCK_R, BLOCK_D]
+            tl.atomic_add(dx_ptr + offs_r.to(tl.int64)[:, None] * stride_dx_r + x_cols[None, :], dx * grad_scale,
+                          mask=r_mask[:, None] & d_mask[None, :], sem="relaxed")
 
-    dk = dk * sm_scale
-    partial_ptrs = (dkv_partial_ptr + chunk.to(tl.int64) * S * (2 * H * E) + offs_s[:, None] * (2 * H * E)
-                    + head_cols[None, :])
-    tl.store(partial_ptrs, dk, mask=kv_mask)
-    tl.store(partial_ptrs + H * E, dv, mask=kv_mask)
+    # one dense fp32 slab per row chunk, summed in a fixed order by the launcher; dY stored transposed
+    # into mc's layout (the columns of a row of the slab run along the prototypes)
+    slab = dmc_ptr + (chunk.to(tl.int64) * H + head) * W * S_PAD
+    # the slab's alignment padding (prototypes S..S_PAD) gets zeros (dy, dc are 0 past S): it is the
+    # gradient of mc's padding, which autograd sees
+    pad_mask = offs_s < S_PAD
+    tl.store(slab + offs_d[None, :] * S_PAD + offs_s[:, None], dy * grad_scale,
+             mask=pad_mask[:, None] & d_mask[None, :])
+    tl.store(slab + D * S_PAD + offs_s, dc * grad_scale, mask=pad_mask & ((offs_s * 0 + has_bias) != 0))
+    dv_rows = (chunk.to(tl.int64) * S + offs_s) * H + head  # [BLOCK_S] row of (chunk, s, head)
+    tl.store(dv_ptr + dv_rows[:, None] * E + offs_e[None, :], dv, mask=s_mask[:, None] & e_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["has_bias"])
+def attention_bwd_rows_kernel(
+    x_ptr,  # x: [R, *] as in the forward
+    mc_ptr,  # mc: [H, W, S'] as in the forward
+    v_ptr,  # v: [S, H, E] as in the forward
+    grad_ptr,  # grad: [R, H*E], gradient of the forward's out
+    lse_ptr,  # lse: [H, R] fp32, the forward's
+    delta_ptr,  # delta: [H, R] fp32, attention_bwd_delta_kernel's
+    dx_ptr,  # dx: fp32, head h's [R, D] block at dx_ptr + h*stride_dx_h (row stride stride_dx_r), written here
+    R, S, D, H, E,
+    stride_x_r, x_head_stride, stride_mc_h8, stride_mc_d8, stride_v_s, stride_v_h, stride_dx_r, stride_dx_h,
+    has_bias,  # as in the forward
+    qk_scale,  # log2(e) · scale
+    grad_scale,  # scale
+    dropout_p,  # a run-time value, as in attention_bwd_protos_kernel
+    seed_ptr,  # seed: [1] int64 on the device, the forward's
+    rows_per_group,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    POLY_EIGHTHS: tl.constexpr,  # as in the forward: an element gets the forward's exponential
+    ROUND_TO_BF16: tl.constexpr,
+):
+    """The row side dX_h = scale·Σ_s dZ·Y_h in a fixed order (deterministic mode)."""
+    row_start = tl.program_id(0) * BLOCK_R
+    head = tl.program_id(1)
+    offs_r = row_start + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    r_mask = offs_r < R
+    d_mask = offs_d < D
+    e_mask = offs_e < E
+    stride_mc_h, stride_mc_d = stride_mc_h8 * _ALIGN, stride_mc_d8 * _ALIGN
+    x = _load_rows(x_ptr, offs_r, r_mask, head * x_head_stride + offs_d, d_mask, stride_x_r, DOT_DTYPE)
+    grad = _load_rows(grad_ptr, offs_r, r_mask, head * E + offs_e, e_mask, H * E, DOT_DTYPE)
+    lse = tl.load(lse_ptr + head * R + offs_r, mask=r_mask, other=0.0)
+    delta = tl.load(delta_ptr + head * R + offs_r, mask=r_mask, other=0.0)
+    mc_head = mc_ptr + head * stride_mc_h
+    v_head = v_ptr + head * stride_v_h
+    seed = tl.load(seed_ptr)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+
+    dx = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    full_end = (S // BLOCK_S) * BLOCK_S
+    for proto_start in range(0, full_end, BLOCK_S):
+        dx = _row_block(dx, x, grad, lse, delta, proto_start, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask,
+                        S, D, H, stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group,
+                        dropout_p, keep_scale, BLOCK_S, DOT_DTYPE, INPUT_PRECISION, POLY_EIGHTHS, ROUND_TO_BF16, False)
+    if full_end < S:
+        dx = _row_block(dx, x, grad, lse, delta, full_end, mc_head, v_head, offs_r, offs_d, d_mask, offs_e, e_mask,
+                        S, D, H, stride_mc_d, stride_v_s, has_bias, qk_scale, seed, head, row_start, rows_per_group,
+                        dropout_p, keep_scale, BLOCK_S, DOT_DTYPE, INPUT_PRECISION, POLY_EIGHTHS, ROUND_TO_BF16, True)
+
+    dx_ptrs = dx_ptr + head * stride_dx_h + offs_r.to(tl.int64)[:, None] * stride_dx_r + offs_d[None, :]
+    tl.store(dx_ptrs, dx * grad_scale, mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def dropout_keep_mask_kernel(
     keep_ptr,  # keep: [H, R, S] int8, written here (1 = kept)
-    R,
-    S,
-    H,
+    R, S, H,
     dropout_p,
-    seed_ptr,  # seed: [1] int64 on the device (a device draw: CUDA-graph replays draw anew)
+    seed_ptr,  # seed: [1] int64 on the device
     rows_per_group,
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Debug/test entry: writes the mask the attention kernels draw, through the same helper."""
     seed = tl.load(seed_ptr)
@@ -445,311 +551,19 @@ def dropout_keep_mask_kernel(
         tl.store(ptrs, keep.to(tl.int8), mask=r_mask[:, None] & (offs_s < S)[None, :])
 
 
-# ---------------------------------------------------------------------------------------------
-# the configuration table (the only source of launch parameters)
-# ---------------------------------------------------------------------------------------------
-
-_KERNELS = {
-    "fwd": reprogramming_fwd_kernel,
-    "bwd_dq": reprogramming_bwd_dq_kernel,
-    "bwd_dkdv": reprogramming_bwd_dkdv_kernel,
+#: role -> kernel, what the tile table's configurations launch
+KERNELS = {
+    "fwd": attention_fwd_kernel,
+    "bwd_delta": attention_bwd_delta_kernel,
+    "bwd_protos": attention_bwd_protos_kernel,
+    "bwd_rows": attention_bwd_rows_kernel,
     "dropout_mask": dropout_keep_mask_kernel,
 }
-# pointer arguments that hold fp32 statistics whatever the data dtype
-_FP32_POINTERS = {"lse_ptr", "delta_ptr", "dkv_partial_ptr"}
-_INT8_POINTERS = {"keep_ptr"}
-_FLOAT_SCALARS = {"qk_scale_log2", "sm_scale", "dropout_p"}
-ALL_ARCHS = (75, 80, 90)
-SM80_ARCHS = (80, 90)
-
-#: (data dtype, dot dtype, input precision) combinations a launcher can reach:
-#: half dtypes on their own tensor-core path; bf16 also through fp32 dots (sm_75 has no bf16 MMA,
-#: and the interpreter cannot multiply bf16, see kernels/_launch.dot_dtype); fp32 IEEE, or TF32
-#: when the caller opts in on sm_80+.
-_DTYPE_PATHS = (
-    (torch.float32, torch.float32, "ieee"),
-    (torch.float32, torch.float32, "tf32"),
-    (torch.bfloat16, torch.bfloat16, "ieee"),
-    (torch.bfloat16, torch.float32, "ieee"),
-    (torch.float16, torch.float16, "ieee"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    role: str
-    data_dtype: torch.dtype
-    dot_dtype: torch.dtype
-    input_precision: str
-    block_e: int
-    has_dropout: bool
-    block_r: int
-    block_s: int
-    num_warps: int
-    num_stages: int
-    #: "sm90": the Hopper-only variant of a key in _TILES_SM90; "not-sm90": that key's entry
-    #: for the other GPUs; None: one tile for every GPU
-    arch_split: Optional[str] = None
-
-    @property
-    def name(self) -> str:
-        if self.role == "dropout_mask":
-            return "reprogramming_dropout_mask"
-        dot = SIG_DTYPE[self.dot_dtype] + ("_tf32" if self.input_precision == "tf32" else "")
-        drop = ",dropout" if self.has_dropout else ""
-        only = ",sm90" if self.arch_split == "sm90" else ""
-        return f"reprogramming_{self.role}[{SIG_DTYPE[self.data_dtype]},dot={dot},E={self.block_e}{drop}{only}]"
-
-    @property
-    def tile_key(self) -> tuple:
-        return (self.role, dot_regime(self.dot_dtype, self.input_precision), self.block_e, self.has_dropout)
-
-    @property
-    def archs(self) -> Tuple[int, ...]:
-        """Compute capabilities (75, 80, 90 stand for sm_75, sm_80..89, sm_90+) this configuration
-        can be chosen on: bf16 MMA and TF32 need sm_80."""
-        if self.data_dtype == torch.bfloat16 and self.dot_dtype == torch.float32:
-            return (75,)  # bf16 data takes fp32 dots only where there is no bf16 MMA
-        needs_sm80 = self.dot_dtype == torch.bfloat16 or self.input_precision == "tf32"
-        # Turing's fp16 MMA spills at E = 128 even with 16-row tiles: eager runs there instead
-        needs_sm80 = needs_sm80 or (self.dot_dtype == torch.float16 and self.block_e == 128)
-        archs = SM80_ARCHS if needs_sm80 else ALL_ARCHS
-        if self.arch_split == "sm90":
-            return tuple(a for a in archs if a == 90)
-        if self.arch_split == "not-sm90":
-            return tuple(a for a in archs if a != 90)
-        return archs
-
-    def constexprs(self) -> Dict[str, object]:
-        if self.role == "dropout_mask":
-            return {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s}
-        return {
-            "BLOCK_R": self.block_r,
-            "BLOCK_S": self.block_s,
-            "BLOCK_E": self.block_e,
-            "BLOCK_DM": BLOCK_DM,
-            "DOT_DTYPE": TL_DTYPE[self.dot_dtype],
-            "INPUT_PRECISION": self.input_precision,
-            "HAS_DROPOUT": self.has_dropout,
-            "ROUND_TO_BF16": False,  # the interpreter's stand-in for bf16 MMA: _launch_params
-        }
-
-
-# (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, dot regime, BLOCK_E, dropout): a tile
-# spill-free (ptxas -v, compiled as the JIT specializes SPEC §2 shapes: kernels/report.py
-# jit_specialization) on every GPU the configuration can run on, within sm_75's 64 KiB of shared
-# memory, with both Triton 3.6 (the GPU machines') and 3.9 (CI's), whose register counts differ by
-# tens of registers either way. Measured tiles: the bf16 entries without dropout at E = 32 and
-# 128 are the fastest such tile of a sweep on an H200 (bench/tune_attention.py, Triton 3.6,
-# 2026-11-26, ETTh1- and Weather-folded rows; bench/results/nvidia-h200-2026-11-26-run1/tune.json,
-# filtered by bench/aot_filter_tiles.py). Every other entry is the largest tile that fits, not yet
-# timed on a GPU. Three register regimes: IEEE fp32 dots ("fma",
-# also bf16 data where there is no bf16 MMA) run on FMA units, whose operand layouts hold whole
-# rows of both operands per thread, so their tiles are small; TF32 and half-precision MMA hold
-# fragments only. fp16 must also fit Turing (sm_75), whose MMA lowering needs more registers
-# than sm_80's.
-_TILES = {
-    ("fwd", "fma", 32, False): (64, 32, 8, 1), ("fwd", "fma", 32, True): (64, 32, 8, 1),
-    ("fwd", "fma", 64, False): (64, 32, 8, 1), ("fwd", "fma", 64, True): (64, 32, 8, 2),
-    ("fwd", "fma", 128, False): (32, 16, 8, 1), ("fwd", "fma", 128, True): (32, 16, 8, 1),
-    ("fwd", "tf32", 32, False): (128, 64, 4, 2), ("fwd", "tf32", 32, True): (128, 64, 8, 2),
-    ("fwd", "tf32", 64, False): (128, 64, 8, 2), ("fwd", "tf32", 64, True): (64, 32, 4, 2),
-    ("fwd", "tf32", 128, False): (64, 64, 8, 2), ("fwd", "tf32", 128, True): (64, 32, 8, 2),
-    ("fwd", "bf16", 32, False): (64, 64, 4, 3), ("fwd", "bf16", 32, True): (128, 64, 8, 2),
-    ("fwd", "bf16", 64, False): (128, 64, 8, 2), ("fwd", "bf16", 64, True): (128, 64, 8, 2),
-    ("fwd", "bf16", 128, False): (128, 64, 8, 3), ("fwd", "bf16", 128, True): (64, 32, 8, 2),
-    ("fwd", "fp16", 32, False): (64, 32, 4, 2), ("fwd", "fp16", 32, True): (64, 32, 4, 2),
-    ("fwd", "fp16", 64, False): (64, 32, 8, 2), ("fwd", "fp16", 64, True): (64, 32, 8, 2),
-    ("fwd", "fp16", 128, False): (32, 32, 8, 2), ("fwd", "fp16", 128, True): (32, 32, 8, 2),
-    ("bwd_dq", "fma", 32, False): (64, 32, 8, 1), ("bwd_dq", "fma", 32, True): (64, 32, 8, 1),
-    ("bwd_dq", "fma", 64, False): (32, 32, 8, 1), ("bwd_dq", "fma", 64, True): (16, 16, 4, 2),
-    ("bwd_dq", "fma", 128, False): (16, 16, 8, 1), ("bwd_dq", "fma", 128, True): (16, 16, 8, 1),
-    ("bwd_dq", "tf32", 32, False): (64, 32, 8, 2), ("bwd_dq", "tf32", 32, True): (64, 32, 8, 2),
-    ("bwd_dq", "tf32", 64, False): (32, 32, 4, 2), ("bwd_dq", "tf32", 64, True): (32, 32, 8, 2),
-    ("bwd_dq", "tf32", 128, False): (32, 16, 4, 2), ("bwd_dq", "tf32", 128, True): (32, 16, 4, 2),
-    ("bwd_dq", "bf16", 32, False): (128, 32, 4, 3), ("bwd_dq", "bf16", 32, True): (64, 64, 4, 2),
-    ("bwd_dq", "bf16", 64, False): (64, 64, 8, 2), ("bwd_dq", "bf16", 64, True): (64, 32, 8, 2),
-    ("bwd_dq", "bf16", 128, False): (64, 32, 4, 2), ("bwd_dq", "bf16", 128, True): (32, 32, 8, 2),
-    ("bwd_dq", "fp16", 32, False): (64, 32, 8, 2), ("bwd_dq", "fp16", 32, True): (64, 32, 8, 2),
-    ("bwd_dq", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 64, True): (16, 32, 8, 2),
-    ("bwd_dq", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dq", "fp16", 128, True): (32, 32, 8, 1),
-    ("bwd_dkdv", "fma", 32, False): (32, 32, 8, 1), ("bwd_dkdv", "fma", 32, True): (32, 32, 8, 1),
-    ("bwd_dkdv", "fma", 64, False): (16, 32, 8, 1), ("bwd_dkdv", "fma", 64, True): (16, 32, 4, 1),
-    ("bwd_dkdv", "fma", 128, False): (16, 16, 8, 1), ("bwd_dkdv", "fma", 128, True): (16, 16, 8, 1),
-    ("bwd_dkdv", "tf32", 32, False): (64, 64, 4, 2), ("bwd_dkdv", "tf32", 32, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "tf32", 64, False): (32, 64, 4, 2), ("bwd_dkdv", "tf32", 64, True): (32, 32, 4, 2),
-    ("bwd_dkdv", "tf32", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "tf32", 128, True): (32, 32, 8, 2),
-    ("bwd_dkdv", "bf16", 32, False): (32, 128, 4, 3), ("bwd_dkdv", "bf16", 32, True): (32, 64, 4, 2),
-    ("bwd_dkdv", "bf16", 64, False): (64, 64, 8, 2), ("bwd_dkdv", "bf16", 64, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "bf16", 128, False): (128, 32, 8, 3), ("bwd_dkdv", "bf16", 128, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "fp16", 32, False): (32, 64, 8, 2), ("bwd_dkdv", "fp16", 32, True): (32, 64, 8, 2),
-    ("bwd_dkdv", "fp16", 64, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 64, True): (16, 64, 8, 2),
-    ("bwd_dkdv", "fp16", 128, False): (32, 32, 8, 2), ("bwd_dkdv", "fp16", 128, True): (32, 64, 8, 2),
-}
-_DROPOUT_MASK_TILE = (64, 64, 4, 1)
-
-# Hopper-only tiles (compute capability 9.x): measured faster on an H200 (run 1's sweep,
-# bench/results/nvidia-h200-2026-11-26-run1/tune.json: spill-free at run time, result checked
-# against the shipped tile) and spill-free on sm_90 under both Triton versions, but spilling on
-# sm_80, which keeps the _TILES entry. E = 128 without dropout, bf16 (ETTh1-folded), times of
-# the backward with that tile: dQ 0.268 -> 0.239 ms; dQ + dK/dV 1.411 -> 1.128 ms (the dK/dV
-# tile puts 128 prototypes on the MMA's M side, where 32 left Hopper's warpgroup MMA unused).
-_TILES_SM90 = {
-    ("bwd_dq", "bf16", 128, False): (64, 64, 4, 3),
-    ("bwd_dkdv", "bf16", 128, False): (32, 128, 8, 3),
-}
-
-
-def dot_regime(dot: torch.dtype, precision: str) -> str:
-    if dot == torch.float32:
-        return "tf32" if precision == "tf32" else "fma"
-    return SIG_DTYPE[dot]
-
-
-@functools.lru_cache(maxsize=None)
-def config_table() -> Dict[tuple, KernelConfig]:
-    """Every launchable configuration, keyed by what selects it."""
-    table: Dict[tuple, KernelConfig] = {}
-    for role in ("fwd", "bwd_dq", "bwd_dkdv"):
-        for data_dtype, dot, precision in _DTYPE_PATHS:
-            for block_e in BLOCK_E_CHOICES:
-                for has_dropout in (False, True):
-                    tile_key = (role, dot_regime(dot, precision), block_e, has_dropout)
-                    key = (role, data_dtype, dot, precision, block_e, has_dropout)
-                    split = "not-sm90" if tile_key in _TILES_SM90 else None
-                    table[key] = KernelConfig(role, data_dtype, dot, precision, block_e, has_dropout,
-                                              *_TILES[tile_key], arch_split=split)
-                    if split:
-                        table[key + ("sm90",)] = KernelConfig(role, data_dtype, dot, precision, block_e,
-                                                              has_dropout, *_TILES_SM90[tile_key],
-                                                              arch_split="sm90")
-    table[("dropout_mask",)] = KernelConfig("dropout_mask", torch.float32, torch.float32, "ieee", 0, True,
-                                            *_DROPOUT_MASK_TILE)
-    return table
-
-
-def _dot_path(data_dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> Tuple[torch.dtype, str]:
-    """(dot dtype, input precision) for data of `data_dtype` on `device`."""
-    dot = dot_dtype(data_dtype, device=device)
-    capability = device_capability(device) if device.type == "cuda" else None
-    tensor_core_tf32 = capability is not None and capability >= (8, 0)
-    if dot == torch.bfloat16 and not tensor_core_tf32:
-        dot = torch.float32  # Turing has no bf16 MMA
-    return dot, input_precision(dot, allow_tf32=allow_tf32 and tensor_core_tf32)
-
-
-def block_e_for(head_dim: int) -> int:
-    return max(BLOCK_E_CHOICES[0], next_pow2(head_dim))
-
-
-#: tile overrides for tuning (bench/tune_attention.py): (role, dot regime, BLOCK_E, dropout) ->
-#: (BLOCK_R, BLOCK_S, num_warps, num_stages). Empty in normal use; set only through override_tiles.
-_TILE_OVERRIDES: Dict[tuple, tuple] = {}
-#: select_config's memo: (arguments, interpreter flag) -> KernelConfig
-_SELECTED: Dict[tuple, KernelConfig] = {}
-
-
-@contextlib.contextmanager
-def override_tiles(overrides: Dict[tuple, tuple]):
-    """Launch with other tiles inside the block (tuning only: a tile here has not been through
-    the ahead-of-time spill check of tests/test_aot.py)."""
-    for key, tile in overrides.items():
-        if key not in _TILES:
-            raise KeyError(f"no such tile key {key}; keys look like ('fwd', 'bf16', 32, False)")
-        if len(tile) != 4 or tile[0] > MAX_BLOCK_R:
-            raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
-    saved = dict(_TILE_OVERRIDES)
-    _TILE_OVERRIDES.update(overrides)
-    _SELECTED.clear()  # select_config's memo must not serve the tiles from before
-    try:
-        yield
-    finally:
-        _TILE_OVERRIDES.clear()
-        _TILE_OVERRIDES.update(saved)
-        _SELECTED.clear()
-
-
-def select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout: bool,
-                  device: torch.device, allow_tf32: bool = False) -> KernelConfig:
-    # looked up on every launch, so memoized (override_tiles clears the memo; the interpreter
-    # flag changes the dot dtype, so it is part of the key)
-    key = (role, data_dtype, head_dim, bool(has_dropout), device, bool(allow_tf32), interpreting())
-    cfg = _SELECTED.get(key)
-    if cfg is None:
-        cfg = _SELECTED[key] = _select_config(role, data_dtype, head_dim, has_dropout, device, allow_tf32)
-    return cfg
-
-
-def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, has_dropout: bool,
-                   device: torch.device, allow_tf32: bool) -> KernelConfig:
-    if role == "dropout_mask":
-        return config_table()[("dropout_mask",)]
-    dot, precision = _dot_path(data_dtype, device, allow_tf32)
-    block_e = block_e_for(head_dim)
-    key = (role, data_dtype, dot, precision, block_e, bool(has_dropout))
-    table = config_table()
-    cfg = table[key]
-    if cfg.arch_split and device.type == "cuda" and arch_class(device) == 90:
-        cfg = table[key + ("sm90",)]
-    tile = _TILE_OVERRIDES.get(cfg.tile_key)
-    if tile is not None:
-        cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-    return cfg
-
-
-def _signature(cfg: KernelConfig) -> Dict[str, str]:
-    constexpr_names = set(cfg.constexprs())
-    signature = {}
-    for name in _KERNELS[cfg.role].arg_names:
-        if name in constexpr_names:
-            signature[name] = "constexpr"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _INT8_POINTERS:
-            signature[name] = "*i8"
-        elif name == "seed_ptr":
-            signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + SIG_DTYPE[cfg.data_dtype]
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def aot_configs() -> List[dict]:
-    """Every configuration the launchers can choose, in the form triton.compile(ASTSource(...)) takes.
-
-    "archs" lists the compute capabilities the configuration can be chosen on (bf16 MMA and TF32
-    are never chosen below sm_80, where dispatch uses the fp32-dot configuration instead).
-    """
-    return [
-        {
-            "name": cfg.name,
-            "fn": _KERNELS[cfg.role],
-            "signature": _signature(cfg),
-            "constexprs": cfg.constexprs(),
-            "num_warps": cfg.num_warps,
-            "num_stages": cfg.num_stages,
-            "archs": cfg.archs,
-            # multiples of 16 at every SPEC §2 shape (E = 32 or 128, H·E), so the JIT specializes
-            # them there; rows_per_chunk is a multiple of BLOCK_R >= 16 always. d_model is not
-            # (M4: 8), so it stays generic.
-            "divisible_by_16": ("E", "stride_kv", "rows_per_chunk"),
-        }
-        for cfg in config_table().values()
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-
-
-#: role -> what the last launch of that role returned (on a GPU, the compiled kernel, whose
-#: n_regs / n_spills the tuner reports)
-last_launch: Dict[str, object] = {}
 
 
 def rows_per_philox_group(num_protos: int) -> int:
@@ -758,52 +572,24 @@ def rows_per_philox_group(num_protos: int) -> int:
     return (rows // MAX_BLOCK_R) * MAX_BLOCK_R
 
 
-def arch_class(device: torch.device) -> int:
-    """The entry of ALL_ARCHS whose configurations serve this CUDA device."""
-    major, minor = device_capability(device)
-    return max(a for a in ALL_ARCHS if a <= max(10 * major + minor, ALL_ARCHS[0]))
-
-
-def unsupported_reason(data_dtype: torch.dtype, head_dim: int, num_protos: int, num_rows: int,
+def unsupported_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, num_protos: int,
                        has_dropout: bool, device: Optional[torch.device] = None,
                        allow_tf32: bool = False) -> Optional[str]:
     """Why this call has no kernel (the op layer then runs eager), or None."""
-    if data_dtype not in TL_DTYPE:
+    if data_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {data_dtype} has no kernel (float32, bfloat16, float16 only)"
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"head width d_keys={head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
     if has_dropout and rows_per_philox_group(num_protos) < MAX_BLOCK_R:
         return f"S={num_protos} prototypes is too many for the dropout counters"
-    if device is not None and device.type == "cuda":
-        arch = arch_class(device)
-        for role in ("fwd", "bwd_dq", "bwd_dkdv"):
-            cfg = select_config(role, data_dtype, head_dim, has_dropout, device, allow_tf32)
-            if arch not in cfg.archs:
-                return f"{cfg.name} is not built for sm_{arch} (it needs sm_{cfg.archs[0]}+)"
+    if device is not None:
+        gpu = device.type == "cuda" and not interpreting()
+        if gpu and allow_tf32 and data_dtype == torch.float32:
+            return "allow_tf32: TF32 runs eager (PyTorch's SDPA runs fp32 on tensor cores); the kernels are IEEE fp32"
+        for role in ("fwd", "bwd_protos", "bwd_rows"):
+            if select_config(role, data_dtype, head_dim, d_model, has_dropout, device) is None:
+                return no_config_reason(data_dtype, head_dim, d_model, arch_class(device) if gpu else 80)
     return None
-
-
-def _launch_params(cfg: KernelConfig) -> dict:
-    """The keyword arguments of a launch with `cfg` (memoized: asked on every launch)."""
-    key = (cfg, interpreting())
-    params = _LAUNCH_PARAMS.get(key)
-    if params is None:
-        params = dict(cfg.constexprs())
-        if not interpreting():
-            params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
-            # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
-            # computed operands (q, P, dS) as the bf16 tensor-core path does
-            params["ROUND_TO_BF16"] = True
-        _LAUNCH_PARAMS[key] = params
-    return params
-
-
-_LAUNCH_PARAMS: Dict[tuple, dict] = {}
-
-
-def _philox_args(num_protos: int, dropout_p: float, seed: torch.Tensor) -> Tuple[float, torch.Tensor, int]:
-    return float(dropout_p), seed, rows_per_philox_group(num_protos)
 
 
 def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -814,101 +600,130 @@ def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.d
     return seed
 
 
-def _shared_kv_stride(k: torch.Tensor, v: torch.Tensor) -> int:
-    if k.stride(1) != 1 or v.stride(1) != 1 or k.stride(0) != v.stride(0):
-        raise ValueError("k and v must have unit column stride and one shared row stride")
-    return k.stride(0)
+def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("x", x), ("mc", mc), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along its last axis, got strides {t.stride()}")
+    if mc.stride(1) % PROTOTYPE_ALIGN or mc.shape[2] < v.shape[0]:
+        raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
+                         f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
 
 
 def attention_forward(
-    target: torch.Tensor,  # target: [R, DM], contiguous
-    wq: torch.Tensor,  # wq: [H*E, DM], contiguous
-    bq: torch.Tensor,  # bq: [H*E]
-    k: torch.Tensor,  # k: [S, H*E], unit column stride
-    v: torch.Tensor,  # v: [S, H*E], same strides as k
-    n_heads: int,
+    x: torch.Tensor,  # x: [R, *], logit operand rows (target, or Q on the standard form)
+    mc: torch.Tensor,  # mc: [H, W, S']: Y_hᵀ in rows [0, D), c_h in row D when has_bias
+    v: torch.Tensor,  # v: [S, H, E]
+    d_logit: int,  # D: width of the logit dot products
+    x_head_stride: int,  # 0 (factorized: every head reads the same target columns) or E
+    has_bias: bool,
+    scale: float,  # the logits' factor (1/sqrt(E))
+    d_model: int,  # the layer's d_model (selects the factorized tile shape)
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
     allow_tf32: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # out: [R, H*E] in the data dtype, lse: [H, R] fp32 (base 2)
-    R, DM = target.shape
-    S, HE = k.shape
-    E = HE // n_heads
-    seed = _seed_tensor(seed, dropout_p, target.device)
-    cfg = select_config("fwd", target.dtype, E, dropout_p > 0.0, target.device, allow_tf32)
-    stride_kv = _shared_kv_stride(k, v)
-    out = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
-    lse = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
+) -> Tuple[torch.Tensor, torch.Tensor]:  # out: [R, H*E] in x's dtype, lse: [H, R] fp32 (base 2)
+    _check_operands(x, mc, v)
+    R = x.shape[0]
+    S, H, E = v.shape
+    seed = _seed_tensor(seed, dropout_p, x.device)
+    cfg = select_config("fwd", x.dtype, E, d_model, dropout_p > 0.0, x.device, allow_tf32)
+    out = torch.empty((R, H * E), dtype=store_dtype(x.dtype), device=x.device)
+    lse = torch.empty((H, R), dtype=torch.float32, device=x.device)
     if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
-        return out.to(target.dtype), lse
-    grid = (cdiv(R, cfg.block_r), n_heads)
-    last_launch["fwd"] = reprogramming_fwd_kernel[grid](
-        target, wq, bq, k, v, out, lse, R, S, DM, n_heads, E, stride_kv, _LOG2E / math.sqrt(E),
-        *_philox_args(S, dropout_p, seed), **_launch_params(cfg))
-    return out.to(target.dtype), lse
+        return out.to(x.dtype), lse
+    attention_fwd_kernel[(cdiv(R, cfg.block_r), H)](
+        x, mc, v, out, lse, R, S, d_logit, H, E,
+        x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias),
+        LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S), **launch_params(cfg))
+    return out.to(x.dtype), lse
 
 
-def dkdv_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:
-    """Rows per dK/dV program: enough chunks to fill the GPU, each a whole number of row blocks
-    (at least four, so a chunk amortizes loading its K/V tile).
+def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:
+    """Rows per program of the prototype-stationary backward: enough chunks to fill the GPU, each a
+    whole number of row blocks (at least four, so a chunk amortizes loading its prototype tile).
 
     Depends on the shapes only, not on the GPU, so a problem always sums the same partials in
     the same order.
     """
-    chunks = max(1, -(-DKDV_TARGET_PROGRAMS // (num_proto_blocks * n_heads)))
+    chunks = max(1, -(-PROTOS_TARGET_PROGRAMS // (num_proto_blocks * n_heads)))
     rows = max(4 * block_r, -(-num_rows // chunks))
     return -(-rows // block_r) * block_r
 
 
 def attention_backward(
-    target: torch.Tensor,  # target: [R, DM], contiguous
-    wq: torch.Tensor,  # wq: [H*E, DM], contiguous
-    bq: torch.Tensor,  # bq: [H*E]
-    k: torch.Tensor,  # k: [S, H*E]
-    v: torch.Tensor,  # v: [S, H*E], same strides as k
-    dout: torch.Tensor,  # dout: [R, H*E], contiguous, gradient of attention_forward's out
-    lse: torch.Tensor,  # lse: [H, R] fp32, from attention_forward
-    n_heads: int,
+    x: torch.Tensor,  # x: [R, *] as in attention_forward
+    mc: torch.Tensor,  # mc: [H, W, S'] as in attention_forward
+    v: torch.Tensor,  # v: [S, H, E] as in attention_forward
+    out: torch.Tensor,  # out: [R, H*E], attention_forward's
+    grad: torch.Tensor,  # grad: [R, H*E], its gradient
+    lse: torch.Tensor,  # lse: [H, R] fp32, attention_forward's
+    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
     dropout_p: float = 0.0,
-    seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
+    seed: Optional[torch.Tensor] = None,  # the forward's
     allow_tf32: bool = False,
-    need_dkv: bool = True,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """dq: [R, H*E] in the data dtype; dkv: [S, 2*H*E] fp32 (dK columns, then dV columns) or None."""
-    R, DM = target.shape
-    S, HE = k.shape
-    E = HE // n_heads
-    has_dropout = dropout_p > 0.0
-    stride_kv = _shared_kv_stride(k, v)
-    philox = _philox_args(S, dropout_p, _seed_tensor(seed, dropout_p, target.device))
-    qk_scale_log2, sm_scale = _LOG2E / math.sqrt(E), 1.0 / math.sqrt(E)
+    need_dx: bool = True,
+    need_protos: bool = True,
+    deterministic: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx: [R, x.shape[1]] fp32, dmc: [H, W, S'] fp32, dv: [S, H, E] fp32), None where not needed;
+    dmc's prototype columns S..S' (mc's alignment padding) are zeros.
 
-    if R == 0:  # empty batch: dQ is empty and dK, dV are sums over no rows
-        dq = torch.empty((0, HE), dtype=target.dtype, device=target.device)
-        return dq, (torch.zeros((S, 2 * HE), dtype=torch.float32, device=target.device) if need_dkv else None)
-    dq_cfg = select_config("bwd_dq", target.dtype, E, has_dropout, target.device, allow_tf32)
-    delta = torch.empty((n_heads, R), dtype=torch.float32, device=target.device)
-    dq = torch.empty((R, HE), dtype=store_dtype(target.dtype), device=target.device)
-    grid = (cdiv(R, dq_cfg.block_r), n_heads)
-    last_launch["bwd_dq"] = reprogramming_bwd_dq_kernel[grid](
-        target, wq, bq, k, v, dout, lse, delta, dq, R, S, DM, n_heads, E, stride_kv, qk_scale_log2, sm_scale,
-        *philox, **_launch_params(dq_cfg))
-    dq = dq.to(target.dtype)
-    if not need_dkv:
-        return dq, None
+    Default mode: the prototype-stationary kernel forms every element once and adds dx with atomics.
+    deterministic: dx from the row-stationary kernel instead (fixed reduction order everywhere).
+    """
+    _check_operands(x, mc, v)
+    R = x.shape[0]
+    S, H, E = v.shape
+    _, W, S_pad = mc.shape
+    dev = x.device
+    seed = _seed_tensor(seed, dropout_p, dev)
+    grad = grad.contiguous()
+    out = out.contiguous()
+    dx_cols = x.shape[1]
+    if R == 0:  # empty batch: dx is empty and the prototype side is a sum over no rows
+        return (torch.zeros((0, dx_cols), dtype=torch.float32, device=dev) if need_dx else None,
+                torch.zeros((H, W, S_pad), dtype=torch.float32, device=dev) if need_protos else None,
+                torch.zeros((S, H, E), dtype=torch.float32, device=dev) if need_protos else None)
+    atomic_dx = need_dx and need_protos and not deterministic
+    common = (LOG2E * scale, scale)
+    philox = (float(dropout_p), seed, rows_per_philox_group(S))
 
-    kv_cfg = select_config("bwd_dkdv", target.dtype, E, has_dropout, target.device, allow_tf32)
-    proto_blocks = cdiv(S, kv_cfg.block_s)
-    rows_per_chunk = dkdv_rows_per_chunk(R, proto_blocks, n_heads, kv_cfg.block_r)
-    n_chunks = cdiv(R, rows_per_chunk)
-    # one fp32 slab per row chunk, summed in a fixed order below: deterministic, no float atomics
-    dkv_partial = torch.empty((n_chunks, S, 2 * HE), dtype=torch.float32, device=target.device)
-    grid = (proto_blocks, n_heads, n_chunks)
-    last_launch["bwd_dkdv"] = reprogramming_bwd_dkdv_kernel[grid](
-        target, wq, bq, k, v, dout, lse, delta, dkv_partial, R, S, DM, n_heads, E, stride_kv, rows_per_chunk,
-        qk_scale_log2, sm_scale, *philox, **_launch_params(kv_cfg))
-    dkv = dkv_partial[0] if n_chunks == 1 else dkv_partial.sum(0)
-    return dq, dkv
+    delta_cfg = select_config("bwd_delta", x.dtype, E, d_model, False, dev, allow_tf32)
+    delta = torch.empty((H, R), dtype=torch.float32, device=dev)
+    dx = torch.empty((R, dx_cols), dtype=torch.float32, device=dev) if atomic_dx else None
+    attention_bwd_delta_kernel[(cdiv(R, delta_cfg.block_r),)](
+        out, grad, delta, dx if atomic_dx else delta, R, H, E, dx_cols, int(atomic_dx), **launch_params(delta_cfg))
+
+    dmc = dv = None
+    if need_protos:
+        cfg = select_config("bwd_protos", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)
+        proto_blocks = cdiv(S, cfg.block_s)
+        rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
+        n_chunks = cdiv(R, rows_per_chunk)
+        dmc_partial = torch.empty((n_chunks, H, W, S_pad), dtype=torch.float32, device=dev)
+        dv_partial = torch.empty((n_chunks, S, H, E), dtype=torch.float32, device=dev)
+        attention_bwd_protos_kernel[(proto_blocks, H, n_chunks)](
+            x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
+            R, S, d_logit, H, E, W, S_pad,
+            x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols,
+            rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox, **launch_params(cfg))
+        dmc = dmc_partial[0] if n_chunks == 1 else dmc_partial.sum(0)
+        dv = dv_partial[0] if n_chunks == 1 else dv_partial.sum(0)
+
+    if need_dx and not atomic_dx:
+        cfg = select_config("bwd_rows", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)
+        if x_head_stride == 0:  # factorized: every head adds into the same target columns
+            dx_heads = torch.empty((H, R, dx_cols), dtype=torch.float32, device=dev)
+            head_stride = R * dx_cols
+        else:  # standard: head h owns columns h·E + [0, E) of dQ
+            dx_heads = torch.empty((R, dx_cols), dtype=torch.float32, device=dev)
+            head_stride = x_head_stride
+        attention_bwd_rows_kernel[(cdiv(R, cfg.block_r), H)](
+            x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E,
+            x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols, head_stride,
+            int(has_bias), *common, *philox, **launch_params(cfg))
+        dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
+    return dx, dmc, dv
 
 
 def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: float, seed: int,
@@ -917,10 +732,15 @@ def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: f
 
     keep[h, r, s] multiplies the probability of row r (of B'·L), head h, prototype s.
     """
-    cfg = select_config("dropout_mask", torch.float32, 0, True, device)
+    cfg = select_config("dropout_mask", torch.float32, 16, 16, True, device)
     keep = torch.empty((n_heads, num_rows, num_protos), dtype=torch.int8, device=device)
-    grid = (cdiv(num_rows, cfg.block_r), n_heads)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dropout_keep_mask_kernel[grid](keep, num_rows, num_protos, n_heads, *_philox_args(num_protos, dropout_p, seed_t),
-                                   **_launch_params(cfg))
+    dropout_keep_mask_kernel[(cdiv(num_rows, cfg.block_r), n_heads)](
+        keep, num_rows, num_protos, n_heads, float(dropout_p), seed_t, rows_per_philox_group(num_protos),
+        **launch_params(cfg))
     return keep.bool()
+
+
+def aot_configs() -> list:
+    """Every configuration a launcher can choose on a GPU, for kernels/report.py (ahead-of-time builds)."""
+    return tiles_aot_configs(KERNELS)

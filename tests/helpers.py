@@ -8,10 +8,21 @@ def max_abs_err(got: torch.Tensor, oracle: torch.Tensor) -> float:
     return (got.detach().double() - oracle.detach().double()).abs().max().item()
 
 
+#: SPEC §4's one exception: the key-projection bias's gradient is zero in exact arithmetic (softmax
+#: ignores a shift shared by every key), so its computed value is rounding noise, judged at 4x eager's
+EAGER_FACTOR_EXCEPTIONS = {"key_projection.bias": 4.0}
+
+
+def eager_factor(name: str) -> float:
+    """How many times the eager layer's error a half-precision result may have (SPEC §4)."""
+    return EAGER_FACTOR_EXCEPTIONS.get(name.split()[-1], 2.0)
+
+
 def assert_close_to_oracle(what: str, got: torch.Tensor, oracle: torch.Tensor,
                            eager_same_dtype: torch.Tensor = None) -> None:
     """fp32 results: max abs error <= 1e-4 (1 + max|oracle|). bf16/fp16 results: error no worse
-    than 2x the error of the eager layer run in that dtype (plus a floor far below one ulp)."""
+    than 2x the error of the eager layer run in that dtype (4x for the key-projection bias's
+    gradient, `what` ending in its name), plus a floor far below one ulp."""
     assert got.shape == oracle.shape, f"{what}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     scale = 1.0 + oracle.abs().max().item()
@@ -23,8 +34,9 @@ def assert_close_to_oracle(what: str, got: torch.Tensor, oracle: torch.Tensor,
         assert eager_same_dtype is not None, f"{what}: {got.dtype} needs the eager result to judge"
         assert eager_same_dtype.dtype == got.dtype
         eager_err = max_abs_err(eager_same_dtype, oracle)
-        tol = 2.0 * eager_err + 1e-6 * scale
-        assert err <= tol, (f"{what}: max abs err {err:.3e} > 2x eager {got.dtype} error "
+        factor = eager_factor(what)
+        tol = factor * eager_err + 1e-6 * scale
+        assert err <= tol, (f"{what}: max abs err {err:.3e} > {factor:g}x eager {got.dtype} error "
                             f"{eager_err:.3e}")
 
 

@@ -79,38 +79,45 @@ def test_profiler_names_the_ops():
 # ---- reprogramming attention -------------------------------------------------------------------
 
 from timellm_fast import ReprogrammingLayer  # noqa: E402
-from timellm_fast.reprogramming import attention_bwd_op, attention_fwd_op  # noqa: E402
+from timellm_fast.reprogramming import attention_bwd_op, attention_fwd_op, core_from_keys  # noqa: E402
 from timellm_fast.reprogramming import draw_seed_tensor as attention_seed  # noqa: E402
 
 
 def reprogramming_problem(dtype=torch.float32, dropout=0.0, rows=(2, 8), S=37, d_llm=48):
+    """A small layer in deterministic mode: the tests below compare gradients bit for bit, which the
+    default mode's atomic row-side reduction does not promise on a GPU."""
     torch.manual_seed(0)
-    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=d_llm, attention_dropout=dropout).to(DEVICE, dtype)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=d_llm, attention_dropout=dropout,
+                               deterministic=True).to(DEVICE, dtype)
     target = torch.randn(*rows, 16, device=DEVICE, dtype=dtype)
     prototypes = torch.randn(S, d_llm, device=DEVICE, dtype=dtype)
     return layer, target, prototypes
 
 
 @requires_triton
+@pytest.mark.parametrize("d_model", [16, 24], ids=["factorized", "standard"])  # E = 16: d_model <= E, > E
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck_reprogramming_attention_ops(dtype, dropout_p):
+def test_opcheck_reprogramming_attention_ops(dtype, dropout_p, d_model):
     g = torch.Generator().manual_seed(0)
-    R, DM, H, E, S = 10, 16, 2, 16, 37
+    R, H, E, S = 10, 2, 16, 37
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
-    target, wq, bq = rand(R, DM), rand(H * E, DM) / 4, rand(H * E)
-    kv = rand(S, 2 * H * E)  # K then V: the layout of the shared K/V GEMM
+    target, wq, bq = rand(R, d_model), rand(H * E, d_model) / 4, rand(H * E)
+    kv = rand(S, 2 * H * E)  # K then V
+    x, mc, v, form = core_from_keys(target, wq, bq, kv, H)
+    assert form.has_bias == (d_model <= E)
     seed = attention_seed(dropout_p, DEVICE)
-    args = (target.requires_grad_(True), wq.requires_grad_(True), bq, kv.requires_grad_(True), H, dropout_p,
-            seed, False)
+    x, mc, v = (t.detach().requires_grad_(True) for t in (x, mc, v))
+    args = (x, mc, v, *form, dropout_p, seed, False, False)
     opcheck(attention_fwd_op, args)
     out, lse = attention_fwd_op(*args)
-    for need_dkv in (True, False):
-        opcheck(attention_bwd_op, (target.detach(), wq.detach(), bq, kv.detach(), torch.randn_like(out),
-                                   lse.detach(), H, dropout_p, seed, False, need_dkv))
+    for need_x, need_protos, deterministic in ((True, True, False), (True, True, True), (False, True, False),
+                                               (True, False, False)):
+        opcheck(attention_bwd_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
+                                   lse.detach(), *form, dropout_p, seed, False, deterministic, need_x, need_protos))
 
 
 @requires_triton

@@ -3,7 +3,7 @@
 The saved-tensor accounting (torch.autograd.graph.saved_tensors_hooks, each storage counted
 once) holds on any device, so the CPU proves the structure: the fused reprogramming layer saves
 O(B'·L·(d_model + H·E) + S·H·E) bytes where eager saves O(B'·H·L·S). On a GPU the Traffic-shape
-test also measures the CUDA allocator (issue 6: 20688 rows forward + backward fit in 80 GB with
+test also measures the CUDA allocator (20688 rows forward + backward fit in 80 GB with
 >= 10x less activation memory than eager).
 """
 from __future__ import annotations

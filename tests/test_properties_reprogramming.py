@@ -129,7 +129,11 @@ def check_problem(p):
 
 
 def kernel_takes(p) -> bool:
-    return KERNEL_HEAD_DIMS[0] <= p["d_keys"] <= KERNEL_HEAD_DIMS[1]
+    """The documented rule: head widths 16..128; fp32 only where its logit dots are at most 32 wide
+    (d_model <= 32, or the standard form's d_keys <= 32)."""
+    if not KERNEL_HEAD_DIMS[0] <= p["d_keys"] <= KERNEL_HEAD_DIMS[1]:
+        return False
+    return p["dtype"] != "fp32" or p["d_model"] <= 32 or p["d_keys"] <= 32
 
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

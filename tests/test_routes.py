@@ -21,10 +21,12 @@ class PassThrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def reprogramming_step(dtype, training, seed=11):
-    """One forward + backward of a small layer (R = 2·7 rows, S = 37, E = 16, dropout 0.2)."""
+def reprogramming_step(dtype, training, seed=11, deterministic=True):
+    """One forward + backward of a small layer (R = 2·7 rows, S = 37, E = 16, dropout 0.2); in
+    deterministic mode by default, so that runs compare bit for bit on a GPU too."""
     torch.manual_seed(0)
-    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.2).to(DEVICE, dtype).train(training)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.2,
+                               deterministic=deterministic).to(DEVICE, dtype).train(training)
     target = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype, requires_grad=True)
     protos = torch.randn(37, 24, device=DEVICE, dtype=dtype, requires_grad=True)
     torch.manual_seed(seed)
@@ -76,27 +78,35 @@ def test_no_grad_direct_route_builds_no_autograd_node():
 
 
 @requires_triton
-def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch):
-    """The direct route's backward: one dQ and one dK/dV launch, lse gets no gradient."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch, deterministic):
+    """The direct route's training step: the forward, then delta and the prototype-stationary
+    backward (and in deterministic mode the row-stationary one); lse gets no gradient."""
     counters = {}
-    for name in ("reprogramming_fwd_kernel", "reprogramming_bwd_dq_kernel", "reprogramming_bwd_dkdv_kernel"):
+    for name in ("attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_protos_kernel",
+                 "attention_bwd_rows_kernel"):
         counters[name] = LaunchCounter(getattr(attn_kernels, name))
         monkeypatch.setattr(attn_kernels, name, counters[name])
     with dispatch.record_routes() as routes:
-        reprogramming_step(torch.float32, training=True)
+        reprogramming_step(torch.float32, training=True, deterministic=deterministic)
     assert routes == {("reprogramming_attention", "direct"): 1}
-    assert {name: c.launches for name, c in counters.items()} == dict.fromkeys(counters, 1)
+    expected = dict.fromkeys(counters, 1)
+    expected["attention_bwd_rows_kernel"] = int(deterministic)
+    assert {name: c.launches for name, c in counters.items()} == expected
 
 
 @requires_triton
 def test_lse_is_not_differentiable_on_the_direct_route():
     from timellm_fast.reprogramming import DirectAttention, draw_seed_tensor
 
+    from timellm_fast.reprogramming import core_from_keys
+
     g = torch.Generator().manual_seed(0)
     target = torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_(True)
     wq, bq = torch.randn(32, 16, generator=g).to(DEVICE) / 4, torch.randn(32, generator=g).to(DEVICE)
     kv = torch.randn(37, 64, generator=g).to(DEVICE)
-    heads, lse = DirectAttention.apply(target, wq, bq, kv, 2, 0.0, draw_seed_tensor(0.0, DEVICE), False)
+    x, mc, v, form = core_from_keys(target, wq, bq, kv, 2)
+    heads, lse = DirectAttention.apply(x, mc, v, *form, 0.0, draw_seed_tensor(0.0, DEVICE), False, False)
     assert heads.requires_grad and not lse.requires_grad
 
 

@@ -1,22 +1,27 @@
 """ReprogrammingLayer: op (validation, dispatch, autograd) and the drop-in nn.Module (SPEC §1.2).
 
-The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention
-kernel that never materializes the [B', H, L, S] attention matrix:
+The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention core
+that never materializes the [B', H, L, S] attention matrix. Where d_model <= E (every Time-LLM
+shape) the core runs on the factorized logits of SPEC §1.3, Z_h = s·(target·M_h + c_h): the
+prototype side of the logits is built straight from `source`, so neither Q nor K exists:
 
-    forward:  [K | V] = source·Wkᵀ+bk, value·Wvᵀ+bv   (one GEMM when source is value)
-              O, lse = fused attention(target, Wq, bq, [K | V])   (Q is built inside the kernel)
+    forward:  G_h = [Wq_h | 0 | bq_h]ᵀ·Wk_h, g_h = [Wq_h | 0 | bq_h]ᵀ·bk_h   (tiny GEMMs)
+              mc = G·sourceᵀ + g      [H, W, S]: per head Y_hᵀ = (K_h·Wq_h)ᵀ, then c_hᵀ = (K_h·bq_h)ᵀ
+              v  = value·Wvᵀ + bv     [S, H, E]
+              O, lse = fused core(target, mc, v)     (d_model-wide logit dots, softmax, dropout, ·V)
               out = O·Woᵀ + bo
-    backward: dO = dout·Wo, dWo, dbo                 (GEMMs)
-              dQ, [dK | dV] = fused attention backward  (recomputes Q and P; same dropout mask)
-              d target, dWq, dbq from dQ; d source, d value, dWk, dbk, dWv, dbv from dK, dV
+    backward: the core hands back d target, d mc, d v; autograd takes them through the GEMMs above
+              to every weight, `source` and `value`.
 
+Where d_model > E the same core runs the standard form: X = Q = target·Wqᵀ + bq, mc = K.
 The eager path runs the same math in PyTorch: `reprogramming_sdpa_fold` (no attention matrix)
 when dropout is inactive, the literal reference when attention dropout has to be applied.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Tuple
+import math
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,97 +55,201 @@ def project_key_value(
     wk: torch.Tensor, bk: torch.Tensor,  # [H*E, d_llm], [H*E]
     wv: torch.Tensor, bv: torch.Tensor,  # [H*E, d_llm], [H*E]
 ) -> torch.Tensor:  # kv: [S, 2*H*E], K in the first H*E columns, V in the rest
-    """K and V as one tensor: one GEMM when source is value (Time-LLM's case), and one gradient
-    for the attention backward to hand back (split K and V would be concatenated again by
-    autograd, one more copy)."""
+    """K and V as one tensor (the eager path's K/V cache): one GEMM when source is value."""
     if source is value:
         return F.linear(source, torch.cat([wk, wv]), torch.cat([bk, bv]))
     return torch.cat([F.linear(source, wk, bk), F.linear(value, wv, bv)], dim=1)
 
 
-# The fused attention core is a pair of torch.library custom ops, so torch.compile sees only
-# their fake implementations (no graph break, no tracing into Triton) and torch.profiler shows
-# them as timellm_fast::reprogramming_attention_fwd / _bwd. The GEMMs around the core (K/V and
-# output projections) stay ordinary PyTorch ops with PyTorch's own autograd; the custom
-# backward covers exactly what the kernel computes: Q = target·Wqᵀ + bq, softmax, dropout, ·V.
-# In plain eager mode the same launchers and the same backward are reached through
-# DirectAttention instead (dispatch.direct_launch): the custom op's dispatch is host time that
-# the small official shapes cannot hide.
+class CoreForm(NamedTuple):
+    """How the fused core reads its operands (kernels/reprogramming_attention.py's docstring)."""
+    d_logit: int  # D, the width of the logit dots
+    x_head_stride: int  # 0: every head reads the same target columns (factorized); E: Q's head columns
+    has_bias: bool  # the factorized form's c_h column
+    scale: float  # 1/sqrt(E)
+    d_model: int
+
+
+def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
+    kern = _kernels()
+    scale = 1.0 / math.sqrt(head_dim)
+    if kern.is_factorized(d_model, head_dim):
+        return CoreForm(kern.block_d_for(d_model, head_dim), 0, True, scale, d_model)
+    return CoreForm(head_dim, head_dim, False, scale, d_model)
+
+
+_ZEROS: dict = {}
+
+
+def _zeros(like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A zero tensor for padding operands: cached per (shape, dtype, device), except while
+    torch.compile traces or a CUDA graph captures (a tensor made there is a fake, or is filled only
+    when the graph replays)."""
+    device = like.device
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return like.new_zeros(shape)
+    key = (shape, like.dtype, device)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        zeros = _ZEROS[key] = like.new_zeros(shape)
+    return zeros
+
+
+def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, n_heads: int, block_d: int) -> torch.Tensor:
+    """wqb: [H, E, BLOCK_D + 1], per head [Wq_h (d_model columns) | zeros up to BLOCK_D | bq_h], so that
+    wqb_hᵀ·K_hᵀ is head h's block of the factorized mc operand: rows Y_hᵀ = (K_h·Wq_h)ᵀ, zero rows for the
+    padding of d_model, and c_hᵀ = (K_h·bq_h)ᵀ."""
+    HE, DM = wq.shape
+    H, E = n_heads, HE // n_heads
+    pieces = [wq.view(H, E, DM), bq.view(H, E, 1)]
+    if block_d > DM:
+        pieces.insert(1, _zeros(wq, (H, E, block_d - DM)))
+    return torch.cat(pieces, 2)
+
+
+def _align_prototypes(mc: torch.Tensor) -> torch.Tensor:
+    """mc [H, W, S] with its prototype axis padded to a multiple of PROTOTYPE_ALIGN (S = 1000 needs none)."""
+    pad = -mc.shape[2] % _kernels().PROTOTYPE_ALIGN
+    return F.pad(mc, (0, pad)) if pad else mc
+
+
+def prototype_operands(
+    source: torch.Tensor, value: torch.Tensor,  # [S, d_llm] each
+    wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+    n_heads: int, form: CoreForm,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # (mc: [H, W, S'], v: [S, H, E])
+    """The core's prototype-side operands, shared by every row (cached at inference by the layer).
+
+    Factorized: mc = G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h, i.e. (K_h·wqb_h)ᵀ without
+    forming K: 2·S·d_llm·H·(BLOCK_D + 1) FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3),
+    one GEMM whose output is already the kernels' transposed layout. Standard: mc = Kᵀ."""
+    S, d_llm = source.shape
+    H, E = n_heads, wk.shape[0] // n_heads
+    v = F.linear(value, wv, bv).view(S, H, E)
+    if not form.has_bias:
+        return _align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v
+    wqb_t = factorized_query_side(wq, bq, H, form.d_logit).transpose(1, 2)  # [H, W, E]
+    g = torch.bmm(wqb_t, wk.view(H, E, d_llm))  # [H, W, d_llm]
+    g_bias = torch.bmm(wqb_t, bk.view(H, E, 1))  # [H, W, 1]
+    W = g.shape[1]
+    mc = torch.addmm(g_bias.view(H * W, 1), g.view(H * W, d_llm), source.t())  # [H*W, S]
+    return _align_prototypes(mc.view(H, W, S)), v
+
+
+def query_operand(target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, form: CoreForm) -> torch.Tensor:
+    """x: the core's row-side operand: target padded to BLOCK_D columns (factorized), or Q."""
+    if not form.has_bias:
+        return F.linear(target_rows, wq, bq)  # [R, H*E]
+    pad = form.d_logit - target_rows.shape[1]
+    # zero columns up to BLOCK_D: every row is then a whole, 16-aligned tile row
+    return F.pad(target_rows, (0, pad)) if pad else target_rows.contiguous()  # [R, BLOCK_D]
+
+
+def core_from_keys(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
+    n_heads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, CoreForm]:  # (x, mc, v, form)
+    """The core's operands from a projected K (the attention-core benchmark's inputs): on the
+    factorized form mc_h = wqb_hᵀ·K_hᵀ by a batched GEMM, 2·S·E·H·(BLOCK_D + 1) FLOPs."""
+    HE, DM = wq.shape
+    H, E = n_heads, HE // n_heads
+    S = kv.shape[0]
+    form = core_form(DM, H, E)
+    v = kv[:, HE:].view(S, H, E)
+    if form.has_bias:
+        wqb_t = factorized_query_side(wq, bq, H, form.d_logit).transpose(1, 2)  # [H, W, E]
+        mc = torch.bmm(wqb_t, kv[:, :HE].view(S, H, E).permute(1, 2, 0))  # [H, W, S]
+    else:
+        mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
+    return query_operand(target_rows, wq, bq, form), _align_prototypes(mc), v, form
+
+
+# The fused core is a pair of torch.library custom ops, so torch.compile sees only their fake
+# implementations (no graph break, no tracing into Triton) and torch.profiler shows them as
+# timellm_fast::reprogramming_attention_fwd / _bwd. The GEMMs around the core stay ordinary
+# PyTorch ops with PyTorch's own autograd; the custom backward covers exactly what the kernels
+# compute. In plain eager mode the same launchers and the same backward are reached through
+# DirectAttention instead (dispatch.direct_launch): the custom op's dispatch is host time that the
+# small official shapes cannot hide.
 
 FWD_OP_NAME = "timellm_fast::reprogramming_attention_fwd"
 BWD_OP_NAME = "timellm_fast::reprogramming_attention_bwd"
 
 
-def _split_kv(kv: torch.Tensor, he: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """k, v: [S, H*E] views of kv [S, 2*H*E] with one row stride and unit column stride."""
-    kv = kv if kv.stride(1) == 1 else kv.contiguous()
-    return kv[:, :he], kv[:, he:]
-
-
 def _launch_attention_forward(
-    target_rows: torch.Tensor,  # target_rows: [R, DM]
-    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
-    n_heads: int, dropout_p: float,
+    x: torch.Tensor,  # x: [R, *] (query_operand)
+    mc: torch.Tensor,  # mc: [H, W, S'] (prototype_operands)
+    v: torch.Tensor,  # v: [S, H, E]
+    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
+    dropout_p: float,
     seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
-    allow_tf32: bool,
+    allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
-    k, v = _split_kv(kv, wq.shape[0])
-    return _kernels().attention_forward(
-        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, n_heads, dropout_p, seed, allow_tf32)
+    return _kernels().attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p,
+                                        seed, allow_tf32)
 
 
 def _launch_attention_backward(
-    target_rows: torch.Tensor,  # target_rows: [R, DM]
-    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
-    grad_heads: torch.Tensor,  # grad_heads: [R, H*E], gradient of heads_out
+    x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,  # as in the forward
+    heads_out: torch.Tensor,  # heads_out: [R, H*E], the forward's
+    grad_heads: torch.Tensor,  # grad_heads: [R, H*E], its gradient
     lse: torch.Tensor,  # lse: [H, R] fp32, the forward's
-    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # (dq: [R, H*E], dkv: [S, 2*H*E] fp32, or [0] if not needed)
-    k, v = _split_kv(kv, wq.shape[0])
-    dq, dkv = _kernels().attention_backward(
-        target_rows.contiguous(), wq.contiguous(), bq.contiguous(), k, v, grad_heads.contiguous(), lse,
-        n_heads, dropout_p, seed, allow_tf32, need_dkv=need_dkv)
-    return dq, (dkv if dkv is not None else lse.new_empty((0,)))
+    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
+    dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
+    need_x: bool, need_protos: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (dx, dmc, dv) fp32, [0] where not needed
+    dx, dmc, dv = _kernels().attention_backward(
+        x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+        allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
+    def nothing():  # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
+        return lse.new_empty((0,))
+
+    return (dx if dx is not None else nothing(), dmc if dmc is not None else nothing(),
+            dv if dv is not None else nothing())
 
 
 @torch.library.custom_op(FWD_OP_NAME, mutates_args=())
 def attention_fwd_op(
-    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, kv: torch.Tensor,
-    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool,
+    x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor, d_logit: int, x_head_stride: int, has_bias: bool,
+    scale: float, d_model: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_forward
-    return _launch_attention_forward(target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32)
+    return _launch_attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+                                     allow_tf32, deterministic)
 
 
 @attention_fwd_op.register_fake
-def _(target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32):
-    R = target_rows.shape[0]
-    return (target_rows.new_empty((R, wq.shape[0])),
-            target_rows.new_empty((n_heads, R), dtype=torch.float32))
+def _(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic):
+    R = x.shape[0]
+    S, H, E = v.shape
+    return x.new_empty((R, H * E)), x.new_empty((H, R), dtype=torch.float32)
 
 
 @torch.library.custom_op(BWD_OP_NAME, mutates_args=())
 def attention_bwd_op(
-    target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, kv: torch.Tensor,
-    grad_heads: torch.Tensor, lse: torch.Tensor,
-    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, need_dkv: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_backward
-    return _launch_attention_backward(target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed,
-                                      allow_tf32, need_dkv)
+    x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor, heads_out: torch.Tensor, grad_heads: torch.Tensor,
+    lse: torch.Tensor, d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
+    dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool, need_x: bool, need_protos: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_backward
+    return _launch_attention_backward(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
+                                      d_model, dropout_p, seed, allow_tf32, deterministic, need_x, need_protos)
 
 
 @attention_bwd_op.register_fake
-def _(target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_dkv):
-    R, HE = target_rows.shape[0], wq.shape[0]
-    dkv = lse.new_empty((kv.shape[0], 2 * HE)) if need_dkv else lse.new_empty((0,))
-    return target_rows.new_empty((R, HE)), dkv
+def _(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+      allow_tf32, deterministic, need_x, need_protos):
+    return (lse.new_empty(x.shape if need_x else (0,)), lse.new_empty(mc.shape if need_protos else (0,)),
+            lse.new_empty(v.shape if need_protos else (0,)))
 
 
 def _setup_attention_context(ctx, inputs, output):
-    target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32 = inputs
-    ctx.save_for_backward(target_rows, wq, bq, kv, output[1], seed)
-    ctx.config = (n_heads, dropout_p, allow_tf32)
+    x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic = inputs
+    heads_out, lse = output
+    # heads_out is what the output projection's autograd keeps anyway: saving it costs no memory
+    ctx.save_for_backward(x, mc, v, heads_out, lse, seed)
+    ctx.config = (d_logit, x_head_stride, has_bias, scale, d_model, dropout_p)
+    ctx.flags = (allow_tf32, deterministic)
     ctx.direct = False  # backward through attention_bwd_op (DirectAttention sets True)
     # lse never receives a gradient: without this autograd would fill a zero [H, R] for it
     # on every backward (one more launch)
@@ -149,18 +258,17 @@ def _setup_attention_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_heads, _grad_lse):
     if grad_heads is None:  # the attention output did not reach the loss
-        return None, None, None, None, None, None, None, None
-    target_rows, wq, bq, kv, lse, seed = ctx.saved_tensors
-    n_heads, dropout_p, allow_tf32 = ctx.config
-    need_target, need_wq, need_bq, need_kv = ctx.needs_input_grad[:4]
-    args = (target_rows, wq, bq, kv, grad_heads, lse, n_heads, dropout_p, seed, allow_tf32, need_kv)
-    dq, dkv = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, attention_bwd_op,
-                                         _launch_attention_backward)  # [R, H*E], [S, 2*H*E] fp32
-    d_target = dq.mm(wq) if need_target else None  # [R, DM]
-    d_wq = dq.t().mm(target_rows) if need_wq else None  # [H*E, DM]
-    d_bq = dq.sum(0) if need_bq else None  # [H*E]; torch sums half dtypes in fp32, rounds once
-    d_kv = dkv.to(kv.dtype) if need_kv else None  # [S, 2*H*E]
-    return d_target, d_wq, d_bq, d_kv, None, None, None, None
+        return (None,) * 12
+    x, mc, v, heads_out, lse, seed = ctx.saved_tensors
+    d_logit, x_head_stride, has_bias, scale, d_model, dropout_p = ctx.config
+    allow_tf32, deterministic = ctx.flags
+    need_x, need_mc, need_v = ctx.needs_input_grad[:3]
+    args = (x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+            allow_tf32, deterministic, need_x, need_mc or need_v)
+    dx, dmc, dv = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, attention_bwd_op,
+                                             _launch_attention_backward)  # fp32
+    return ((dx.to(x.dtype) if need_x else None), (dmc.to(mc.dtype) if need_mc else None),
+            (dv.to(v.dtype) if need_v else None)) + (None,) * 9
 
 
 attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
@@ -173,8 +281,10 @@ class DirectAttention(torch.autograd.Function):
     with inspect.signature, ~50 us of host time.)"""
 
     @staticmethod
-    def forward(ctx, target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32):
-        inputs = (target_rows, wq, bq, kv, n_heads, dropout_p, seed, allow_tf32)
+    def forward(ctx, x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32,
+                deterministic):
+        inputs = (x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32,
+                  deterministic)
         with dispatch.profiled(FWD_OP_NAME):
             output = _launch_attention_forward(*inputs)
         _setup_attention_context(ctx, inputs, output)
@@ -185,30 +295,31 @@ class DirectAttention(torch.autograd.Function):
     backward = staticmethod(_attention_backward)
 
 
-def fused_attention(
-    target_rows: torch.Tensor,  # target_rows: [R, DM]
-    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V (project_key_value)
-    n_heads: int, dropout_p: float = 0.0, allow_tf32: bool = False,
+def fused_core(
+    x: torch.Tensor,  # x: [R, *] (query_operand)
+    mc: torch.Tensor,  # mc: [H, W, S'] (prototype_operands)
+    v: torch.Tensor,  # v: [S, H, E]
+    form: CoreForm, dropout_p: float = 0.0, allow_tf32: bool = False, deterministic: bool = False,
 ) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
     """The fused attention core with its autograd, on the route dispatch.direct_launch picks.
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
-    args = (target_rows, wq, bq, kv, n_heads, dropout_p, draw_seed_tensor(dropout_p, target_rows.device),
-            allow_tf32)
-    heads_out, _ = dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (target_rows, wq, bq, kv), args, attention_fwd_op,
+    args = (x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale, form.d_model, dropout_p,
+            draw_seed_tensor(dropout_p, x.device), allow_tf32, deterministic)
+    heads_out, _ = dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (x, mc, v), args, attention_fwd_op,
                                           DirectAttention, _launch_attention_forward)
     return heads_out
 
 
-def fused_reprogramming(
-    target: torch.Tensor,  # target: [B', L, DM]
-    kv: torch.Tensor,  # kv: [S, 2*H*E] (projected, maybe cached)
-    wq: torch.Tensor, bq: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor,
-    n_heads: int, dropout_p: float, allow_tf32: bool,
-) -> torch.Tensor:  # out: [B', L, d_llm]
-    Bp, L, DM = target.shape
-    heads_out = fused_attention(target.reshape(Bp * L, DM), wq, bq, kv, n_heads, dropout_p, allow_tf32)  # [R, H*E]
-    return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
+def fused_attention(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V (project_key_value)
+    n_heads: int, dropout_p: float = 0.0, allow_tf32: bool = False, deterministic: bool = False,
+) -> torch.Tensor:  # heads_out: [R, H*E]
+    """softmax(Q·Kᵀ/√E)·V with Q = target_rows·Wqᵀ + bq, given projected K and V: the attention core
+    alone, as the benchmarks compare it with SDPA on the same inputs."""
+    x, mc, v, form = core_from_keys(target_rows, wq, bq, kv, n_heads)
+    return fused_core(x, mc, v, form, dropout_p, allow_tf32, deterministic)
 
 
 def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
@@ -242,12 +353,16 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
 class ReprogrammingLayer(nn.Module):
     """Drop-in for Time-LLM's ReprogrammingLayer: same constructor, submodules and state-dict keys.
 
-    `allow_tf32=True` lets fp32 inputs use TF32 tensor cores in the fused kernel (faster, ~1e-3
-    relative error); by default fp32 dots are IEEE. ``kv_cache_hits`` / ``kv_cache_misses`` count
-    how often the no-grad path reused the K/V projections.
+    The fused kernels compute fp32 inputs with IEEE fp32 dot products; `allow_tf32=True` sends fp32
+    on a GPU to PyTorch's SDPA instead, which runs fp32 on tensor cores. `deterministic=True` makes the fused backward
+    bitwise reproducible (fixed-order reductions instead of fp32 atomics, at 8·D + 6·E instead of
+    6·D + 4·E MMA FLOPs per element); it is also on whenever
+    ``torch.use_deterministic_algorithms(True)`` is. ``kv_cache_hits`` / ``kv_cache_misses`` count how
+    often the no-grad path reused the prototype-side projections.
     """
 
-    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1, *, allow_tf32=False):
+    def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1, *, allow_tf32=False,
+                 deterministic=False):
         super().__init__()
         validation.positive_int("d_model", d_model)
         validation.positive_int("n_heads", n_heads)
@@ -264,12 +379,13 @@ class ReprogrammingLayer(nn.Module):
         self.d_model, self.d_keys, self.d_llm = d_model, d_keys, d_llm
         self.n_heads = n_heads
         self.allow_tf32 = bool(allow_tf32)
+        self.deterministic = bool(deterministic)
         self.query_projection = nn.Linear(d_model, d_keys * n_heads)
         self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
         self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
         self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
         self.dropout = nn.Dropout(attention_dropout)
-        self._kv_cache = TensorCache()  # K/V projections, reused when no autograd graph is needed
+        self._kv_cache = TensorCache()  # prototype-side projections, reused when no autograd graph is needed
 
     @property
     def kv_cache_hits(self) -> int:
@@ -300,28 +416,34 @@ class ReprogrammingLayer(nn.Module):
         target_c, source_c = cast(target), cast(source)
         value_c = source_c if value is source else cast(value)
         H, E = self.n_heads, self.d_keys
-        rows, protos = target.shape[0] * target.shape[1], source.shape[0]
+        Bp, L, DM = target.shape
 
         reason = None
         if dispatch.triton_import_error() is None:
-            reason = _kernels().unsupported_reason(dtype, E, protos, rows, dropout_p > 0.0, target.device,
+            reason = _kernels().unsupported_reason(dtype, E, DM, source.shape[0], dropout_p > 0.0, target.device,
                                                    self.allow_tf32)
         path = dispatch.choose(OP_NAME, target.device, reason)
 
-        def key_value():
+        def cached(compute, kind):
+            """compute() of the prototype side, reused under no-grad while its inputs are unchanged"""
             if needs_grad:
-                return project_key_value(source_c, value_c, wk, bk, wv, bv)
-            watched = (source, value) + params[2:6]  # what K and V are computed from
-            return self._kv_cache.get(watched, (dtype,),
-                                      lambda: project_key_value(source_c, value_c, wk, bk, wv, bv))
+                return compute()
+            watched = (source, value) + params[:6]  # what the prototype side is computed from
+            return self._kv_cache.get(watched, (dtype, kind), compute)
 
         autocast_on = torch.is_autocast_enabled(target.device.type)
         with torch.autocast(target.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             if path == "triton":
-                return fused_reprogramming(target_c, key_value(), wq, bq, wo, bo, H, dropout_p,
-                                           self.allow_tf32)
+                form = core_form(DM, H, E)
+                mc, v = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form),
+                               "triton")
+                x = query_operand(target_c.reshape(Bp * L, DM), wq, bq, form)
+                deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+                heads_out = fused_core(x, mc, v, form, dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
+                return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
             if dropout_p > 0:
                 return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                                dropout_p=dropout_p, training=True)
+            kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
             return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
-                                           key_value=key_value().split(H * E, dim=1))
+                                           key_value=kv.split(H * E, dim=1))

@@ -1,0 +1,454 @@
+"""Launch configurations of the reprogramming attention kernels: the only source of their tiles.
+
+A launch is chosen by what it computes and where it runs: (role, data dtype, dot path, BLOCK_D,
+BLOCK_E, dropout, GPU generation). `config_table()` holds every configuration a launcher can choose
+on a GPU, and tests/test_aot.py compiles each one ahead of time for its GPU generation under every
+Triton CI checks, so nothing dispatch can launch is unproven (SPEC §6). Under Triton's interpreter
+(the CPU test suite) a launch takes the sm_80 entry of its regime, with fp32 dots for bf16 data.
+
+Roles: "fwd" (attention_fwd_kernel), "bwd_protos" and "bwd_rows" (the backward's prototype- and
+row-stationary kernels; dropout is a run-time value there, so one build serves training with and
+without it), "bwd_delta" and "dropout_mask" (fixed small tiles).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ._launch import SIG_DTYPE, TL_DTYPE, device_capability, interpreting, next_pow2
+
+#: head widths the kernels accept; E is padded with masks up to the next block width
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+BLOCK_E_CHOICES = (32, 64, 128)
+#: widths of the factorized logit dots (d_model padded up to one of them). A wider d_model, or one
+#: above E, runs the standard form (D = E): at d_model 33..64 the factorized form padded to 64
+#: would save a quarter of the work at E = 128 at most, and no Time-LLM shape has such a d_model
+FACTORIZED_BLOCK_D = (16, 32)
+#: the prototype axis of the mc operand is padded to a multiple of this, so its rows start on 16-byte
+#: boundaries (the kernels read them with 16-byte loads)
+PROTOTYPE_ALIGN = 8
+#: largest row block of any kernel; Philox row groups are multiples of it
+MAX_BLOCK_R = 128
+#: GPU generations with their own tiles (75: Turing, 80: Ampere/Ada, 90: Hopper and newer)
+ARCHS = (75, 80, 90)
+INTERPRETER = 0  # the "arch" of a launch under TRITON_INTERPRET
+
+#: (data dtype, dot dtype, input precision) each generation runs in the kernels, IEEE fp32 dots for
+#: fp32 data. Turing has no bf16 MMA and its FMA kernels would lose to SDPA: bf16 and fp32 data run
+#: eager there, and so do heads wider than TURING_MAX_BLOCK_E (its MMA lowering spills the wider
+#: kernels even with 16-row tiles). fp32 with TF32 allowed runs eager too: PyTorch's SDPA already
+#: runs fp32 on tensor cores, more accurately than TF32 (3xTF32).
+DOT_PATHS = {
+    75: ((torch.float16, torch.float16, "ieee"),),
+    80: ((torch.float32, torch.float32, "ieee"), (torch.bfloat16, torch.bfloat16, "ieee"),
+         (torch.float16, torch.float16, "ieee")),
+    90: ((torch.float32, torch.float32, "ieee"), (torch.bfloat16, torch.bfloat16, "ieee"),
+         (torch.float16, torch.float16, "ieee")),
+}
+TURING_MAX_BLOCK_E = 32
+#: (BLOCK_D, BLOCK_E) pairs the tensor-core kernels take: factorized BLOCK_D in FACTORIZED_BLOCK_D,
+#: standard BLOCK_D = BLOCK_E (one build serves both forms where they meet: the bias is a run-time
+#: flag). The FMA (fp32) kernels spill at BLOCK_D 64 and 128 even with 16-row tiles: they take the
+#: factorized widths only, and the standard form of fp32 at E >= 64 runs eager.
+#: At E = 128 a 16-wide logit dot is padded to 32: the prototype-stationary backward's tiles that fit
+#: there do as much MMA work at BLOCK_D 16 as at 32 (their D-wide products are MMA-padded).
+BLOCK_PAIRS = tuple((d, e) for e in BLOCK_E_CHOICES for d in sorted(set(FACTORIZED_BLOCK_D + (e,)))
+                    if d <= e and (d, e) != (16, 128))
+FMA_BLOCK_PAIRS = tuple(p for p in BLOCK_PAIRS if p[0] in FACTORIZED_BLOCK_D)
+
+# (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, arch, dropout) and (BLOCK_D, BLOCK_E), as data.
+# The backward roles' dropout is None (a run-time value). Every entry compiles spill-free on its arch
+# with Triton 3.6, 3.8 and 3.9 as the JIT specializes SPEC §2 shapes, within its generation's shared
+# memory (tests/test_aot.py), and was chosen by bench/aot_filter_tiles.py as the first candidate, in
+# order of preference, clean under all three toolchains. The sm_90 tensor-core tiles also do no more
+# MMA work per element than the factorized form's budget, except fp16's prototype pass at
+# BLOCK_D = BLOCK_E = 128 (the standard form at E = 128): every tile within the budget spills under
+# Triton 3.6 or 3.8 there, so it takes a BLOCK_S = 32 tile, half a warpgroup's MMA rows, 1.2x the
+# budget. None has been timed on a GPU yet. Regimes: "fma" = IEEE fp32 dots on the FMA units, whose
+# operand layouts hold whole rows per thread (small tiles); "bf16", "fp16" = tensor-core MMA.
+_HALF_TILES = {  # (role, arch, dropout) -> {(BLOCK_D, BLOCK_E): tile}, for bf16 and fp16 alike
+    ('fwd', 80, False): {
+        (16, 32): (128, 64, 8, 2), (16, 64): (128, 64, 8, 2), (32, 32): (128, 64, 8, 2), (32, 64): (128, 64, 8, 2),
+        (32, 128): (64, 64, 4, 3), (64, 64): (128, 64, 8, 2), (128, 128): (32, 32, 4, 2)},
+    ('fwd', 80, True): {
+        (16, 32): (128, 64, 8, 2), (16, 64): (64, 64, 4, 3), (32, 32): (128, 64, 8, 2), (32, 64): (64, 32, 4, 2),
+        (32, 128): (64, 32, 4, 2), (64, 64): (64, 32, 4, 2), (128, 128): (32, 32, 4, 2)},
+    ('fwd', 90, False): {
+        (16, 32): (128, 64, 8, 3), (16, 64): (128, 64, 8, 3), (32, 32): (128, 64, 8, 3), (32, 64): (128, 64, 8, 3),
+        (32, 128): (128, 64, 8, 3), (64, 64): (128, 64, 8, 3), (128, 128): (128, 64, 8, 3)},
+    ('fwd', 90, True): {
+        (16, 32): (128, 64, 8, 2), (16, 64): (128, 32, 8, 2), (32, 32): (128, 64, 8, 2), (32, 64): (128, 32, 8, 2),
+        (32, 128): (128, 64, 8, 3), (64, 64): (128, 32, 8, 2), (128, 128): (128, 64, 8, 3)},
+    ('bwd_protos', 80, None): {
+        (16, 32): (32, 64, 4, 2), (16, 64): (32, 64, 4, 2), (32, 32): (32, 64, 4, 2), (32, 64): (32, 32, 8, 2),
+        (32, 128): (16, 64, 4, 2), (64, 64): (32, 32, 4, 2), (128, 128): (32, 32, 4, 2)},
+    ('bwd_protos', 90, None): {
+        (16, 32): (64, 128, 8, 2), (16, 64): (64, 128, 8, 1), (32, 32): (64, 128, 8, 2), (32, 64): (32, 64, 4, 2),
+        (32, 128): (32, 64, 4, 2), (64, 64): (32, 128, 8, 2), (128, 128): (32, 128, 8, 2)},
+    ('bwd_rows', 80, None): {
+        (16, 32): (64, 64, 4, 2), (16, 64): (64, 32, 4, 2), (32, 32): (64, 32, 4, 2), (32, 64): (64, 32, 4, 2),
+        (32, 128): (64, 32, 4, 2), (64, 64): (64, 32, 4, 2), (128, 128): (32, 32, 4, 2)},
+    ('bwd_rows', 90, None): {
+        (16, 32): (128, 64, 8, 2), (16, 64): (128, 64, 8, 2), (32, 32): (128, 64, 8, 2), (32, 64): (128, 64, 8, 2),
+        (32, 128): (128, 64, 8, 2), (64, 64): (128, 64, 8, 2), (128, 128): (128, 32, 8, 2)},
+}
+_FP16_TILES = {  # fp16's own: Turing (no bf16 MMA there), and where fp16 differs from bf16
+    ('fwd', 75, False): {
+        (16, 32): (64, 32, 4, 2), (32, 32): (32, 16, 4, 1)},
+    ('fwd', 75, True): {
+        (16, 32): (64, 32, 4, 2), (32, 32): (32, 16, 4, 1)},
+    ('bwd_protos', 75, None): {
+        (16, 32): (32, 64, 4, 2), (32, 32): (32, 32, 4, 2)},
+    ('bwd_protos', 90, None): {
+        (128, 128): (16, 32, 4, 1)},
+    ('bwd_rows', 75, None): {
+        (16, 32): (32, 16, 4, 1), (32, 32): (32, 16, 4, 1)},
+}
+_FMA_TILES = {  # fp32 data: IEEE fp32 dots on the FMA units
+    ('fwd', 80, False): {
+        (16, 32): (64, 32, 8, 1), (16, 64): (64, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (32, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('fwd', 80, True): {
+        (16, 32): (64, 32, 8, 1), (16, 64): (64, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (32, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('fwd', 90, False): {
+        (16, 32): (64, 32, 8, 1), (16, 64): (64, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (32, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('fwd', 90, True): {
+        (16, 32): (64, 32, 8, 1), (16, 64): (64, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (32, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('bwd_protos', 80, None): {
+        (16, 32): (32, 32, 8, 1), (16, 64): (16, 16, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (16, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('bwd_protos', 90, None): {
+        (16, 32): (32, 32, 8, 1), (16, 64): (32, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (32, 32, 8, 1),
+        (32, 128): (32, 32, 8, 1)},
+    ('bwd_rows', 80, None): {
+        (16, 32): (32, 32, 8, 1), (16, 64): (32, 32, 8, 1), (32, 32): (32, 32, 8, 1), (32, 64): (16, 16, 8, 1),
+        (32, 128): (16, 16, 8, 1)},
+    ('bwd_rows', 90, None): {
+        (16, 32): (32, 32, 8, 1), (16, 64): (32, 32, 8, 1), (32, 32): (32, 16, 8, 1), (32, 64): (16, 16, 8, 1),
+        (32, 128): (16, 16, 8, 1)},
+}
+
+_TILES: Dict[tuple, Dict[Tuple[int, int], Tuple[int, int, int, int]]] = {}
+for (_role, _arch, _drop), _by_pair in _HALF_TILES.items():
+    for _regime in ("bf16", "fp16"):
+        _TILES[(_role, _regime, _arch, _drop)] = dict(_by_pair)
+for (_role, _arch, _drop), _by_pair in _FP16_TILES.items():
+    _TILES.setdefault((_role, "fp16", _arch, _drop), {}).update(_by_pair)
+for (_role, _arch, _drop), _by_pair in _FMA_TILES.items():
+    _TILES[(_role, "fma", _arch, _drop)] = dict(_by_pair)
+
+#: The half-precision configurations' exponentials, by BLOCK_E: (eighths of the prototype groups whose
+#: exponentials run as a polynomial on the FMA units, the forward's rescale threshold in base-2
+#: units). fp32 keeps the exact MUFU.EX2 and rescales at every new maximum. From the sm_90 SASS
+#: (bench/ROOFLINE.md, "Exponentials"): the forward issues ~11 instructions per element against
+#: MUFU.EX2's equivalent of ~8.5, so it is bound by instruction issue, and the polynomial's ~8 more
+#: per element cost more than the special-function units they relieve: no polynomial share yet. The
+#: threshold saves the accumulator's rescale (E/BLOCK_S multiplies per element) for a block-wide
+#: check: worth it at E >= 64, a wash at 32.
+SOFTMAX_BY_BLOCK_E = {32: (0, 0.0), 64: (0, 8.0), 128: (0, 8.0)}
+
+#: (BLOCK_R, BLOCK_E chunk, num_warps) of attention_bwd_delta_kernel, and (BLOCK_R, BLOCK_S, num_warps)
+#: of the dropout-mask debug kernel
+DELTA_TILE = (64, 32, 4)
+DROPOUT_MASK_TILE = (64, 64, 4)
+
+
+def regime(dot: torch.dtype, precision: str) -> str:
+    if dot == torch.float32:
+        return "fma"
+    return SIG_DTYPE[dot]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    role: str
+    arch: int  # 75, 80, 90, or INTERPRETER
+    data_dtype: torch.dtype
+    dot_dtype: torch.dtype
+    input_precision: str
+    block_d: int
+    block_e: int
+    has_dropout: bool  # the forward's constexpr; False for roles where dropout is a run-time value
+    block_r: int
+    block_s: int
+    num_warps: int
+    num_stages: int
+    poly_eighths: int = 0  # share of the exponentials computed by the polynomial, in eighths
+    rescale_threshold: float = 0.0  # the forward's; 0: rescale at every new maximum
+
+    @property
+    def name(self) -> str:
+        where = "interpreter" if self.arch == INTERPRETER else f"sm{self.arch}"
+        if self.role == "dropout_mask":
+            return f"reprogramming_dropout_mask[{where}]"
+        if self.role == "bwd_delta":
+            return f"reprogramming_bwd_delta[{SIG_DTYPE[self.data_dtype]},{where}]"
+        dot = SIG_DTYPE[self.dot_dtype]
+        drop = ",dropout" if self.has_dropout else ""
+        return (f"reprogramming_{self.role}[{SIG_DTYPE[self.data_dtype]},dot={dot},D={self.block_d},"
+                f"E={self.block_e}{drop},{where}]")
+
+    @property
+    def tile(self) -> Tuple[int, int, int, int]:
+        return (self.block_r, self.block_s, self.num_warps, self.num_stages)
+
+    @property
+    def tile_key(self) -> tuple:
+        """What override_tiles addresses: (role, regime, BLOCK_D, BLOCK_E, dropout)."""
+        return (self.role, regime(self.dot_dtype, self.input_precision), self.block_d, self.block_e,
+                self.has_dropout)
+
+    def constexprs(self) -> Dict[str, object]:
+        if self.role == "dropout_mask":
+            return {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s}
+        if self.role == "bwd_delta":
+            return {"BLOCK_R": self.block_r, "BLOCK_E": self.block_e, "BLOCK_X": 32}
+        params = {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s, "BLOCK_D": self.block_d,
+                  "BLOCK_E": self.block_e, "DOT_DTYPE": TL_DTYPE[self.dot_dtype],
+                  "INPUT_PRECISION": self.input_precision, "POLY_EIGHTHS": self.poly_eighths,
+                  "ROUND_TO_BF16": False}  # the interpreter's stand-in for bf16 MMA: launch_params
+        if self.role == "fwd":
+            params.update(HAS_DROPOUT=self.has_dropout, RESCALE_THRESHOLD=self.rescale_threshold)
+        return params
+
+
+def block_e_for(head_dim: int) -> int:
+    return max(BLOCK_E_CHOICES[0], next_pow2(head_dim))
+
+
+def is_factorized(d_model: int, head_dim: int) -> bool:
+    """The factorized form's logit dots are d_model wide, the standard form's E wide (SPEC §1.3)."""
+    return d_model <= head_dim and d_model <= FACTORIZED_BLOCK_D[-1]
+
+
+def block_d_for(d_model: int, head_dim: int) -> int:
+    """BLOCK_D, the padded width of the logit dots (the factorized form pads d_model up to it)."""
+    block_e = block_e_for(head_dim)
+    if is_factorized(d_model, head_dim):
+        for width in FACTORIZED_BLOCK_D:
+            if d_model <= width and (width, block_e) in BLOCK_PAIRS:
+                return width
+    return block_e
+
+
+def no_config_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, arch: int) -> str:
+    """Why a GPU generation has no configuration for this dtype and shape (it then runs eager)."""
+    if arch == 75 and data_dtype != torch.float16:
+        return (f"{data_dtype} on Turing (sm_75) runs eager: no bf16 tensor cores, and FMA kernels lose to "
+                f"SDPA there (float16 takes the kernel)")
+    if arch == 75 and block_e_for(head_dim) > TURING_MAX_BLOCK_E:
+        return (f"head width d_keys={head_dim} on Turing (sm_75) runs eager: its MMA lowering spills above "
+                f"{TURING_MAX_BLOCK_E}")
+    if data_dtype == torch.float32 and block_d_for(d_model, head_dim) not in FACTORIZED_BLOCK_D:
+        return (f"float32 with d_model={d_model} > d_keys={head_dim} >= 64 runs eager: the FMA kernels spill "
+                f"at that logit width (bf16 and fp16 take the kernel)")
+    return f"no kernel configuration for {data_dtype}, d_keys={head_dim}, d_model={d_model} on sm_{arch}"
+
+
+@functools.lru_cache(maxsize=None)
+def config_table() -> Dict[tuple, AttentionConfig]:
+    """Every configuration a launcher can choose on a GPU, keyed by
+    (role, arch, data dtype, dot dtype, input precision, BLOCK_D, BLOCK_E, dropout)."""
+    table: Dict[tuple, AttentionConfig] = {}
+    for arch, paths in DOT_PATHS.items():
+        for data_dtype, dot, precision in paths:
+            for (role, tile_regime, tile_arch, dropout), tiles in _TILES.items():
+                if tile_arch != arch or tile_regime != regime(dot, precision):
+                    continue
+                for (block_d, block_e), tile in tiles.items():
+                    key = (role, arch, data_dtype, dot, precision, block_d, block_e, bool(dropout))
+                    softmax = (0, 0.0) if data_dtype == torch.float32 else SOFTMAX_BY_BLOCK_E[block_e]
+                    table[key] = AttentionConfig(role, arch, data_dtype, dot, precision, block_d, block_e,
+                                                 bool(dropout), *tile, *softmax)
+            table[("bwd_delta", arch, data_dtype)] = AttentionConfig(
+                "bwd_delta", arch, data_dtype, data_dtype, "ieee", 0, DELTA_TILE[1], False, DELTA_TILE[0], 0,
+                DELTA_TILE[2], 1)
+        table[("dropout_mask", arch)] = AttentionConfig("dropout_mask", arch, torch.float32, torch.float32, "ieee",
+                                                        0, 0, True, DROPOUT_MASK_TILE[0], DROPOUT_MASK_TILE[1],
+                                                        DROPOUT_MASK_TILE[2], 1)
+    return table
+
+
+def arch_class(device: torch.device) -> int:
+    """The entry of ARCHS whose configurations serve this CUDA device."""
+    major, minor = device_capability(device)
+    return max(a for a in ARCHS if a <= max(10 * major + minor, ARCHS[0]))
+
+
+#: tile overrides for tuning (bench/tune_attention.py), keyed like AttentionConfig.tile_key. Empty in
+#: normal use; set only through override_tiles.
+_TILE_OVERRIDES: Dict[tuple, tuple] = {}
+#: (poly_eighths, rescale_threshold) for every half-precision configuration, or None; set only
+#: through override_softmax
+_SOFTMAX_OVERRIDE: List[Optional[tuple]] = [None]
+#: select_config's memo: (arguments, interpreter flag) -> AttentionConfig or None
+_SELECTED: Dict[tuple, Optional[AttentionConfig]] = {}
+
+
+@contextlib.contextmanager
+def override_tiles(overrides: Dict[tuple, tuple]):
+    """Launch with other tiles inside the block (tuning only: a tile here has not been through the
+    ahead-of-time spill check of tests/test_aot.py). Keys: (role, regime, BLOCK_D, BLOCK_E, dropout),
+    dropout False for the backward roles; values (BLOCK_R, BLOCK_S, num_warps, num_stages)."""
+    for key, tile in overrides.items():
+        if len(key) != 5 or key[0] not in ("fwd", "bwd_protos", "bwd_rows"):
+            raise KeyError(f"no such tile key {key}; keys look like ('fwd', 'bf16', 32, 128, False)")
+        if len(tile) != 4 or tile[0] > MAX_BLOCK_R:
+            raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
+    saved = dict(_TILE_OVERRIDES)
+    _TILE_OVERRIDES.update(overrides)
+    _SELECTED.clear()  # the memo must not serve the tiles from before
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDES.clear()
+        _TILE_OVERRIDES.update(saved)
+        _SELECTED.clear()
+        _LAUNCH_PARAMS.clear()
+
+
+@contextlib.contextmanager
+def override_softmax(poly_eighths: int, rescale_threshold: float):
+    """Every half-precision launch inside the block computes poly_eighths/8 of its exponentials by
+    the polynomial and rescales at that threshold (tests and tuning; fp32 keeps the exact path)."""
+    if not 0 <= poly_eighths <= 8 or not 0.0 <= rescale_threshold <= 15.0:
+        raise ValueError(f"poly_eighths must be in 0..8 and rescale_threshold in [0, 15] (fp16 holds 2^15), "
+                         f"got {poly_eighths}, {rescale_threshold}")
+    saved = _SOFTMAX_OVERRIDE[0]
+    _SOFTMAX_OVERRIDE[0] = (int(poly_eighths), float(rescale_threshold))
+    _SELECTED.clear()
+    try:
+        yield
+    finally:
+        _SOFTMAX_OVERRIDE[0] = saved
+        _SELECTED.clear()
+        _LAUNCH_PARAMS.clear()
+
+
+def select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
+                  device: torch.device, allow_tf32: bool = False) -> Optional[AttentionConfig]:
+    """The configuration of one launch, or None where this GPU generation has no kernel for it.
+    Looked up on every launch, so memoized (the interpreter flag changes the dot dtype: part of the key)."""
+    key = (role, data_dtype, head_dim, d_model, bool(has_dropout), device, bool(allow_tf32), interpreting())
+    if key not in _SELECTED:
+        _SELECTED[key] = _select_config(role, data_dtype, head_dim, d_model, has_dropout, device, allow_tf32)
+    return _SELECTED[key]
+
+
+def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
+                   device: torch.device, allow_tf32: bool) -> Optional[AttentionConfig]:
+    gpu = device.type == "cuda" and not interpreting()
+    arch = arch_class(device) if gpu else 80  # the interpreter runs the sm_80 tiles
+    if gpu and allow_tf32 and data_dtype == torch.float32:
+        return None  # TF32 runs eager (DOT_PATHS)
+    dot, precision = data_dtype, "ieee"
+    table = config_table()
+    if role == "dropout_mask":
+        cfg = table[("dropout_mask", arch)]
+    elif role == "bwd_delta":
+        cfg = table.get(("bwd_delta", arch, data_dtype))
+    else:
+        block_e = block_e_for(head_dim)
+        drop = bool(has_dropout) and role == "fwd"
+        cfg = table.get((role, arch, data_dtype, dot, precision, block_d_for(d_model, head_dim), block_e, drop))
+        if cfg is not None:
+            tile = _TILE_OVERRIDES.get(cfg.tile_key)
+            if tile is not None:
+                cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
+            if _SOFTMAX_OVERRIDE[0] is not None and data_dtype != torch.float32:
+                cfg = dataclasses.replace(cfg, poly_eighths=_SOFTMAX_OVERRIDE[0][0],
+                                          rescale_threshold=_SOFTMAX_OVERRIDE[0][1])
+    if cfg is None or gpu:
+        return cfg
+    # interpreter: bf16 runs on fp32 dots there (kernels/_launch.dot_dtype), tiles as on sm_80
+    return dataclasses.replace(cfg, arch=INTERPRETER,
+                               dot_dtype=torch.float32 if cfg.dot_dtype == torch.bfloat16 else cfg.dot_dtype)
+
+
+_LAUNCH_PARAMS: Dict[tuple, dict] = {}
+
+
+def launch_params(cfg: AttentionConfig) -> dict:
+    """The keyword arguments of a launch with `cfg` (memoized: asked on every launch)."""
+    key = (cfg, interpreting())
+    params = _LAUNCH_PARAMS.get(key)
+    if params is None:
+        params = dict(cfg.constexprs())
+        if not interpreting():
+            params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
+            # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
+            # computed operands (P, dZ) as the bf16 tensor-core path does
+            params["ROUND_TO_BF16"] = True
+        _LAUNCH_PARAMS[key] = params
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compilation (kernels/report.py, tests/test_aot.py)
+# ---------------------------------------------------------------------------------------------
+
+#: per role: the pointer arguments that are not in the data dtype
+_FP32_POINTERS = {
+    "fwd": ("lse_ptr",),
+    "bwd_delta": ("delta_ptr", "dx_ptr"),
+    "bwd_protos": ("lse_ptr", "delta_ptr", "dmc_ptr", "dv_ptr", "dx_ptr"),
+    "bwd_rows": ("lse_ptr", "delta_ptr", "dx_ptr"),
+    "dropout_mask": (),
+}
+_FLOAT_SCALARS = ("qk_scale", "grad_scale", "dropout_p")
+#: integer arguments that SPEC §2 shapes make multiples of 16 (so the JIT specializes them there):
+#: head widths, row counts (B'·64), strides of the row-side operands and of V, the Philox row group
+#: (a multiple of 128). S = 1000, H = 8 and mc's strides (multiples of S' = 1000) are not; the kernels
+#: know mc's row stride is a multiple of PROTOTYPE_ALIGN.
+DIVISIBLE_BY_16 = ("R", "D", "E", "DX_COLS", "stride_x_r", "x_head_stride", "stride_v_s", "stride_v_h",
+                   "stride_dx_r", "stride_dx_h", "rows_per_chunk", "rows_per_group")
+
+
+def _signature(cfg: AttentionConfig, kernel) -> Dict[str, str]:
+    constexprs = cfg.constexprs()
+    data = "*" + SIG_DTYPE[cfg.data_dtype]
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "seed_ptr":
+            signature[name] = "*i64"
+        elif name == "keep_ptr":
+            signature[name] = "*i8"
+        elif name in _FP32_POINTERS[cfg.role]:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = data
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def aot_configs(kernels: dict) -> List[dict]:
+    """Every configuration of config_table() in the form triton.compile(ASTSource(...)) takes, for the
+    arch it serves; `kernels` maps a role to its kernel (reprogramming_attention.KERNELS)."""
+    return [
+        {
+            "name": cfg.name,
+            "fn": kernels[cfg.role],
+            "signature": _signature(cfg, kernels[cfg.role]),
+            "constexprs": cfg.constexprs(),
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+            "archs": (cfg.arch,),
+            "divisible_by_16": DIVISIBLE_BY_16,
+            "config": cfg,
+        }
+        for cfg in config_table().values()
+    ]
