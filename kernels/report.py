@@ -3,13 +3,17 @@
 ``python -m timellm_fast.kernels.report [--arch 75,80,90]`` compiles each entry of every kernel
 file's ``aot_configs()`` with ``triton.compile`` for the given compute capabilities and prints
 registers, spill bytes and shared memory per configuration (ptxas -v on the generated PTX),
-marks every row that spills or fails, and names the toolchain it used (Triton version, the
-ptxas of each architecture). tests/test_aot.py runs it under each supported Triton and asserts
-zero spills.
+marks every row that spills, fails or needs more shared memory than its GPU generation has, and
+names the toolchain it used (Triton version, the ptxas of each architecture). tests/test_aot.py runs
+it under each supported Triton and asserts none does. ``--work`` counts the attention kernels' MMA
+FLOPs and exponentials per element from their SASS; ``--sass`` and ``--traffic`` profile others.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import io
 import json
 import os
 import re
@@ -20,6 +24,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional
 
 ARCHS = (75, 80, 90)
+#: shared memory a block may use, per arch class: sm_75's 64 KiB; for sm_80 the 99 KiB of sm_86 and
+#: sm_89 (consumer Ampere and Ada take the sm_80 configurations too; an A100 has 163 KiB); sm_90's 227 KiB
+SHARED_MEMORY_LIMIT = {75: 65536, 80: 101376, 90: 232448}
 
 
 @dataclass
@@ -38,18 +45,19 @@ class AotResult:
             return None
         return self.spill_stores + self.spill_loads
 
+    @property
+    def over_shared_memory(self) -> bool:
+        return self.error is None and self.shared_bytes > SHARED_MEMORY_LIMIT.get(self.arch, self.shared_bytes)
+
+    @property
+    def bad(self) -> bool:
+        return bool(self.error or self.spills or self.over_shared_memory)
+
 
 def kernel_modules():
-    from . import patch_embedding
+    from . import patch_embedding, reprogramming_attention
 
-    modules = [patch_embedding]
-    try:
-        from . import reprogramming_attention
-    except ImportError:  # pragma: no cover - the file lands with the attention issue
-        pass
-    else:
-        modules.append(reprogramming_attention)
-    return modules
+    return [patch_embedding, reprogramming_attention]
 
 
 def all_configs() -> List[dict]:
@@ -102,21 +110,40 @@ def format_toolchain(info: dict) -> str:
     return f"toolchain: Triton {info['triton']}; " + "; ".join(parts)
 
 
+def _triton_ptxas_flags() -> List[str]:
+    """The register-allocation flags the installed Triton's own cubin build passes to ptxas (Triton
+    3.8 and 3.9 add --regAllocOptLevel=2; 3.6 none): a usage count without them is another build's."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    source = inspect.getsource(CUDABackend.make_cubin)
+    return re.findall(r"'(--regAllocOptLevel=\d+)'", source)
+
+
+def _parse_ptxas_log(text: str) -> Optional[tuple]:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v` output, or None."""
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if not regs or not spill:
+        return None
+    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
+
+
 def _ptxas_usage(ptx: str, arch: int) -> tuple:
-    """(registers, spill store bytes, spill load bytes) from `ptxas -v` on the kernel's PTX."""
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v` on the kernel's PTX, with
+    the flags Triton's own build uses (for a compile that Triton's cache served: no log then)."""
     target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1).rstrip(",")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={target}", path, "-o", os.devnull],
-                              capture_output=True, text=True)
+        proc = subprocess.run([_ptxas(arch), "-lineinfo", "-v", *_triton_ptxas_flags(), f"--gpu-name={target}", path,
+                               "-o", os.devnull], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed: {text.strip()[:500]}")
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return regs, int(spill.group(1)), int(spill.group(2))
+    return _parse_ptxas_log(text)
 
 
 def jit_specialization(cfg: dict) -> dict:
@@ -144,9 +171,18 @@ def _compile(cfg: dict, arch: int):
 
 
 def compile_config(cfg: dict, arch: int) -> AotResult:
+    """Registers and spills as Triton's own ptxas run reports them (TRITON_DUMP_PTXAS_LOG), or, when
+    Triton's cache served the build, from a ptxas run with the same flags."""
     try:
-        compiled = _compile(cfg, arch)
-        regs, st, ld = _ptxas_usage(compiled.asm["ptx"], arch)
+        log = io.StringIO()
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = _compile(cfg, arch)
+        finally:
+            os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
+        usage = _parse_ptxas_log(log.getvalue()) or _ptxas_usage(compiled.asm["ptx"], arch)
+        regs, st, ld = usage
         return AotResult(cfg["name"], arch, regs, st, ld, int(compiled.metadata.shared))
     except Exception as exc:  # reported, and the test fails on it
         return AotResult(cfg["name"], arch, None, None, None, 0, f"{type(exc).__name__}: {exc}")
@@ -175,22 +211,17 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
         return pool.map(_compile_indexed, work, chunksize=1)
 
 
-def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> dict:
-    """Static SASS of one configuration (triton.compile + the nvdisasm Triton ships): instruction
-    count, the size of every loop body (backward branches), the opcodes inside loop bodies and the
-    load instructions by width. A CPU-side proxy for kernels bound by instruction issue rather
-    than by memory (the patch embedding's gather): dynamic instructions per thread = the count
-    outside loops plus each body times its trip count. `ones` names integer arguments to compile
-    as the constant 1 and `div16` integer arguments to compile as multiples of 16, as the JIT
-    specializes a launch whose arguments have those values."""
-    import collections
-
+def _sass(cfg: dict, arch: int, constants: Optional[dict] = None, div16: tuple = (), with_labels: bool = False) -> tuple:
+    """(instructions, loops) of one configuration's SASS (triton.compile + the nvdisasm Triton ships):
+    instruction texts in order, and (first, last) index of every loop body (a backward branch).
+    `constants` names integer arguments to compile as those constants and `div16` integer arguments
+    to compile as multiples of 16, as the JIT specializes a launch whose arguments have those values."""
     import triton
 
     cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]),
                divisible_by_16=tuple(cfg.get("divisible_by_16", ())) + tuple(div16))
-    for name in ones:
-        cfg["signature"][name], cfg["constexprs"][name] = "constexpr", 1
+    for name, value in (constants or {}).items():
+        cfg["signature"][name], cfg["constexprs"][name] = "constexpr", value
     compiled = _compile(cfg, arch)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,19 +241,35 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> d
                 labels[name] = len(instructions)
             pending = []
             instructions.append(ins.group(2))
-    loops, in_loops = [], collections.Counter()
+    loops = []
     for i, text in enumerate(instructions):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
         if target and labels.get(target.group(1), i + 1) < i:
-            body = instructions[labels[target.group(1)]:i + 1]
-            loops.append(len(body))
-            in_loops.update(m.group(1) for t in body for m in [re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", t)] if m)
+            loops.append((labels[target.group(1)], i))
+    return (instructions, loops, labels) if with_labels else (instructions, loops)
+
+
+def _opcode(text: str) -> Optional[str]:
+    m = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_x]+)*)", text)
+    return m.group(1) if m else None
+
+
+def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> dict:
+    """Static SASS of one configuration: instruction count, the size of every loop body (backward
+    branches), the opcodes inside loop bodies, the global loads and stores by width (in all and
+    inside loops). A CPU-side proxy for kernels bound by instruction issue rather than by memory:
+    dynamic instructions per thread = the count outside loops plus each body times its trip count.
+    `ones` names integer arguments to compile as the constant 1 (see _sass for `div16`)."""
+    instructions, loops, labels = _sass(cfg, arch, {name: 1 for name in ones}, div16, with_labels=True)
+    in_loops = collections.Counter()
+    for first, last in loops:
+        in_loops.update(op.split(".")[0] for op in map(_opcode, instructions[first:last + 1]) if op)
     loads = collections.Counter(m.group(1) for t in instructions
                                 for m in [re.search(r"\b(LDG[.A-Z0-9_]*|LDGSTS[.A-Z0-9_]*)", t)] if m)
     stores = collections.Counter(m.group(1) for t in instructions for m in [re.search(GLOBAL_STORE, t)] if m)
-    return dict(kernel=cfg["name"], arch=arch, instructions=len(instructions), loop_bodies=loops,
-                loads=dict(loads), stores=dict(stores), loop_opcodes=dict(in_loops),
-                loop_memory=dict(_loop_memory(instructions, labels)))
+    return dict(kernel=cfg["name"], arch=arch, instructions=len(instructions),
+                loop_bodies=[last - first + 1 for first, last in loops], loads=dict(loads), stores=dict(stores),
+                loop_opcodes=dict(in_loops), loop_memory=dict(_loop_memory(instructions, labels)))
 
 
 GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"  # not LDGDEPBAR
@@ -231,8 +278,6 @@ GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"
 
 def _loop_memory(instructions: list, labels: dict) -> "collections.Counter":
     """Global loads and stores inside loop bodies, by full opcode (its width suffix included)."""
-    import collections
-
     found = collections.Counter()
     for i, text in enumerate(instructions):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
@@ -277,8 +322,113 @@ def traffic_report(archs: Iterable[int]) -> List[str]:
     return lines
 
 
+# ---- work per element, counted from SASS (the attention kernels) ------------------------------
+
+#: mma.sync shapes of sm_80's HMMA opcodes (per warp)
+_HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
+#: (name, d_model, E) of the SPEC §2 shapes whose attention kernels the work report counts
+WORK_SHAPES = (("explained-gpt2", 32, 32), ("etth1-folded", 32, 128), ("weather-folded", 32, 32),
+               ("ecl-folded", 16, 32), ("traffic-folded", 16, 32), ("m4", 8, 32))
+
+
+def mma_flops(instruction: str, num_warps: int) -> int:
+    """FLOPs one program executes for this SASS instruction (0 if it is not an MMA): Hopper's
+    HGMMA.MxNxK is one MMA per warpgroup (4 warps), sm_80's HMMA.mnk one per warp."""
+    op = _opcode(instruction) or ""
+    wgmma = re.match(r"[HQ]GMMA\.(\d+)x(\d+)x(\d+)", op)
+    if wgmma:
+        m, n, k = map(int, wgmma.groups())
+        return 2 * m * n * k * (num_warps // 4)
+    hmma = re.match(r"HMMA\.(\d+)", op)
+    if hmma and hmma.group(1) in _HMMA_SHAPES:
+        m, n, k = _HMMA_SHAPES[hmma.group(1)]
+        return 2 * m * n * k * num_warps
+    return 0
+
+
+def loop_work(cfg: dict, arch: int, elements_per_iteration: int, constants: Optional[dict] = None) -> dict:
+    """MMA FLOPs and MUFU.EX2 per element of work in the kernel's main loop (the loop body with the
+    most MMA FLOPs): its instructions' MMA FLOPs and its ex2 count times the program's threads, over
+    the elements one iteration covers. Exponentials inside a branch of the loop body (the forward's
+    rescale, taken only when a row maximum grows past the threshold) are counted apart, as
+    `ex2_in_branches_per_element`; so are all instructions (`instructions_per_element` on the path
+    every iteration takes)."""
+    instructions, loops, labels = _sass(cfg, arch, constants, with_labels=True)
+    if not loops:
+        raise ValueError(f"{cfg['name']} on sm_{arch}: no loop in its SASS")
+    flops, first, last = max((sum(mma_flops(t, cfg["num_warps"]) for t in instructions[first:last + 1]), first, last)
+                             for first, last in loops)
+    skipped = set()
+    for i in range(first, last + 1):
+        target = re.search(r"BRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)", instructions[i])
+        if target and i < labels.get(target.group(1), -1) <= last + 1:
+            skipped.update(range(i + 1, labels[target.group(1)]))
+    threads = cfg["num_warps"] * 32
+    ex2 = [i for i in range(first, last + 1) if (_opcode(instructions[i]) or "").startswith("MUFU.EX2")]
+    main = [i for i in range(first, last + 1) if i not in skipped]
+    per_thread = elements_per_iteration / threads
+    return dict(mma_flops_per_element=flops / elements_per_iteration,
+                ex2_per_element=sum(1 for i in ex2 if i not in skipped) / per_thread,
+                ex2_in_branches_per_element=sum(1 for i in ex2 if i in skipped) / per_thread,
+                instructions_per_element=len(main) / per_thread)
+
+
+def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
+    """One line per (role, SPEC shape) for the bf16 attention kernels as the JIT builds them on
+    `arch`: `work ROLE SHAPE d_model=.. E=.. mma_flops_per_element=.. ex2_per_element=..`, then the
+    exponentials inside loop branches, the instructions per element on the path every iteration
+    takes, the SPEC §1.3 budget and FlashAttention's work. Roles: fwd; bwd = the default backward
+    (delta has no MMA; the prototype-stationary kernel with the atomic row side); bwd-deterministic
+    = the prototype-stationary kernel without the row side plus the row-stationary kernel.
+
+    A configuration computing a share of its exponentials by the polynomial (poly_eighths, the
+    shipped value unless given) chooses per group of 128 prototypes, a branch the SASS does not
+    resolve: its counts are (1 - share)·(the build with every group on MUFU.EX2) + share·(the build
+    with every group on the polynomial), both counted from their SASS."""
+    import dataclasses
+
+    import torch
+
+    from . import reprogramming_attention as attn
+    from . import reprogramming_attention_tiles as tiles
+
+    by_name = {c["name"]: c for c in attn.aot_configs()}
+    lines = []
+    for shape, d_model, head_dim in WORK_SHAPES:
+        block_d, block_e = tiles.block_d_for(d_model, head_dim), tiles.block_e_for(head_dim)
+
+        def work(role, **constants):
+            cfg = tiles.config_table()[(role, arch, torch.bfloat16, torch.bfloat16, "ieee", block_d, block_e, False)]
+            eighths = cfg.poly_eighths if poly_eighths is None else poly_eighths
+            counts = []
+            for pure in (0, 8):  # every group on MUFU.EX2, every group on the polynomial
+                pure_cfg = dataclasses.replace(cfg, poly_eighths=pure)
+                aot = dict(by_name[cfg.name], constexprs=pure_cfg.constexprs())
+                counts.append(loop_work(aot, arch, cfg.block_r * cfg.block_s, constants))
+            share = eighths / 8
+            return {k: (1 - share) * counts[0][k] + share * counts[1][k] for k in counts[0]}
+
+        # the JIT's build for the factorized form; the row side's branch fixed as each mode takes it
+        fwd = work("fwd")
+        bwd = work("bwd_protos", with_dx=1)
+        det_protos, det_rows = work("bwd_protos", with_dx=0), work("bwd_rows")
+        roles = (("fwd", fwd, 2 * block_d + 2 * block_e, 4 * head_dim),
+                 ("bwd", bwd, 6 * block_d + 4 * block_e, 10 * head_dim),
+                 ("bwd-deterministic", {k: det_protos[k] + det_rows[k] for k in det_protos},
+                  8 * block_d + 6 * block_e, 10 * head_dim))
+        for role, w, budget, flash in roles:
+            lines.append(f"work {role} {shape} d_model={d_model} E={head_dim} "
+                         f"mma_flops_per_element={w['mma_flops_per_element']:.0f} "
+                         f"ex2_per_element={w['ex2_per_element']:.2f} "
+                         f"ex2_in_branches_per_element={w['ex2_in_branches_per_element']:.2f} "
+                         f"instructions_per_element={w['instructions_per_element']:.1f} "
+                         f"spec_budget={budget} flashattention={flash}")
+    return lines
+
+
 SPILL_MARK = "SPILLS"
 ERROR_MARK = "ERROR"
+SHARED_MARK = "OVER SHARED MEMORY"
 
 
 def format_table(results: List[AotResult]) -> str:
@@ -288,17 +438,23 @@ def format_table(results: List[AotResult]) -> str:
         if r.error:
             lines.append(f"{r.kernel:<96} {r.arch:>3} {ERROR_MARK} {r.error[:200]}")
         else:
-            mark = f"  <- {SPILL_MARK}" if r.spills else ""
+            mark = f"  <- {SPILL_MARK}" if r.spills else f"  <- {SHARED_MARK}" if r.over_shared_memory else ""
             lines.append(f"{r.kernel:<96} {r.arch:>3} {r.registers:>5} {r.spills:>8} {r.shared_bytes:>7}{mark}")
     return "\n".join(lines)
 
 
 def summary(results: List[AotResult]) -> str:
     """The closing lines: the count, and each configuration that spilled or failed by name."""
-    bad = [r for r in results if r.error or r.spills]
-    lines = [f"{len(results)} compilations, {len(bad)} with errors or spills"]
-    lines += [f"  {ERROR_MARK if r.error else SPILL_MARK}: {r.kernel} sm_{r.arch}"
-              + ("" if r.error else f" ({r.spill_stores} B stored, {r.spill_loads} B loaded)") for r in bad]
+    bad = [r for r in results if r.bad]
+    lines = [f"{len(results)} compilations, {len(bad)} with errors, spills or too much shared memory"]
+    for r in bad:
+        if r.error:
+            lines.append(f"  {ERROR_MARK}: {r.kernel} sm_{r.arch}")
+        elif r.spills:
+            lines.append(f"  {SPILL_MARK}: {r.kernel} sm_{r.arch} ({r.spill_stores} B stored, {r.spill_loads} B loaded)")
+        else:
+            lines.append(f"  {SHARED_MARK}: {r.kernel} sm_{r.arch} ({r.shared_bytes} B > "
+                         f"{SHARED_MEMORY_LIMIT[r.arch]} B)")
     return "\n".join(lines)
 
 
@@ -319,7 +475,17 @@ def main(argv=None) -> int:
     parser.add_argument("--traffic", action="store_true",
                         help="instead: global bytes read and written per output row by the kernels' main "
                              "loops (SASS), against the SPEC minimum")
+    parser.add_argument("--work", action="store_true",
+                        help="instead: MMA FLOPs and exponentials per (row, prototype, head) element of the "
+                             "bf16 attention kernels at the SPEC shapes, counted from sm_90 SASS")
+    parser.add_argument("--poly-eighths", type=int, default=None, choices=range(9), metavar="0..8",
+                        help="with --work: count as if every configuration computed this many eighths of its "
+                             "exponentials by the polynomial (default: each configuration's own)")
     args = parser.parse_args(argv)
+    if args.work:
+        for line in work_lines(90, args.poly_eighths):
+            print(line, flush=True)
+        return 0
     archs = [int(a) for a in args.arch.split(",") if a]
     if args.traffic:
         print("\n".join(traffic_report(archs)))
@@ -340,7 +506,7 @@ def main(argv=None) -> int:
             json.dump(dict(toolchain=info, results=[asdict(r) for r in results]), f, indent=1)
     print("\n" + format_toolchain(info))
     print(summary(results))
-    return 1 if any(r.error or r.spills for r in results) else 0
+    return 1 if any(r.bad for r in results) else 0
 
 
 if __name__ == "__main__":
