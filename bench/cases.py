@@ -50,14 +50,14 @@ def synchronized(step: Callable[[], object]) -> Callable[[], None]:
 
 
 def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mode: str, impl: str,
-             step: Callable[[], object], cost: tuple) -> dict:
-    """Times `step` (a forward, or forward + backward) and appends a result row.
+             step: Callable[[], object], cost: tuple, extra: dict = None) -> dict:
+    """Times `step` (a forward, or forward + backward) and appends a result row (plus `extra`).
 
     The reported time is `measure_seconds` (do_bench on a GPU); pytest-benchmark's pedantic
     rounds (synchronized) are kept for its own table and history, fewer for slow steps.
     """
     row = dict(op=op, shape=shape.name, rows=shape.rows, dtype=dtype_name(dtype), mode=mode, impl=impl,
-               device=torch.cuda.get_device_name() if ON_GPU else "cpu", flops=cost[0], bytes=cost[1])
+               device=torch.cuda.get_device_name() if ON_GPU else "cpu", flops=cost[0], bytes=cost[1], **(extra or {}))
     timed = synchronized(step)
     oom = False
     try:

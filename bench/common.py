@@ -247,7 +247,7 @@ def reprogramming_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> t
     return target.requires_grad_(requires_grad), protos.requires_grad_(requires_grad)
 
 
-# ---- the attention core alone (issue 6 target: ours vs SDPA on the same folded problem) -------
+# ---- the attention core alone (ours vs SDPA on the same folded problem) -----------------------
 
 def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     """(FLOPs, minimum HBM bytes) of Q = target·Wqᵀ + bq and softmax(QKᵀ/√E)·V over the folded
@@ -266,6 +266,16 @@ def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     return 3 * q_flops + 3.5 * att_flops, nbytes
 
 
+def attention_core_factorized_flops(s: Shape, backward: bool) -> float:
+    """MMA FLOPs our factorized kernels execute on the core (SPEC §1.3): 2·D + 2·E per (row, prototype,
+    head) element forward, 6·D + 4·E more for the default backward; D = d_model padded to the MMA's
+    16 (32 at d_model 17..32). The tensor-core bound of a run is these FLOPs at 790 TFLOP/s."""
+    d = 16 if s.d_model <= 16 else 32 if s.d_model <= 32 else 64
+    elements = s.rows * s.patches * s.num_protos * s.n_heads
+    per_element = 2 * d + 2 * s.d_keys + ((6 * d + 4 * s.d_keys) if backward else 0)
+    return float(elements * per_element)
+
+
 def _core_eager(rows, wq, bq, kv, n_heads):
     """Time-LLM's attention on the folded rows (B' = 1, L = R): [1, H, R, S] is materialized."""
     k, v = kv.split(wq.shape[0], dim=1)
@@ -280,7 +290,8 @@ def _core_sdpa(rows, wq, bq, kv, n_heads):
 
 
 def _core_ours(rows, wq, bq, kv, n_heads):
-    """Our fused core (Q built inside) as the layer calls it: timellm_fast.reprogramming.fused_attention."""
+    """Our fused core given K and V (timellm_fast.reprogramming.fused_attention): the factorized
+    operands from K by one small batched GEMM, then the kernels; Q is never formed."""
     from timellm_fast.reprogramming import fused_attention
 
     return fused_attention(rows, wq, bq, kv, n_heads)

@@ -113,10 +113,10 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
       say "tune-patch rc $?" ;;
     ncu)
       install
-      say "ncu (SpeedOfLight, Occupancy, LaunchStats, MemoryWorkloadAnalysis; 4 kernels)"
+      say "ncu (SpeedOfLight, Occupancy, LaunchStats, MemoryWorkloadAnalysis; 6 launches)"
       if command -v ncu >/dev/null 2>&1; then
-        timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"patch_window_fwd|reprogramming_" \
-          --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"patch_window_fwd|attention_" \
+          --launch-skip 6 --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section MemoryWorkloadAnalysis $PY bench/ncu_kernels.py >>"$LOG" 2>&1
         say "ncu rc $?"
       else

@@ -41,8 +41,8 @@ def stubbed_kernels():
     from timellm_fast.kernels import reprogramming_attention as attn_kernels
 
     saved = []
-    targets = [(attn_kernels, n) for n in ("reprogramming_fwd_kernel", "reprogramming_bwd_dq_kernel",
-                                           "reprogramming_bwd_dkdv_kernel")]
+    targets = [(attn_kernels, n) for n in ("attention_fwd_kernel", "attention_bwd_delta_kernel",
+                                           "attention_bwd_protos_kernel", "attention_bwd_rows_kernel")]
     targets += [(pe_kernels, n) for n in ("patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce",
                                           "patch_window_dx", "patch_conv_gemm", "patch_fold")]
     targets.append((dispatch, "triton_device_problem"))

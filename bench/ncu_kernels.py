@@ -1,13 +1,13 @@
-"""The kernels issue 6's missed targets hinge on, each launched twice (a warm-up that compiles, then
-the launch to profile), for Nsight Compute:
+"""The kernels the open performance targets hinge on, each launched twice (a warm-up that compiles,
+then the launch to profile), for Nsight Compute:
 
-    ncu --clock-control none --kernel-name regex:"patch_window_fwd|reprogramming_" --launch-skip 4 \\
-        --launch-count 4 python bench/ncu_kernels.py
+    ncu --clock-control none --kernel-name regex:"patch_window_fwd|attention_" --launch-skip 6 \\
+        --launch-count 6 python bench/ncu_kernels.py
 
 - patch_window_fwd, the patch embedding forward at Traffic-folded (20688 series, bf16): whether
   its windowed 16-byte loads reach the HBM bound (bench/ROOFLINE.md), or latency still limits it;
-- reprogramming_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel at ETTh1-folded, E = 128 (bf16):
-  the backward is 2x SDPA's.
+- attention_fwd_kernel, _bwd_delta_kernel, _bwd_protos_kernel (default mode) and _bwd_rows_kernel
+  (the deterministic mode's row side) at ETTh1-folded, E = 128 (bf16), on the factorized form.
 
 Needs CUDA. Without ncu it still runs (and says what it launched), which is how CI checks it
 does not rot: with --smoke on a CPU it runs tiny shapes in Triton's interpreter.
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from common import CPU_SHAPES, SPEC_SHAPES, patch_embedding_input
     from timellm_fast.kernels import patch_embedding as pe
     from timellm_fast.kernels import reprogramming_attention as attn
+    from timellm_fast.reprogramming import core_from_keys
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without CUDA)")
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     patch_shape = CPU_SHAPES[0] if smoke else by_name["traffic-folded"]
     attn_shape = CPU_SHAPES[0] if smoke else by_name["etth1-folded"]
 
-    x = patch_embedding_input(patch_shape, dtype)
+    x_series = patch_embedding_input(patch_shape, dtype)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(patch_shape.d_model, patch_shape.patch_len, 3, generator=g) / 8).to(device, dtype)
     seed = torch.zeros((1,), dtype=torch.int64, device=device)
@@ -52,19 +53,20 @@ def main(argv=None) -> int:
     wq = (torch.randn(he, attn_shape.d_model, generator=g) / math.sqrt(attn_shape.d_model)).to(device, dtype)
     bq = (torch.randn(he, generator=g) / 10).to(device, dtype)
     kv = torch.randn(attn_shape.num_protos, 2 * he, generator=g).to(device, dtype)
-    k, v = kv.split(he, dim=1)
-    dout = torch.randn(rows, he, generator=g).to(device, dtype)
+    x, mc, v, form = core_from_keys(target, wq, bq, kv, attn_shape.n_heads)
+    grad = torch.randn(rows, he, generator=g).to(device, dtype)
 
     for launch in ("warm-up", "profiled"):
-        pe.patch_embedding_fwd(x, weight, dtype, patch_shape.patch_len, patch_shape.stride, patch_shape.patches,
-                               seed)
-        _, lse = attn.attention_forward(target, wq, bq, k, v, attn_shape.n_heads)
-        attn.attention_backward(target, wq, bq, k, v, dout, lse, attn_shape.n_heads)
+        pe.patch_embedding_fwd(x_series, weight, dtype, patch_shape.patch_len, patch_shape.stride,
+                               patch_shape.patches, seed)
+        out, lse = attn.attention_forward(x, mc, v, *form)
+        attn.attention_backward(x, mc, v, out, grad, lse, *form)
+        attn.attention_backward(x, mc, v, out, grad, lse, *form, need_protos=False)  # the row-stationary pass
         if ON_GPU:
             torch.cuda.synchronize()
         print(f"{launch}: patch_window_fwd at {patch_shape.name} ({patch_shape.rows} series), "
-              f"reprogramming fwd, bwd_dq, bwd_dkdv at {attn_shape.name} (E = {attn_shape.d_keys}), bf16",
-              flush=True)
+              f"attention fwd, bwd_delta, bwd_protos, bwd_delta, bwd_rows at {attn_shape.name} "
+              f"(E = {attn_shape.d_keys}), bf16", flush=True)
     return 0
 
 

@@ -80,8 +80,9 @@ def render(files) -> str:
             busy = f"{ours['device_seconds'] * 1e3:.3f}" if ours.get("device_seconds") else "n/a"
             lines.append(f"| {' | '.join(key)} | {ours['seconds'] * 1e3:.3f} | {' | '.join(cells)} | {busy} | "
                          f"{mib(ours)} | {mib(eager) if eager and eager['status'] == 'ok' else (eager or {}).get('status', '')} |")
-        lines += ["", "Issue 6 targets on this run (`bench/report.py` `targets`; unmeasured = the case did not "
-                  "run in this session's time budget):", ""]
+        lines += ["", "The open performance targets, judged on this run (`bench/report.py` `targets`; unmeasured = "
+                  "the case did not run in this session's time budget, or the target is on GPU time and the run "
+                  "did not record it):", ""]
         lines += targets_table(targets(data["results"]))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -9,6 +9,9 @@ from collections import defaultdict
 
 import torch
 
+#: SPEC §2.2: bf16 dense tensor-core throughput as measured on an H100 (the H200's compute die)
+H100_PEAK_FLOPS_BF16 = 790e12
+
 
 def environment() -> dict:
     import triton
@@ -43,33 +46,51 @@ def _ratio(rows, peer: str, key: str = "seconds", **match):
 
 
 def targets(rows) -> list:
-    """Issue 6's performance targets evaluated on these rows: (target, measured, verdict)."""
+    """The open issues' performance targets evaluated on these rows: (target, measured, verdict)."""
     out = []
 
     def add(name, value, goal, fmt="{:.2f}x"):
         verdict = "unmeasured" if value is None else ("met" if value >= goal else "MISSED")
         out.append((name, "" if value is None else fmt.format(value), verdict))
 
-    def add_speedup(name, peer, goal, **match):
+    def add_speedup(name, peer, goal, busy_only=False, **match):
         """Judged on wall clock AND on GPU busy time where recorded: a win in one alone is host
-        overhead or host noise (the full model builds its prompts on the CPU), not a kernel win."""
+        overhead or host noise (the full model builds its prompts on the CPU), not a kernel win.
+        busy_only: the target is stated on GPU time (the wall clock is reported beside it)."""
         wall = _ratio(rows, peer, **match)
         busy = _ratio(rows, peer, key="device_seconds", **match)
         if wall is None:
             out.append((name, "", "unmeasured"))
             return
         measured = f"{wall:.2f}x wall" + ("" if busy is None else f", {busy:.2f}x GPU busy")
-        met = wall >= goal and (busy is None or busy >= goal)
+        if busy_only:
+            if busy is None:
+                out.append((name, measured, "unmeasured (no GPU time)"))
+                return
+            met = busy >= goal
+        else:
+            met = wall >= goal and (busy is None or busy >= goal)
         out.append((name, measured, "met" if met else "MISSED"))
 
-    for shape, e in (("weather-folded", 32), ("etth1-folded", 128)):
-        add_speedup(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= 1.3x", "sdpa-fold", 1.3,
+    # the factorized attention (its issue's targets)
+    for shape, e, fwd_goal, both_goal in (("etth1-folded", 128, 2.0, 2.0), ("weather-folded", 32, 1.3, 1.3)):
+        add_speedup(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= {fwd_goal}x", "sdpa-fold", fwd_goal,
                     op="attention-core", shape=shape, dtype="bfloat16", mode="fwd")
-        add_speedup(f"attention core vs SDPA-fold, fwd+bwd, bf16, E={e} ({shape}) >= 1.2x", "sdpa-fold", 1.2,
-                    op="attention-core", shape=shape, dtype="bfloat16", mode="fwd+bwd")
-    layer = dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd+bwd")
-    for peer, goal in (("sdpa-fold", 1.1), ("compile", 1.5), ("eager", 3.0)):
-        add_speedup(f"reprogramming layer fwd+bwd bf16 ETTh1-folded vs {peer} >= {goal}x", peer, goal, **layer)
+        add_speedup(f"attention core vs SDPA-fold, fwd+bwd, bf16, E={e} ({shape}) >= {both_goal}x", "sdpa-fold",
+                    both_goal, op="attention-core", shape=shape, dtype="bfloat16", mode="fwd+bwd")
+    add_speedup("reprogramming layer fwd+bwd bf16 ETTh1-folded vs SDPA-fold >= 1.3x (GPU time)", "sdpa-fold", 1.3,
+                busy_only=True, op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd+bwd")
+    core = _find(rows, op="attention-core", shape="etth1-folded", dtype="bfloat16", mode="fwd", impl="ours")
+    bound = None
+    if core and core.get("status") == "ok" and core.get("device_seconds") and core.get("factorized_flops"):
+        bound = core["factorized_flops"] / H100_PEAK_FLOPS_BF16 / core["device_seconds"]
+    add("attention core fwd, E=128 (etth1-folded): >= 60% of the tensor-core bound of its factorized FLOPs",
+        bound, 0.60, "{:.0%}")
+    # the exponential limit at E = 32 (its issue's targets, on GPU time)
+    add_speedup("attention core vs SDPA-fold, fwd, bf16, E=32 (weather-folded) >= 1.6x (GPU time)", "sdpa-fold", 1.6,
+                busy_only=True, op="attention-core", shape="weather-folded", dtype="bfloat16", mode="fwd")
+    add_speedup("attention core vs SDPA-fold, fwd+bwd, bf16, E=32 (weather-folded) >= 1.4x (GPU time)", "sdpa-fold",
+                1.4, busy_only=True, op="attention-core", shape="weather-folded", dtype="bfloat16", mode="fwd+bwd")
     pe = _find(rows, op="patch_embedding", shape="traffic-folded", dtype="bfloat16", mode="fwd", impl="ours")
     ok = pe and pe.get("status") == "ok"
     # a roofline fraction is the kernel's: bytes over the GPU's busy time (profiler), judged
@@ -155,7 +176,7 @@ def markdown(rows, env, verdicts) -> str:
         lines += ["", "Inference throughput (full model):", "", "| shape | impl | series/s |", "|---|---|---|"]
         lines += [f"| {r['shape']} | {r['impl']} | {r['series_per_s']:.0f} |" for r in series]
     if env["device"] != "cpu":
-        lines += ["", "Issue 6 targets, evaluated on this run (bench/report.py `targets`):", ""]
+        lines += ["", "Targets of the open issues, evaluated on this run (bench/report.py `targets`):", ""]
         lines += targets_table(verdicts)
     if env["device"] == "cpu":
         taken = sorted({key.split("/")[1] for r in rows if r.get("impl", "").startswith("ours")

@@ -1,17 +1,19 @@
-"""Tile sweep of the fused attention kernels on the GPU present (issue 6 tuning).
+"""Tile sweep of the fused attention kernels on the GPU present.
 
     python bench/tune_attention.py [--shapes etth1-folded,weather-folded] [--dtype bfloat16]
-                                   [--roles fwd,bwd_dq,bwd_dkdv] [--dropout] [--budget-s 240]
+                                   [--roles fwd,bwd_protos,bwd_rows] [--dropout] [--budget-s 240]
                                    [--jobs 12] [--out tune.json]
 
 For each shape and kernel role it times every candidate tile (BLOCK_R, BLOCK_S, num_warps,
 num_stages) with triton.testing.do_bench, checks each candidate's result against the shipped
-tile's, and reports registers and spills of the compiled kernel. Candidates are first compiled
-in parallel worker processes (Triton's on-disk cache then serves the timing process), so the
-sweep costs little more than the timing itself. It prints the best tile per
-(role, dot regime, BLOCK_E, dropout) key of kernels/reprogramming_attention._TILES; a winner goes
-into that table only after tests/test_aot.py shows it spill-free on every architecture the
-configuration serves.
+tile's, and reports registers and spills of the candidate compiled ahead of time for this GPU's
+arch (kernels/report.py, the same build the JIT makes). Candidates are first compiled in parallel
+worker processes (Triton's on-disk cache then serves the timing process), so the sweep costs
+little more than the timing itself. It prints the best tile per configuration of
+kernels/reprogramming_attention_tiles.py; a winner goes into that table only after
+bench/aot_filter_tiles.py (--tune this file) and tests/test_aot.py show it spill-free under every
+Triton CI checks. "bwd_protos" is timed in the default mode (the row side added atomically),
+"bwd_rows" as the deterministic mode adds it.
 
 Without CUDA (or with --smoke) it runs on a tiny shape with two candidates, in Triton's
 interpreter on a CPU, to prove the script works, not to tune.
@@ -19,6 +21,7 @@ interpreter on a CPU, to prove the script works, not to tune.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -31,52 +34,52 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tuning import ON_GPU, TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
+from timellm_fast.kernels import report  # noqa: E402
 from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
+from timellm_fast.kernels import reprogramming_attention_tiles as tiles  # noqa: E402
+from timellm_fast.reprogramming import core_from_keys  # noqa: E402
 
-ROLES = ("fwd", "bwd_dq", "bwd_dkdv")
+ROLES = ("fwd", "bwd_protos", "bwd_rows")
 
 
 def candidates(smoke: bool) -> list:
     if smoke:
         return [(16, 16, 4, 1), (32, 16, 4, 1)]
-    tiles = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
-    # 128 x 128 score tiles never fit next to an E >= 32 accumulator without spilling
-    return [t for t in tiles if t[0] * t[1] <= 128 * 64]
+    tiles_ = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
+    # 128 x 128 logit tiles never fit next to an E >= 32 accumulator without spilling
+    return [t for t in tiles_ if t[0] * t[1] <= 128 * 64]
 
 
 def problem(shape, dtype: torch.dtype, device: torch.device, dropout: bool) -> dict:
-    """Inputs of one forward + backward at `shape` (a bench.common.Shape)."""
+    """The core's operands of one forward + backward at `shape` (a bench.common.Shape)."""
     g = torch.Generator().manual_seed(0)
     he = shape.n_heads * shape.d_keys
     rows = shape.rows * shape.patches
-    t = dict(
-        target=torch.randn(rows, shape.d_model, generator=g),
-        wq=torch.randn(he, shape.d_model, generator=g) / math.sqrt(shape.d_model),
-        bq=torch.randn(he, generator=g) / 10,
-        kv=torch.randn(shape.num_protos, 2 * he, generator=g),
-        dout=torch.randn(rows, he, generator=g),
-    )
-    t = {k: v.to(device, dtype) for k, v in t.items()}
-    t["k"], t["v"] = t["kv"].split(he, dim=1)
-    t["n_heads"], t["dropout_p"] = shape.n_heads, (0.1 if dropout else 0.0)
-    t["seed"] = torch.tensor([1234], dtype=torch.int64, device=device)
-    _, t["lse"] = attn.attention_forward(t["target"], t["wq"], t["bq"], t["k"], t["v"], t["n_heads"],
-                                         t["dropout_p"], t["seed"])
+    target = torch.randn(rows, shape.d_model, generator=g).to(device, dtype)
+    wq = (torch.randn(he, shape.d_model, generator=g) / math.sqrt(shape.d_model)).to(device, dtype)
+    bq = (torch.randn(he, generator=g) / 10).to(device, dtype)
+    kv = torch.randn(shape.num_protos, 2 * he, generator=g).to(device, dtype)
+    x, mc, v, form = core_from_keys(target, wq, bq, kv, shape.n_heads)
+    t = dict(x=x, mc=mc.contiguous(), v=v.contiguous(), form=form, dropout_p=0.1 if dropout else 0.0,
+             seed=torch.tensor([1234], dtype=torch.int64, device=device),
+             grad=torch.randn(rows, he, generator=g).to(device, dtype))
+    t["out"], t["lse"] = run_role("fwd", t)
     return t
 
 
 def run_role(role: str, t: dict):
+    f = t["form"]
     if role == "fwd":
-        return attn.attention_forward(t["target"], t["wq"], t["bq"], t["k"], t["v"], t["n_heads"],
-                                      t["dropout_p"], t["seed"])[0]
-    dq, dkv = attn.attention_backward(t["target"], t["wq"], t["bq"], t["k"], t["v"], t["dout"], t["lse"],
-                                      t["n_heads"], t["dropout_p"], t["seed"], need_dkv=role == "bwd_dkdv")
-    return dq if role == "bwd_dq" else dkv
+        return attn.attention_forward(t["x"], t["mc"], t["v"], f.d_logit, f.x_head_stride, f.has_bias, f.scale,
+                                      f.d_model, t["dropout_p"], t["seed"])
+    dx, dmc, dv = attn.attention_backward(t["x"], t["mc"], t["v"], t["out"], t["grad"], t["lse"], f.d_logit,
+                                          f.x_head_stride, f.has_bias, f.scale, f.d_model, t["dropout_p"], t["seed"],
+                                          deterministic=role == "bwd_rows")
+    return torch.cat([dx.flatten(), dmc.flatten(), dv.flatten()])
 
 
-def tile_key(role: str, dtype: torch.dtype, head_dim: int, dropout: bool, device: torch.device) -> tuple:
-    dot, precision = attn._dot_path(dtype, device, False)
-    return (role, attn.dot_regime(dot, precision), attn.block_e_for(head_dim), dropout)
+def shipped_config(role: str, dtype: torch.dtype, shape, dropout: bool, device: torch.device):
+    return attn.select_config(role, dtype, shape.d_keys, shape.d_model, dropout, device)
 
 
 def _compile_worker(args) -> str:
@@ -85,7 +88,7 @@ def _compile_worker(args) -> str:
     dtype = getattr(torch, dtype_name)
     device = torch.device("cuda" if ON_GPU else "cpu")
     t = problem(shape, dtype, device, dropout)
-    key = tile_key(role, dtype, shape.d_keys, dropout, device)
+    key = shipped_config(role, dtype, shape, dropout, device).tile_key
     try:
         with attn.override_tiles({key: tile}):
             run_role(role, t)
@@ -94,6 +97,16 @@ def _compile_worker(args) -> str:
         return ""
     except Exception as exc:  # a tile the compiler rejects (shared memory) is a result too
         return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def aot_usage(cfg, tile) -> dict:
+    """Registers and spills of `cfg` with `tile`, compiled ahead of time for its arch (GPU runs only)."""
+    if cfg.arch == tiles.INTERPRETER:
+        return {}
+    cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
+    aot = next(c for c in attn.aot_configs() if c["name"] == cfg.name)
+    r = report.compile_config(dict(aot, constexprs=cfg.constexprs(), num_warps=tile[2], num_stages=tile[3]), cfg.arch)
+    return dict(regs=r.registers, spills=None if r.error else r.spills, shared_bytes=r.shared_bytes)
 
 
 def main(argv=None) -> int:
@@ -116,12 +129,11 @@ def main(argv=None) -> int:
     for shape in shapes:
         t = problem(shape, dtype, device, args.dropout)
         for role in roles:
-            key = tile_key(role, dtype, shape.d_keys, args.dropout, device)
+            cfg = shipped_config(role, dtype, shape, args.dropout, device)
             if time.monotonic() - start > args.budget_s:
                 print(f"budget spent: skipping {shape.name} {role}", flush=True)
                 continue
-            shipped_cfg = attn.select_config(role, dtype, shape.d_keys, args.dropout, device)  # sm_90: _TILES_SM90
-            shipped = (shipped_cfg.block_r, shipped_cfg.block_s, shipped_cfg.num_warps, shipped_cfg.num_stages)
+            shipped = cfg.tile
             cands = candidates(smoke)
             if shipped not in cands:
                 cands.append(shipped)
@@ -133,27 +145,26 @@ def main(argv=None) -> int:
 
                 with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                     errors = {c: e for c, e in zip(cands, pool.map(_compile_worker, jobs)) if e}
-            reference = run_role(role, t).float()
+            reference = run_role(role, t)[0].float() if role == "fwd" else run_role(role, t).float()
             for tile in cands:
-                row = dict(shape=shape.name, role=role, key=list(key), tile=list(tile),
+                row = dict(shape=shape.name, role=role, kernel=cfg.name, key=list(cfg.tile_key), tile=list(tile),
                            shipped=tuple(tile) == tuple(shipped))
                 if tile in errors:
                     row.update(status="compile error", error=errors[tile])
                     results.append(row)
                     continue
                 try:
-                    with attn.override_tiles({key: tile}):
-                        got = run_role(role, t).float()
+                    with attn.override_tiles({cfg.tile_key: tile}):
+                        got = run_role(role, t)
+                        got = (got[0] if role == "fwd" else got).float()
                         ms = time_ms(lambda: run_role(role, t))
-                    compiled = attn.last_launch.get(role)
                     err = (got - reference).abs().max().item() / (1 + reference.abs().max().item())
-                    row.update(status="ok" if err < 1e-2 else "WRONG", ms=ms, rel_err=err,
-                               regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
+                    row.update(status="ok" if err < 1e-2 else "WRONG", ms=ms, rel_err=err, **aot_usage(cfg, tile))
                 except Exception as exc:
                     row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 results.append(row)
-            log.pick(f"{shape.name} {key}", [r for r in results if r["shape"] == shape.name and r["role"] == role],
-                     shipped)
+            log.pick(f"{shape.name} {cfg.name}",
+                     [r for r in results if r["shape"] == shape.name and r["role"] == role], shipped)
             log.write()
     log.finish(start)
     return 0
