@@ -12,9 +12,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # before Triton is imported
+
+from timellm_fast.kernels._environment import interpreting  # noqa: E402
+
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if not ON_GPU and not interpreting():
     raise SystemExit("no CUDA device: the tuners and the Nsight Compute driver launch Triton kernels. On a "
                      "CPU they run only as a smoke run in Triton's interpreter: TRITON_INTERPRET=1 python "
                      "bench/<script>.py --smoke")

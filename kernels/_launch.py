@@ -1,18 +1,14 @@
 """Small helpers shared by the kernel launchers (no math lives here)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton.language as tl
+
+from ._environment import interpreting
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 #: signature strings for ahead-of-time compilation (triton.compile with ASTSource)
 SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _CAPABILITY: dict = {}

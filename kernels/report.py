@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional
 
+from ._environment import interpreting
+
 ARCHS = (75, 80, 90)
 #: shared memory a block may use, per arch class: sm_75's 64 KiB; for sm_80 the 99 KiB of sm_86 and
 #: sm_89 (consumer Ampere and Ada take the sm_80 configurations too; an A100 has 163 KiB); sm_90's 227 KiB
@@ -196,8 +198,6 @@ def _compile_indexed(job: tuple) -> AotResult:
 def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
     """Compiles every configuration for every arch it can be dispatched on (a config's "archs"
     key, default all), in `jobs` worker processes."""
-    from ._launch import interpreting
-
     if interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the kernels "
                            "are interpreter objects otherwise); run this module in its own process")

@@ -81,7 +81,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, interpreting, store_dtype
+from ._environment import interpreting
+from ._launch import cdiv, store_dtype
 from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
                                             PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
                                             is_factorized, launch_params, no_config_reason, override_softmax,

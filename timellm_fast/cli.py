@@ -139,7 +139,7 @@ def check_command() -> bool:
     """`check` as the user runs it: in this process on a GPU (or when the interpreter is already
     on), else in a child process started with TRITON_INTERPRET=1. The variable must be set
     before any Triton kernel is defined, which in this process may already have happened."""
-    if DEVICE.type == "cuda" or dispatch.interpreter_enabled():
+    if DEVICE.type == "cuda" or dispatch.interpreting():
         return check()
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -30,6 +30,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .kernels._environment import interpreting
+
 logger = logging.getLogger("timellm_fast")
 
 BACKEND_ENV = "TIMELLM_FAST_BACKEND"
@@ -46,10 +48,6 @@ _logged: set = set()
 route_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
 #: the tensor types the direct route accepts (subclasses may have their own dispatch rules)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +73,7 @@ def triton_device_problem(device: torch.device) -> Optional[str]:
     if err:
         return err
     if device.type == "cuda":
-        if interpreter_enabled():
+        if interpreting():
             return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
         from .kernels._launch import device_capability  # importable: triton_import_error() is None
 
@@ -84,7 +82,7 @@ def triton_device_problem(device: torch.device) -> Optional[str]:
             return f"compute capability {major}.{minor} is below the supported 7.5"
         return None
     if device.type == "cpu":
-        if interpreter_enabled():
+        if interpreting():
             return None
         return "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
     return f"device type {device.type!r} has no Triton backend"

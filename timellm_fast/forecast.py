@@ -181,7 +181,7 @@ def forecast_main(args: argparse.Namespace) -> int:
     fast.load_state_dict(eager.state_dict())
     kernel_note = ("their Triton kernels" if on_gpu else
                    "their Triton kernels in Triton's interpreter (TRITON_INTERPRET is set): checks the numbers, "
-                   "the timings are not GPU speed" if dispatch.interpreter_enabled() else
+                   "the timings are not GPU speed" if dispatch.interpreting() else
                    "their eager path (no CUDA device; the Triton kernels need a GPU)")
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}; fast layers run as: {kernel_note}")
     print(f"model: {args.backbone} backbone, {config.llm_layers} layers, d_llm {eager.d_llm}; "
