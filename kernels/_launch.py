@@ -11,19 +11,6 @@ TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float1
 SIG_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-_CAPABILITY: dict = {}
-
-
-def device_capability(device: torch.device) -> tuple:
-    """(major, minor) of a CUDA device, asked of the driver once per device: the op layer needs it
-    on every call (dispatch, tile choice), and each torch.cuda query is microseconds of host time."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
-    return capability
-
-
 _SM_COUNT: dict = {}
 
 

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._environment import interpreting
-from ._launch import SIG_DTYPE, TL_DTYPE, device_capability, next_pow2
+from ._environment import device_capability, interpreting
+from ._launch import SIG_DTYPE, TL_DTYPE, next_pow2
 
 #: head widths the kernels accept; E is padded with masks up to the next block width
 MIN_HEAD_DIM = 16

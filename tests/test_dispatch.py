@@ -1,5 +1,8 @@
 """Dispatch rules: env override, fallback reasons, one log line per CUDA fallback reason."""
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +49,40 @@ def test_forced_triton_names_the_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.choose("demo_op", torch.device("cpu"))
+
+
+def test_without_triton_the_package_imports_and_both_layers_run_eager():
+    """An install whose Triton cannot be imported: the package, its CLI and both layers still work
+    on the eager path (forward, backward, eval and training), even with the interpreter requested,
+    and a demanded Triton backend names the import failure."""
+    script = """
+import os, sys
+sys.modules["triton"] = None  # `import triton` now fails as it does where Triton is not installed
+import torch
+import timellm_fast, timellm_fast.cli
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
+assert dispatch.triton_import_error().startswith("triton cannot be imported"), dispatch.triton_import_error()
+assert dispatch.triton_device_problem(torch.device("cpu")) == dispatch.triton_import_error()
+embed = PatchEmbedding(16, 8, 4, 0.1)
+layer = ReprogrammingLayer(16, 4, d_llm=24)
+source = torch.randn(10, 24, requires_grad=True)
+for training in (True, False):
+    embed.train(training), layer.train(training)
+    y, _ = embed(torch.randn(2, 3, 32))
+    out = layer(y, source, source)
+    assert out.shape == (6, y.shape[1], 24) and torch.isfinite(out).all()
+    out.sum().backward()
+assert embed.value_embedding.tokenConv.weight.grad is not None and source.grad is not None
+assert dict(dispatch.path_counts) == {("patch_embedding", "eager"): 2, ("reprogramming_attention", "eager"): 2}
+os.environ[dispatch.BACKEND_ENV] = "triton"
+try:
+    embed(torch.randn(2, 3, 32))
+except RuntimeError as exc:
+    assert "triton cannot be imported" in str(exc), exc
+else:
+    raise AssertionError("TIMELLM_FAST_BACKEND=triton ran without Triton")
+print("eager without triton")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "eager without triton", proc.stderr[-3000:]

@@ -387,12 +387,12 @@ CUDA0 = torch.device("cuda", 0)
 @contextlib.contextmanager
 def mocked_gpu(capability):
     """select_config as it runs on a CUDA device of this compute capability (no GPU needed)."""
-    from timellm_fast.kernels import _launch
+    from timellm_fast.kernels import _environment
     from timellm_fast.kernels import reprogramming_attention as kern
     from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_launch, "_CAPABILITY", {0: capability})
+        patch.setattr(_environment, "_CAPABILITY", {0: capability})
         patch.setattr(tiles, "_SELECTED", {})
         patch.setattr(tiles, "interpreting", lambda: False)
         patch.setattr(kern, "interpreting", lambda: False)

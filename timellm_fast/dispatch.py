@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import os
 from typing import Iterator, Optional
 
 import torch
 
-from .kernels._environment import interpreting
+from .kernels._environment import TRITON_IMPORT_ERROR, device_capability, interpreting
 
 logger = logging.getLogger("timellm_fast")
 
@@ -50,14 +49,9 @@ route_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
-    return None
+    """Why Triton cannot be imported in this process, or None when it can."""
+    return TRITON_IMPORT_ERROR
 
 
 def requested_backend() -> str:
@@ -75,8 +69,6 @@ def triton_device_problem(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         if interpreting():
             return "TRITON_INTERPRET=1 is set but the tensors are on CUDA"
-        from .kernels._launch import device_capability  # importable: triton_import_error() is None
-
         major, minor = device_capability(device)
         if (major, minor) < (7, 5):
             return f"compute capability {major}.{minor} is below the supported 7.5"

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from . import dispatch, validation
 from .reference import num_patches, patch_embedding_reference
 
+if dispatch.triton_import_error() is None:
+    from .kernels import patch_embedding as pe_kernels
+else:  # without Triton dispatch.choose sends every call to the eager path, which needs no kernel
+    pe_kernels = None
+
 OP_NAME = "patch_embedding"
 
 
@@ -65,11 +70,9 @@ def _launch_forward(
     patch_len: int, stride: int, out_dtype: torch.dtype, dropout_p: float,
     seed: torch.Tensor,  # seed: [1] int64 on x's device, read only when dropout_p > 0
 ) -> torch.Tensor:  # y: [B*N, P, D]
-    from .kernels import patch_embedding as kernel
-
     B, N, T = x.shape
     P = num_patches(T, patch_len, stride)
-    y = kernel.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P, seed, dropout_p)
+    y = pe_kernels.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P, seed, dropout_p)
     return y.view(B * N, P, weight.shape[0])
 
 
@@ -81,10 +84,8 @@ def _launch_backward(
     seed: torch.Tensor,  # seed: [1] int64, the forward's
     need_dx: bool, need_dw: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (dx: [B, N, T] or [0], dw: [D, patch_len, 3] or [0])
-    from .kernels import patch_embedding as kernel
-
     P = num_patches(x.shape[-1], patch_len, stride)
-    dx, dw = kernel.patch_embedding_bwd(
+    dx, dw = pe_kernels.patch_embedding_bwd(
         x, weight, grad_y.reshape(-1, weight.shape[0]), patch_len, stride, P, seed, dropout_p,
         need_dx, need_dw)
     dx = dx if dx is not None else x.new_empty((0,))

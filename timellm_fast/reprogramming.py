@@ -32,6 +32,11 @@ from .cache import TensorCache
 from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both ops
 from .reference import reprogramming_reference, reprogramming_sdpa_fold
 
+if dispatch.triton_import_error() is None:
+    from .kernels import reprogramming_attention as attn_kernels
+else:  # without Triton dispatch.choose sends every call to the eager path, which needs no kernel
+    attn_kernels = None
+
 OP_NAME = "reprogramming_attention"
 
 
@@ -41,12 +46,6 @@ def working_dtype(target: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type) and target.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return target.dtype
-
-
-def _kernels():
-    from .kernels import reprogramming_attention
-
-    return reprogramming_attention
 
 
 def project_key_value(
@@ -71,10 +70,9 @@ class CoreForm(NamedTuple):
 
 
 def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
-    kern = _kernels()
     scale = 1.0 / math.sqrt(head_dim)
-    if kern.is_factorized(d_model, head_dim):
-        return CoreForm(kern.block_d_for(d_model, head_dim), 0, True, scale, d_model)
+    if attn_kernels.is_factorized(d_model, head_dim):
+        return CoreForm(attn_kernels.block_d_for(d_model, head_dim), 0, True, scale, d_model)
     return CoreForm(head_dim, head_dim, False, scale, d_model)
 
 
@@ -109,7 +107,7 @@ def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, n_heads: int, bloc
 
 def _align_prototypes(mc: torch.Tensor) -> torch.Tensor:
     """mc [H, W, S] with its prototype axis padded to a multiple of PROTOTYPE_ALIGN (S = 1000 needs none)."""
-    pad = -mc.shape[2] % _kernels().PROTOTYPE_ALIGN
+    pad = -mc.shape[2] % attn_kernels.PROTOTYPE_ALIGN
     return F.pad(mc, (0, pad)) if pad else mc
 
 
@@ -187,8 +185,8 @@ def _launch_attention_forward(
     seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
     allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
-    return _kernels().attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p,
-                                        seed, allow_tf32)
+    return attn_kernels.attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p,
+                                          seed, allow_tf32)
 
 
 def _launch_attention_backward(
@@ -200,7 +198,7 @@ def _launch_attention_backward(
     dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
     need_x: bool, need_protos: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (dx, dmc, dv) fp32, [0] where not needed
-    dx, dmc, dv = _kernels().attention_backward(
+    dx, dmc, dv = attn_kernels.attention_backward(
         x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
         allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
     def nothing():  # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
@@ -420,8 +418,8 @@ class ReprogrammingLayer(nn.Module):
 
         reason = None
         if dispatch.triton_import_error() is None:
-            reason = _kernels().unsupported_reason(dtype, E, DM, source.shape[0], dropout_p > 0.0, target.device,
-                                                   self.allow_tf32)
+            reason = attn_kernels.unsupported_reason(dtype, E, DM, source.shape[0], dropout_p > 0.0, target.device,
+                                                     self.allow_tf32)
         path = dispatch.choose(OP_NAME, target.device, reason)
 
         def cached(compute, kind):
