@@ -4,14 +4,13 @@
 #   bash bench/gpu_session.sh [PHASE ...]      default phases: env tests check host bench profile
 #   PHASE: env | tests | check | host | bench | profile | profile-model | tune | tune-patch | ncu
 #
-# Made for the workplace's device tool (one command of at most 10 minutes, 15 minutes of device
-# time per session, at most 8 files back from $OUT), but it runs on any CUDA machine with torch,
-# triton, pytest, pytest-xdist, pytest-benchmark and hypothesis installed and no network.
+# Runs on any CUDA machine with torch, triton, pytest, pytest-xdist, pytest-benchmark and
+# hypothesis installed and no network; phases are bounded so that a run fits one 10-minute command.
 # Every phase has its own time limit (seconds; override through the environment):
 #   TESTS_S=200  the whole test suite, natively (pytest -n 8; TESTS_ARGS: other pytest arguments)
 #   CHECK_S=60   timellm-fast check
 #   HOST_S=30    bench/host_overhead.py on this machine's CPU (calibrates the CPU-side proxy)
-#   BENCH_BUDGET_S=150  benchmark cases start in priority order (issue 6 targets first) until then;
+#   BENCH_BUDGET_S=150  benchmark cases start in priority order (the performance targets first) until then;
 #                BENCH_S=220 hard limit of the bench phase; BENCH_K: a pytest -k selection
 #   PROFILE_S=60 bench/profile_trace.py (profile-model: twice, eager and ours)
 #   TUNE_BUDGET_S=200   tile sweep of the attention kernels (bench/tune_attention.py; +120 s limit;
@@ -19,13 +18,11 @@
 #   TUNE_PATCH_BUDGET_S=60  tile sweep of the patch embedding forward (bench/tune_patch_embedding.py;
 #                +60 s limit; writes tune_patch.json)
 #   NCU_S=150    Nsight Compute on the patch forward and the three attention kernels
-#                (bench/ncu_kernels.py), into session.log; ncu reads counters on Firecracker
-#                machines (both kinds' runtime now), not on gVisor (KINDS.md, 2026-11-04)
-# The default phases' limits add up to 570 s, so they fit one 600 s call (run it with
-# timeout_s 595); `tune` needs its own call. First timed on an H200 on 2026-11-26: the default
-# phases took 327 s (tests 101 s, check 9 s, bench 164 s, profile 12 s), tune with a 90 s budget 98 s.
-# Files written to $OUT (./gpu-session-out without $OUT), 8 at most per call (so tune and
-# tune-patch go in different calls, or replace the plots):
+#                (bench/ncu_kernels.py), into session.log; ncu needs a machine that exposes the
+#                GPU's performance counters
+# The default phases' limits add up to 570 s, so they fit one 600 s command; `tune` needs its own.
+# Phase timings of past runs: bench/ROOFLINE.md. Files written to $OUT (./gpu-session-out without
+# $OUT):
 #   session.log (env, install, check, profile), tests.log, bench.log, tune.json, tune_patch.json,
 #   results/results.json, results/results.md, results/speedup.png, results/memory.png
 # Copy them to bench/results/<gpu>-<date>/ and commit; then `python bench/render_readme.py`.

@@ -19,8 +19,8 @@ if FULL:
                   llm_heads=12, num_tokens=1000, backbone="gpt2")
     BATCHES = {"explained-gpt2": 4, "large-batch": 20688 // 7}  # x 7 ETTh1 variables = B*N series
     # The whole model is served in micro-batches of this many windows (x 7 series), as a serving
-    # loop would: one call with all 20688 series ran out of the H200's 139 GiB for eager and ours
-    # alike (measured 2026-11-26: the GPT-2 backbone's activations, not the input stage).
+    # loop would: one call with all 20688 series does not fit a 139 GiB GPU for eager or ours (the
+    # GPT-2 backbone's activations, not the input stage; bench/ROOFLINE.md).
     SERVE_CHUNK = 256
 else:
     CONFIG = dict(seq_len=64, pred_len=16, d_model=16, d_ff=16, n_heads=2, llm_layers=1, d_llm=32,

@@ -67,8 +67,8 @@ def input_precision(dt: torch.dtype, allow_tf32: bool = False) -> str:
 def store_dtype(out_dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel writes before the launcher's final cast.
 
-    Triton's interpreter (3.9, measured here) truncates fp32 -> bf16 instead of rounding to
-    nearest even, even with fp_downcast_rounding="rtne"; a GPU rounds correctly. So under the
+    Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest even, even with
+    fp_downcast_rounding="rtne"; a GPU rounds correctly. So under the
     interpreter, bf16 results are written in fp32 and rounded by torch.
     """
     if out_dtype == torch.bfloat16 and interpreting():

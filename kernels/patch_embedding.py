@@ -12,7 +12,7 @@ multiple of 16 bytes (Time-LLM's contiguous bf16 ``[B, N, 512]`` with stride 8) 
 windows reach past T. Neighbouring windows overlap (a window is read by three taps and, when
 ``stride < patch_len``, by several patches); the loads go through L1 (plain loads, or L1-cached
 asynchronous copies when pipelined) so that the overlap is served there and HBM sees each series
-about once; that is the design, measured on no GPU yet (bench/ncu_kernels.py asks Nsight).
+about once (bench/ncu_kernels.py has Nsight Compute check it).
 
 Windowed kernels (every SPEC §2 shape):
 

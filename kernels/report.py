@@ -153,8 +153,8 @@ def jit_specialization(cfg: dict) -> dict:
     allocations are) and the integer arguments a configuration names in "divisible_by_16" (those
     SPEC §2 shapes make multiples of 16, e.g. d_model and head width). Without them the compile
     is the JIT's generic variant, which on the attention kernels needs up to ~1.5x the registers
-    (measured: 255 + spills vs 187 for one tile), so a check without them rejects tiles that the
-    GPU, compiling for the real shapes, runs spill-free."""
+    (bench/ROOFLINE.md), so a check without them rejects tiles that the GPU, compiling for the
+    real shapes, runs spill-free."""
     hinted = set(cfg.get("divisible_by_16", ()))
     return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(cfg["signature"].items())
             if ty.startswith("*") or name in hinted}

@@ -70,7 +70,7 @@ FMA_BLOCK_PAIRS = tuple(p for p in BLOCK_PAIRS if p[0] in FACTORIZED_BLOCK_D)
 # MMA work per element than the factorized form's budget, except fp16's prototype pass at
 # BLOCK_D = BLOCK_E = 128 (the standard form at E = 128): every tile within the budget spills under
 # Triton 3.6 or 3.8 there, so it takes a BLOCK_S = 32 tile, half a warpgroup's MMA rows, 1.2x the
-# budget. None has been timed on a GPU yet. Regimes: "fma" = IEEE fp32 dots on the FMA units, whose
+# budget. Regimes: "fma" = IEEE fp32 dots on the FMA units, whose
 # operand layouts hold whole rows per thread (small tiles); "bf16", "fp16" = tensor-core MMA.
 _HALF_TILES = {  # (role, arch, dropout) -> {(BLOCK_D, BLOCK_E): tile}, for bf16 and fp16 alike
     ('fwd', 80, False): {
