@@ -21,10 +21,8 @@ if not os.environ.get("TIMELLM_FAST_DATA") and (_SHARED_DATA / "ETTh1.csv").is_f
 
 import pytest  # noqa: E402
 
+from helpers import DEVICE  # noqa: E402
 from timellm_fast import dispatch  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNS = dispatch.triton_device_problem(DEVICE) is None
 
 
 @pytest.fixture
@@ -36,7 +34,3 @@ def device():
 def _default_backend(monkeypatch):
     """Each test starts from automatic dispatch; tests that force a path set the variable."""
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-
-
-requires_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason=f"Triton cannot run here: {dispatch.triton_device_problem(DEVICE)}")

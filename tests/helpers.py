@@ -1,7 +1,17 @@
-"""Shared by the tests: the tolerances of SPEC §4, and a Triton launch counter."""
+"""Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, and a
+Triton launch counter. Imported after conftest.py has set up the environment."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+from timellm_fast import dispatch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: why Triton cannot run on DEVICE, or None when it can
+TRITON_PROBLEM = dispatch.triton_device_problem(DEVICE)
+TRITON_RUNS = TRITON_PROBLEM is None
+requires_triton = pytest.mark.skipif(not TRITON_RUNS, reason=f"Triton cannot run here: {TRITON_PROBLEM}")
 
 
 def max_abs_err(got: torch.Tensor, oracle: torch.Tensor) -> float:

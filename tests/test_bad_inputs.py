@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, TRITON_RUNS
+from helpers import DEVICE, TRITON_RUNS
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch, patch_embedding, patch_model, unpatch_model
 from timellm_fast.reference import patch_embedding_reference, reprogramming_reference
 

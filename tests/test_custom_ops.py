@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from conftest import DEVICE, requires_triton
-from helpers import assert_close_to_oracle
+from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.patch_embedding import (draw_seed_tensor, patch_embedding_bwd_op,
                                           patch_embedding_fwd_op)

@@ -25,7 +25,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import DEVICE, requires_triton
+from helpers import DEVICE, requires_triton
 from test_reprogramming import run_layer
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer

@@ -16,8 +16,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, requires_triton
-from helpers import assert_close_to_oracle
+from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from test_reprogramming import run_layer, run_reference
 from timellm_fast import dispatch, patch_embedding
 from timellm_fast.reference import patch_embedding_reference

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICE, requires_triton
-from helpers import LaunchCounter
+from helpers import DEVICE, LaunchCounter, requires_triton
 from timellm_fast import PatchEmbedding, ReprogrammingLayer
 from timellm_fast.kernels import patch_embedding as pe_kernels
 from timellm_fast.kernels import reprogramming_attention as attn_kernels

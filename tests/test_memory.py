@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, requires_triton
+from helpers import DEVICE, requires_triton
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, TRITON_RUNS
+from helpers import DEVICE, TRITON_RUNS
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.data import (ETT_HOUR_MONTH, ETTHourWindows, SPLITS, ett_hour_borders, ett_hour_loader,
                                load_ett_values, synthetic_ett)

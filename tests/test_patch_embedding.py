@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE, requires_triton
-from helpers import assert_close_to_oracle
+from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.reference import num_patches, patch_embedding_reference
 from timellm_original import PatchEmbedding as OriginalPatchEmbedding

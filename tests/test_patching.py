@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import timellm_fast
-from conftest import DEVICE, TRITON_RUNS
+from helpers import DEVICE, TRITON_RUNS
 from timellm_fast import Replacement, dispatch, patch_model, unpatch_model
 from timellm_fast.models import TimeLLM, TimeLLMConfig
 from timellm_original import InputStage, PatchEmbedding, ReprogrammingLayer

@@ -9,8 +9,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, TRITON_RUNS
-from helpers import assert_close_to_oracle
+from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from test_patch_embedding import eager_same_dtype, oracle
 from timellm_fast import dispatch, patch_embedding
 
@@ -63,7 +62,7 @@ SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="Triton cannot run here")
+@requires_triton
 @SETTINGS
 @given(patch_problems())
 @example(dict(B=1, N=1, T=1, patch_len=1, stride=1, d_model=1, dtype="fp32", layout="contiguous", seed=0))

@@ -13,8 +13,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, TRITON_RUNS
-from helpers import assert_close_to_oracle, max_abs_err
+from helpers import DEVICE, assert_close_to_oracle, max_abs_err, requires_triton
 from test_reprogramming import run_layer, run_reference
 from timellm_fast import dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer
@@ -146,7 +145,7 @@ def problem(**overrides):
     return p
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="Triton cannot run here")
+@requires_triton
 @settings(max_examples=130, **SETTINGS)
 @given(reprogramming_problems())
 @example(problem())  # the smallest problem: one row, one prototype, one output feature

@@ -12,16 +12,13 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close_to_oracle, max_abs_err
+from helpers import DEVICE, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
 from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer, draw_seed_tensor
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 
 OP = "reprogramming_attention"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_PROBLEM = dispatch.triton_device_problem(DEVICE)
-needs_triton = pytest.mark.skipif(TRITON_PROBLEM is not None, reason=f"Triton cannot run: {TRITON_PROBLEM}")
 if TRITON_PROBLEM is None:  # @triton.jit test kernels below call them, and find them in this module's globals
     from timellm_fast.kernels.reprogramming_attention import _dot_operand, _exp2_poly
 PARAM_NAMES = ("query_projection.weight", "query_projection.bias", "key_projection.weight",
@@ -125,7 +122,7 @@ SHAPES = [
 BACKWARD_MODES = ["default", "deterministic"]
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
@@ -167,7 +164,7 @@ def test_fp32_wide_standard_form_falls_back(backend):
             layer(target, source, value)
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_backward_delta_is_exact_enough_for_the_zero_key_bias_gradient(seed, backend):
     """delta = rowsum(dout · out) from the stored bf16 output. Softmax ignores a shift of all keys, so
@@ -202,7 +199,7 @@ def check_fused_against_oracle(shape, dtype, seed=0, deterministic=False):
         assert_close_to_oracle(f"grad {name}", grad, oracle_grads[name], eager_grads.get(name))
 
 
-@needs_triton
+@requires_triton
 def test_protos_row_chunks_are_used_and_deterministic(backend):
     """The "protos-row-chunks" shape must really split the prototype-stationary backward over row
     chunks, and in deterministic mode the split sums must give the same bits on every run."""
@@ -221,7 +218,7 @@ def test_protos_row_chunks_are_used_and_deterministic(backend):
         assert torch.equal(first[name], second[name]), name
 
 
-@needs_triton
+@requires_triton
 def test_torch_deterministic_switch_selects_the_fixed_order_backward(backend, monkeypatch):
     """torch.use_deterministic_algorithms(True) turns the layer's deterministic mode on: the row side
     then comes from the row-stationary kernel, not from atomics in the prototype-stationary one."""
@@ -245,7 +242,7 @@ def test_torch_deterministic_switch_selects_the_fixed_order_backward(backend, mo
     assert (launches["attention_bwd_protos_kernel"].launches, launches["attention_bwd_rows_kernel"].launches) == (2, 1)
 
 
-@needs_triton
+@requires_triton
 def test_noncontiguous_target(backend):
     backend("triton")
     layer, target, source, value, upstream = make_problem(2, 16, 32, 2, 32, 37, 64, torch.float32, False)
@@ -286,7 +283,7 @@ def dropout_problem(p=0.3):
     return layer.train(), target, source, value, upstream
 
 
-@needs_triton
+@requires_triton
 def test_dropout_same_seed_is_bit_identical(backend):
     backend("triton")
     layer, target, source, value, upstream = dropout_problem()
@@ -301,7 +298,7 @@ def test_dropout_same_seed_is_bit_identical(backend):
     assert not torch.equal(out_a, out_c), "a new seed must draw a new mask"
 
 
-@needs_triton
+@requires_triton
 def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
     """Replays the kernels' own mask (materialized by the debug kernel for the seed the layer draws)
     in the float64 oracle: output and every gradient must match, so both passes used that mask."""
@@ -325,7 +322,7 @@ def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
         assert_close_to_oracle(f"grad {name}", grad, oracle_grads[name])
 
 
-@needs_triton
+@requires_triton
 def test_dropout_kept_fraction_and_independence():
     from timellm_fast.kernels import reprogramming_attention as kern
 
@@ -416,7 +413,7 @@ def test_each_gpu_generation_gets_its_own_tiles():
     assert any(chosen[(8, 0), r, e].tile != chosen[(9, 0), r, e].tile for r in ("fwd", "bwd_protos") for e in (32, 128))
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's stand-in for bf16 MMA; a GPU runs the real one")
 def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
     """Under the interpreter bf16 dots run on fp32 operands; the kernels then round the operands
@@ -460,7 +457,7 @@ def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
             assert cfg.constexprs()["ROUND_TO_BF16"] is False  # what a GPU build compiles
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="on a GPU the sm_90 tiles run natively in the bf16 tests")
 @pytest.mark.parametrize("block_e", [32, 128])
 def test_hopper_block_shapes_match_the_oracle(block_e):
@@ -692,7 +689,7 @@ def test_forward_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_triton
+@requires_triton
 def test_polynomial_exp2_error_over_the_softmax_range():
     """_exp2_poly against float64 2^x: relative error <= 1.02e-4 (the cubic's minimax bound, 38x below
     bf16's 2^-8 rounding) wherever 2^x is a normal fp32, up to the forward's rescale threshold; exactly
@@ -726,7 +723,7 @@ def test_polynomial_exp2_error_over_the_softmax_range():
 SOFTMAX_SETTINGS = [(0, 0.0), (0, 8.0), (2, 0.0), (2, 8.0), (4, 8.0), (8, 0.0), (8, 8.0)]
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("mode", BACKWARD_MODES)
 @pytest.mark.parametrize("eighths,threshold", SOFTMAX_SETTINGS, ids=[f"poly{e}of8-rescale{t:g}" for e, t in SOFTMAX_SETTINGS])
 def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold, mode, backend):
@@ -746,7 +743,7 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
         check_fused_against_oracle(shape, torch.bfloat16, seed=1, deterministic=mode == "deterministic")
 
 
-@needs_triton
+@requires_triton
 def test_polynomial_share_really_changes_the_exponentials(backend):
     """The share is live: the all-polynomial forward differs from the all-MUFU one (by far less than
     bf16's rounding), and in fp32 the override leaves the exact path alone (bit-identical)."""
@@ -763,7 +760,7 @@ def test_polynomial_share_really_changes_the_exponentials(backend):
         assert (exact - poly).abs().max().item() <= 2.0 ** -8 * (1 + exact.abs().max().item())
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("logit", [1e2, 1e4], ids=["1e2", "1e4"])
 def test_rescale_threshold_keeps_huge_logits_finite_and_one_hot(logit, backend):
     """With a threshold the reference maximum lags a row's maximum by up to 2^8: the unnormalized P

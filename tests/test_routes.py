@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICE, requires_triton
-from helpers import LaunchCounter
+from helpers import DEVICE, LaunchCounter, requires_triton
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
 

@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer
 
