@@ -40,12 +40,15 @@ else:  # without Triton dispatch.choose sends every call to the eager path, whic
 OP_NAME = "reprogramming_attention"
 
 
+def autocast_casts(target: torch.Tensor) -> bool:
+    """Whether autocast is on for target's device and casts the layer's operands, as it would for
+    nn.Linear (float64 is left alone)."""
+    return torch.is_autocast_enabled(target.device.type) and target.dtype != torch.float64
+
+
 def working_dtype(target: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for the device (as nn.Linear would), else the input's."""
-    device_type = target.device.type
-    if torch.is_autocast_enabled(device_type) and target.dtype != torch.float64:
-        return torch.get_autocast_dtype(device_type)
-    return target.dtype
+    """The autocast dtype where autocast casts (autocast_casts), else the input's."""
+    return torch.get_autocast_dtype(target.device.type) if autocast_casts(target) else target.dtype
 
 
 def project_key_value(
@@ -340,8 +343,8 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
     validation.same_device("value", value, "target", target)
     weight = layer.query_projection.weight
     validation.same_device("target", target, "the layer's weights", weight)
-    if torch.is_autocast_enabled(target.device.type) and target.dtype != torch.float64:
-        return  # autocast casts everything to one dtype, as it would for nn.Linear
+    if autocast_casts(target):
+        return  # autocast casts everything to one dtype
     for name, t in (("target", target), ("source", source), ("value", value)):
         if t.dtype != weight.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
