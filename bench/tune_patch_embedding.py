@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tuning import TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
+import triton  # noqa: E402
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
+from timellm_fast.kernels import patch_embedding_tiles as pe_tiles  # noqa: E402
 from timellm_fast.kernels._launch import dot_dtype  # noqa: E402
 
 
@@ -38,8 +40,8 @@ def candidates(smoke: bool) -> list:
     """WindowTiles to time, the likelier ones first (the sweep stops when its budget is spent):
     no pipelining and pipelined through L1, at the residency a 64..255-register kernel allows."""
     if smoke:  # with the shipped tile: a pipelined one and a one-program loop over every block
-        return [pe.WindowTile(32, 4, 2, 1)]
-    return [pe.WindowTile(block_m, warps, stages, programs)
+        return [pe_tiles.WindowTile(32, 4, 2, 1)]
+    return [pe_tiles.WindowTile(block_m, warps, stages, programs)
             for stages, programs, block_m, warps in itertools.product((1, 2), (8, 4, 16), (64, 128, 256, 32), (4, 8, 2))]
 
 
@@ -59,8 +61,8 @@ def main(argv=None) -> int:
     device, dtype, smoke, shapes, device_name = sweep_setup(args)
     hbm = device_hbm_bytes_per_s()
     dot_dt = dot_dtype(dtype, dtype, device=device)
-    shipped = pe.WINDOW_FWD_TILES[dot_dt]
-    env = dict(device=device_name, torch=torch.__version__, triton=pe.triton.__version__, dtype=args.dtype,
+    shipped = pe_tiles.WINDOW_FWD_TILES[dot_dt]
+    env = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype=args.dtype,
                shipped=list(dataclasses.astuple(shipped)), tile_fields=[f.name for f in dataclasses.fields(shipped)],
                hbm_bytes_per_s=hbm)
     print(env, flush=True)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                 break
             row = dict(shape=shape.name, rows=shape.rows, tile=list(dataclasses.astuple(tile)), shipped=tile == shipped)
             try:
-                with pe.override_window_tile(tile):
+                with pe_tiles.override_window_tile(tile):
                     got = forward(x, weight, shape, seed)
                     ms = time_ms(lambda: forward(x, weight, shape, seed))
                 compiled = pe.last_launch.get("patch_window_fwd")

@@ -33,21 +33,24 @@ Gather kernels, the fallback outside the windowed tiles (patch_len > 32 in the f
 > 16 in dx): ``patch_conv_gemm`` gathers the operand with a clamped address per element;
 for dx it reads the output gradient with taps flipped (d(patches)) and ``patch_fold`` folds
 d(patches) onto the series.
+
+Launch parameters come only from kernels/patch_embedding_tiles.py.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import (SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, multiprocessor_count, next_pow2,
-                      store_dtype)
+from ._launch import SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, multiprocessor_count, store_dtype
+from .patch_embedding_tiles import (DWEIGHT_BLOCK_C, DWEIGHT_BLOCK_M, DWEIGHT_NUM_STAGES, DWEIGHT_NUM_WARPS,
+                                    DX_BLOCK_D, DX_BLOCK_J, DX_BLOCK_U, DX_NUM_STAGES, FOLD_BLOCK_R, FOLD_BLOCK_T,
+                                    GEMM_BLOCK_K, GEMM_BLOCK_O, NUM_WARPS, REDUCE_BLOCK, REDUCE_BLOCK_CHUNKS,
+                                    WINDOW_BLOCK_C, WINDOW_BLOCK_O, WINDOW_FWD_TILES, GemmConfig, WindowFwdConfig,
+                                    dweight_block_o, dweight_chunks, fit_block, select_gemm_config,
+                                    select_window_fwd_config, windowed_dx, windowed_forward)
 
 MAX_PHILOX_ELEMENTS = 2**31 - 1  # tl.rand offsets are int32
 
@@ -397,167 +400,7 @@ def patch_fold(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configurations. Launchers pick only from these tables, and tests compile every entry ahead of
-# time for real GPUs, so nothing dispatch can choose is unproven on sm_75/80/90.
-
-
-@dataclass(frozen=True)
-class WindowTile:
-    """How patch_window_fwd is launched: rows per block, warps, software-pipeline stages, and the
-    persistent grid's programs per SM (the grid is min(row blocks, programs_per_sm * SMs))."""
-    block_m: int
-    num_warps: int
-    num_stages: int
-    programs_per_sm: int
-
-    @property
-    def cache(self) -> str:
-        # Pipelined loads become asynchronous copies, which skip L1 unless asked to cache there;
-        # the taps re-read each window, so it must stay in L1.
-        return ".ca" if self.num_stages > 1 else ""
-
-
-#: The shipped forward tiles by dot dtype, on every GPU generation. Half precision: 4 warps over 64
-#: rows (one warpgroup's MMA tile on Hopper), no software pipelining: the loop's loads are plain
-#: 16-byte loads through L1, and latency is hidden by the 8 programs an SM holds at <= 64 registers.
-#: fp32 (IEEE dots run on the FMA units): 8 warps, which 32-channel tiles need to stay spill-free
-#: on sm_80. Chosen from SASS and register counts only: no GPU has timed them
-#: (bench/tune_patch_embedding.py sweeps them).
-WINDOW_FWD_TILES = {
-    torch.bfloat16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
-    torch.float16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
-    torch.float32: WindowTile(block_m=64, num_warps=8, num_stages=1, programs_per_sm=4),
-}
-WINDOW_BLOCK_C = (16, 32)  # a whole patch per tile: patch_len <= 32 takes the windowed forward
-WINDOW_BLOCK_O = (16, 32)  # output columns per program (more d_model: more column blocks)
-DWEIGHT_BLOCK_M = 32
-DWEIGHT_BLOCK_C = 16  # channel blocks are a grid axis: any patch_len
-DWEIGHT_NUM_WARPS = 8  # 4 spill with the dropout mask on sm_90 (Triton 3.6)
-DWEIGHT_NUM_STAGES = 3  # ~256 programs on a whole GPU: the row loop's loads must be pipelined
-MAX_DW_CHUNKS = 256  # fixed (not SM-count) so dW is the same bits on every GPU
-REDUCE_BLOCK_CHUNKS, REDUCE_BLOCK = 8, 256
-DX_BLOCK_J = 32  # 64 spills with fp32 dots (sm_80/90)
-DX_BLOCK_U = (16, 32)  # >= 2 * stride: stride <= 16 takes the windowed dx
-DX_BLOCK_D = (16, 32)
-DX_NUM_STAGES = 1  # the pipeliner's buffers for the d-loop's loads cost registers the loads do not need
-
-# the gather fallback
-GEMM_BLOCK_M = 64
-GEMM_BLOCK_K = (16,)
-GEMM_BLOCK_O = (16, 32)  # 64 spills under dropout (Philox on 4096 elements)
-FOLD_BLOCK_R, FOLD_BLOCK_T = 16, 64
-NUM_WARPS = 4
-
-
-@dataclass(frozen=True)
-class WindowFwdConfig:
-    block_c: int
-    block_o: int
-    dot_dtype: torch.dtype
-    dropout: bool
-    tile: Optional[WindowTile] = None  # None: WINDOW_FWD_TILES[dot_dtype]
-
-    def __post_init__(self):
-        if self.tile is None:
-            object.__setattr__(self, "tile", WINDOW_FWD_TILES[self.dot_dtype])
-
-
-#: WindowTile of patch_window_fwd for tuning (bench/tune_patch_embedding.py); None in normal use.
-#: Set only through override_window_tile: a tile here has not been through the ahead-of-time
-#: spill check of tests/test_aot.py.
-_WINDOW_TILE_OVERRIDE = [None]
-
-_TUNABLE = dict(block_m=(16, 32, 64, 128, 256), num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4))
-
-
-@contextlib.contextmanager
-def override_window_tile(tile: WindowTile):
-    """Launch patch_window_fwd with another tile inside the block (tuning only)."""
-    for field, allowed in _TUNABLE.items():
-        if getattr(tile, field) not in allowed:
-            raise ValueError(f"{field} must be one of {allowed}, got {getattr(tile, field)} in {tile}")
-    if tile.programs_per_sm < 1:
-        raise ValueError(f"programs_per_sm must be >= 1, got {tile.programs_per_sm}")
-    saved = _WINDOW_TILE_OVERRIDE[0]
-    _WINDOW_TILE_OVERRIDE[0] = tile
-    try:
-        yield
-    finally:
-        _WINDOW_TILE_OVERRIDE[0] = saved
-
-
-def windowed_forward(patch_len: int) -> bool:
-    """Whether the forward takes patch_window_fwd (else the gather fallback)."""
-    return patch_len <= WINDOW_BLOCK_C[-1]
-
-
-def windowed_dx(stride: int) -> bool:
-    """Whether dx takes patch_window_dx (else d(patches) by the gather, then patch_fold)."""
-    return 2 * stride <= DX_BLOCK_U[-1]
-
-
-def _fit(n: int, blocks: tuple) -> int:
-    """The smallest block of `blocks` >= n, else the largest."""
-    return next((b for b in blocks if b >= n), blocks[-1])
-
-
-def select_window_fwd_config(patch_len: int, d_model: int, dot_dt: torch.dtype, dropout: bool) -> WindowFwdConfig:
-    cfg = WindowFwdConfig(_fit(patch_len, WINDOW_BLOCK_C), _fit(d_model, WINDOW_BLOCK_O), dot_dt, dropout)
-    if _WINDOW_TILE_OVERRIDE[0] is not None:
-        cfg = dataclasses.replace(cfg, tile=_WINDOW_TILE_OVERRIDE[0])
-    return cfg
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    block_k: int
-    block_o: int
-    use_dot: bool
-    dot_dtype: torch.dtype
-    dropout: bool
-    block_m: int = GEMM_BLOCK_M
-    num_warps: int = NUM_WARPS
-
-    @property
-    def num_stages(self) -> int:
-        # Triton 3.9's ptxas build of the fp32 dot with 3 stages spills on sm_90 (tests/test_aot.py);
-        # the K loop runs 3 * c_in / BLOCK_K iterations, for which 2 stages already overlap loads
-        return 2 if self.use_dot and self.dot_dtype == torch.float32 else 3
-
-
-def select_gemm_config(k_total: int, out_cols: int, dot_dt: torch.dtype, dropout: bool) -> GemmConfig:
-    use_dot = k_total >= 16
-    block_k = min(GEMM_BLOCK_K[-1], next_pow2(k_total)) if use_dot else GEMM_BLOCK_K[0]
-    block_o = min(GEMM_BLOCK_O[-1], max(GEMM_BLOCK_O[0], next_pow2(out_cols)))
-    return GemmConfig(block_k, block_o, use_dot, dot_dt if use_dot else torch.float32, dropout)
-
-
-def dweight_block_o(d_model: int, dropout: bool) -> int:
-    # Regenerating the dropout mask (Philox) next to an fp32 dot spills at 32 columns.
-    if dropout:
-        return GEMM_BLOCK_O[0]
-    return _fit(d_model, GEMM_BLOCK_O)
-
-
-def dweight_chunks(M: int) -> tuple:
-    """(number of row chunks, rows per chunk) of the dW reduction: a function of M alone."""
-    num_chunks = min(MAX_DW_CHUNKS, max(1, cdiv(M, DWEIGHT_BLOCK_M * 4)))
-    rows_per_chunk = cdiv(cdiv(M, num_chunks), DWEIGHT_BLOCK_M) * DWEIGHT_BLOCK_M
-    return cdiv(M, rows_per_chunk), rows_per_chunk
-
-
-def _window_fwd_constexprs(cfg: WindowFwdConfig) -> dict:
-    return dict(BLOCK_M=cfg.tile.block_m, BLOCK_C=cfg.block_c, BLOCK_O=cfg.block_o, CACHE=cfg.tile.cache,
-                DOT_DTYPE=TL_DTYPE[cfg.dot_dtype], INPUT_PRECISION=input_precision(cfg.dot_dtype),
-                DROPOUT=cfg.dropout)
-
-
-def _gemm_constexprs(cfg: GemmConfig, allow_tf32: bool = False) -> dict:
-    return dict(
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_O=cfg.block_o, USE_DOT=cfg.use_dot,
-        DOT_DTYPE=TL_DTYPE[cfg.dot_dtype], INPUT_PRECISION=input_precision(cfg.dot_dtype, allow_tf32),
-        DROPOUT=cfg.dropout,
-    )
+# Launchers: configurations from patch_embedding_tiles, nothing else.
 
 
 def _dropout_args(dropout_p: float) -> tuple:
@@ -587,7 +430,7 @@ def patch_conv(
         M, P, n_vars, c_in, out_cols, time_stride, clamp,
         src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
         seed, *_dropout_args(dropout_p),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_gemm_constexprs(cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs(),
     )
     return out
 
@@ -615,7 +458,7 @@ def patch_embedding_fwd(
             M, P, N, T, patch_len, stride * x.element_size(), D,
             x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
             seed, *_dropout_args(dropout_p),
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **_window_fwd_constexprs(cfg),
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **cfg.constexprs(),
         )
     else:
         patch_conv(x, weight, y, P=P, c_in=patch_len, time_stride=stride, clamp=T - 1,
@@ -700,7 +543,7 @@ def patch_embedding_bwd(
                 g_src, weight, dx,
                 B * N, P, T, patch_len, stride * dx.element_size(), D, n_chunks, cdiv(patch_len, stride),
                 sw_d, sw_c, sw_k,
-                BLOCK_J=DX_BLOCK_J, BLOCK_U=_fit(2 * stride, DX_BLOCK_U), BLOCK_D=_fit(D, DX_BLOCK_D),
+                BLOCK_J=DX_BLOCK_J, BLOCK_U=fit_block(2 * stride, DX_BLOCK_U), BLOCK_D=fit_block(D, DX_BLOCK_D),
                 DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
                 num_warps=NUM_WARPS, num_stages=DX_NUM_STAGES,
             )
@@ -733,7 +576,7 @@ _DROPOUT_SIG = {"seed_ptr": "*i64", "dropout_p": "fp32", "dropout_scale": "fp32"
 
 
 def window_fwd_aot_config(x_dt, w_dt, out_dt, cfg: WindowFwdConfig) -> dict:
-    cx = _window_fwd_constexprs(cfg)
+    cx = cfg.constexprs()
     sig = _signature({"x_ptr": f"*{SIG_DTYPE[x_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}", "out_ptr": f"*{SIG_DTYPE[out_dt]}"},
                      ("M", "P", "N_VARS", "T", "PATCH_LEN", "STRIDE_BYTES", "D", "s_b", "s_n", "s_t", "s_wd", "s_wc",
                       "s_wk"), _DROPOUT_SIG, cx)
@@ -799,7 +642,7 @@ def aot_configs() -> list:
         if not use_dot and (block_k != GEMM_BLOCK_K[0] or dot_dt != torch.float32):
             continue
         cfg = GemmConfig(block_k, block_o, use_dot, dot_dt, dropout)
-        cx = _gemm_constexprs(cfg)
+        cx = cfg.constexprs()
         sig = _signature({"src_ptr": f"*{SIG_DTYPE[x_dt]}", "w_ptr": f"*{SIG_DTYPE[w_dt]}",
                           "out_ptr": f"*{SIG_DTYPE[out_dt]}"}, gemm_ints, _DROPOUT_SIG, cx)
         configs.append(dict(

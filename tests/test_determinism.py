@@ -105,11 +105,11 @@ def patch_run(B, N, T, dropout, d_model=24, contiguous=False):
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("B,N,T", [(2, 3, 64), (2, 8, 256)], ids=["small", "dw-chunks"])
 def test_patch_embedding_same_seed_same_bits(B, N, T, dropout, monkeypatch):
-    from timellm_fast.kernels import patch_embedding as kern
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     M = B * N * ((T + 8 - 16) // 8 + 1)
-    chunks, _ = kern.dweight_chunks(M)
+    chunks, _ = pe_tiles.dweight_chunks(M)
     if T == 256:
         assert chunks >= 4, "must use several dW chunks"
     assert_bitwise_equal(patch_run(B, N, T, dropout), patch_run(B, N, T, dropout))
@@ -120,9 +120,9 @@ def test_patch_embedding_same_seed_same_bits(B, N, T, dropout, monkeypatch):
 def test_patch_embedding_bits_do_not_depend_on_the_persistent_grid(dropout, monkeypatch):
     """The forward's grid is a multiple of the GPU's SM count: each row's arithmetic and dropout
     mask must not depend on it, so GPUs of one generation with different SM counts agree."""
-    from timellm_fast.kernels import patch_embedding as kern
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     shipped = patch_run(2, 8, 256, dropout, contiguous=True)
-    with kern.override_window_tile(dataclasses.replace(kern.WINDOW_FWD_TILES[torch.float32], programs_per_sm=3)):
+    with pe_tiles.override_window_tile(dataclasses.replace(pe_tiles.WINDOW_FWD_TILES[torch.float32], programs_per_sm=3)):
         assert_bitwise_equal(patch_run(2, 8, 256, dropout, contiguous=True), shipped)

@@ -183,7 +183,7 @@ def test_many_rows_use_several_prototype_side_chunks():
 
 @requires_triton
 def test_patch_embedding_long_series_and_many_dw_chunks():
-    from timellm_fast.kernels import patch_embedding as pe_kern
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     g = torch.Generator().manual_seed(0)
     B, N, T, patch_len, stride = 4, 8, 2048, 16, 8
@@ -191,7 +191,7 @@ def test_patch_embedding_long_series_and_many_dw_chunks():
     w = (torch.randn(8, patch_len, 3, generator=g) / 7).to(DEVICE).requires_grad_()
     y = patch_embedding(x, w, patch_len, stride)
     M = y.shape[0] * y.shape[1]
-    assert M > pe_kern.DWEIGHT_BLOCK_M * 4 * 8  # several dW chunks
+    assert M > pe_tiles.DWEIGHT_BLOCK_M * 4 * 8  # several dW chunks
     grad = torch.randn(y.shape, generator=g).to(DEVICE)
     y.backward(grad)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()

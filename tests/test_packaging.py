@@ -28,7 +28,9 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "timellm_fast/kernels/patch_embedding.py" in names
+    for op in ("patch_embedding", "reprogramming_attention"):  # each op's kernels and its tile tables
+        assert f"timellm_fast/kernels/{op}.py" in names
+        assert f"timellm_fast/kernels/{op}_tiles.py" in names
     assert "timellm_fast/reference.py" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package shipped"
     entry_points = [n for n in names if n.endswith("entry_points.txt")]

@@ -328,21 +328,21 @@ def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
     straddle series boundaries (P = 9 patches), a persistent grid of one or two programs looping
     over every row block, and pipelined (L1-cached asynchronous) loads must give the same output,
     and the shipped tile must come back after."""
-    from timellm_fast.kernels import patch_embedding as pe
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 41, generator=g).to(DEVICE)
     w = torch.randn(16, 8, 3, generator=g).to(DEVICE)
     shipped = patch_embedding(x, w, 8, 4)
-    override = pe.WindowTile(*tile)
-    with pe.override_window_tile(override):
-        assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == override
+    override = pe_tiles.WindowTile(*tile)
+    with pe_tiles.override_window_tile(override):
+        assert pe_tiles.select_window_fwd_config(8, 16, torch.float32, False).tile == override
         tuned = patch_embedding(x, w, 8, 4)
-    assert pe.select_window_fwd_config(8, 16, torch.float32, False).tile == pe.WINDOW_FWD_TILES[torch.float32]
+    assert pe_tiles.select_window_fwd_config(8, 16, torch.float32, False).tile == pe_tiles.WINDOW_FWD_TILES[torch.float32]
     torch.testing.assert_close(tuned, shipped, rtol=1e-5, atol=1e-5)
     assert_close_to_oracle("y", tuned, patch_embedding_reference(x.double(), w.double(), 8, 4))
     with pytest.raises(ValueError, match="block_m"):
-        with pe.override_window_tile(pe.WindowTile(48, 4, 1, 1)):
+        with pe_tiles.override_window_tile(pe_tiles.WindowTile(48, 4, 1, 1)):
             pass
 
 
@@ -488,13 +488,13 @@ def test_persistent_forward_covers_awkward_row_counts(series):
     """B·N·P rows (5, 15, 65, 130) not a multiple of the 16-row block, a grid of at most 3
     programs looping over the blocks: every row is computed (uninitialized rows would fail the
     oracle), and the dropout mask is the element's, whichever program computes it."""
-    from timellm_fast.kernels import patch_embedding as pe
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     T, patch_len, stride = 9, 4, 2  # P = 5
     x = make_series(series, 1, T, torch.float32, contiguous=True)
     w = make_weight(8, patch_len, torch.float32)
-    few_programs = pe.WindowTile(16, 1, 1, 3)
-    with pe.override_window_tile(few_programs):
+    few_programs = pe_tiles.WindowTile(16, 1, 1, 3)
+    with pe_tiles.override_window_tile(few_programs):
         y = patch_embedding(x, w, patch_len, stride)
         torch.manual_seed(4)
         y_drop = patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True)
