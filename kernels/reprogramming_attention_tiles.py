@@ -289,9 +289,11 @@ def arch_class(device: torch.device) -> int:
 _TILE_OVERRIDES: Dict[tuple, tuple] = {}
 #: (poly_eighths, rescale_threshold) for every half-precision configuration, or None; set only
 #: through override_softmax
-_SOFTMAX_OVERRIDE: List[Optional[tuple]] = [None]
+_softmax_override: Optional[Tuple[int, float]] = None
 #: select_config's memo: (arguments, interpreter flag) -> AttentionConfig or None
 _SELECTED: Dict[tuple, Optional[AttentionConfig]] = {}
+#: launch_params' memo: (AttentionConfig, interpreter flag) -> keyword arguments of the launch
+_LAUNCH_PARAMS: Dict[tuple, dict] = {}
 
 
 @contextlib.contextmanager
@@ -320,16 +322,17 @@ def override_tiles(overrides: Dict[tuple, tuple]):
 def override_softmax(poly_eighths: int, rescale_threshold: float):
     """Every half-precision launch inside the block computes poly_eighths/8 of its exponentials by
     the polynomial and rescales at that threshold (tests and tuning; fp32 keeps the exact path)."""
+    global _softmax_override
     if not 0 <= poly_eighths <= 8 or not 0.0 <= rescale_threshold <= 15.0:
         raise ValueError(f"poly_eighths must be in 0..8 and rescale_threshold in [0, 15] (fp16 holds 2^15), "
                          f"got {poly_eighths}, {rescale_threshold}")
-    saved = _SOFTMAX_OVERRIDE[0]
-    _SOFTMAX_OVERRIDE[0] = (int(poly_eighths), float(rescale_threshold))
+    saved = _softmax_override
+    _softmax_override = (int(poly_eighths), float(rescale_threshold))
     _SELECTED.clear()
     try:
         yield
     finally:
-        _SOFTMAX_OVERRIDE[0] = saved
+        _softmax_override = saved
         _SELECTED.clear()
         _LAUNCH_PARAMS.clear()
 
@@ -364,17 +367,14 @@ def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: i
             tile = _TILE_OVERRIDES.get(cfg.tile_key)
             if tile is not None:
                 cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-            if _SOFTMAX_OVERRIDE[0] is not None and data_dtype != torch.float32:
-                cfg = dataclasses.replace(cfg, poly_eighths=_SOFTMAX_OVERRIDE[0][0],
-                                          rescale_threshold=_SOFTMAX_OVERRIDE[0][1])
+            if _softmax_override is not None and data_dtype != torch.float32:
+                cfg = dataclasses.replace(cfg, poly_eighths=_softmax_override[0],
+                                          rescale_threshold=_softmax_override[1])
     if cfg is None or gpu:
         return cfg
     # interpreter: bf16 runs on fp32 dots there (kernels/_launch.dot_dtype), tiles as on sm_80
     return dataclasses.replace(cfg, arch=INTERPRETER,
                                dot_dtype=torch.float32 if cfg.dot_dtype == torch.bfloat16 else cfg.dot_dtype)
-
-
-_LAUNCH_PARAMS: Dict[tuple, dict] = {}
 
 
 def launch_params(cfg: AttentionConfig) -> dict:

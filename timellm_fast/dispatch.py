@@ -105,6 +105,10 @@ def choose(op: str, device: torch.device, unsupported: Optional[str] = None) -> 
     return path
 
 
+#: True inside custom_op_route (set only there): every Triton-path call takes its custom op
+_custom_op_forced = False
+
+
 def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     """Whether a Triton-path call of `op` on `tensors` may skip its torch.library custom op.
 
@@ -115,7 +119,7 @@ def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     """
     direct = (not torch.compiler.is_compiling()
               and not torch.jit.is_tracing()  # a trace must record the op, not run past it
-              and not _FORCED_CUSTOM_OP[0]
+              and not _custom_op_forced
               and os.environ.get(DIRECT_ENV, "1") != "0"
               and torch._C._len_torch_dispatch_stack() == 0
               and not torch._C._are_functorch_transforms_active()
@@ -124,19 +128,17 @@ def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     return direct
 
 
-_FORCED_CUSTOM_OP = [False]
-
-
 @contextlib.contextmanager
 def custom_op_route() -> Iterator[None]:
     """Inside the block every Triton-path call goes through its custom op (the backward of a
     forward taken inside follows it, wherever it runs): to compare the two routes."""
-    saved = _FORCED_CUSTOM_OP[0]
-    _FORCED_CUSTOM_OP[0] = True
+    global _custom_op_forced
+    saved = _custom_op_forced
+    _custom_op_forced = True
     try:
         yield
     finally:
-        _FORCED_CUSTOM_OP[0] = saved
+        _custom_op_forced = saved
 
 
 _NOT_PROFILED = contextlib.nullcontext()
