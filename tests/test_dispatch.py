@@ -37,6 +37,24 @@ def test_cuda_fallback_logs_once_per_reason(monkeypatch, caplog):
     assert "demo_op falls back to eager PyTorch: E=24 has no kernel" in messages[0]
 
 
+def test_custom_op_route_nests_and_restores_on_exit(monkeypatch):
+    """custom_op_route turns the direct route off inside, nested blocks included, and turns it
+    back on when the outermost block exits, also when the block raises."""
+    monkeypatch.delenv(dispatch.DIRECT_ENV, raising=False)
+    x = torch.zeros(2)
+    assert dispatch.direct_launch("demo_op", x)
+    with dispatch.custom_op_route():
+        assert not dispatch.direct_launch("demo_op", x)
+        with dispatch.custom_op_route():
+            assert not dispatch.direct_launch("demo_op", x)
+        assert not dispatch.direct_launch("demo_op", x)
+    assert dispatch.direct_launch("demo_op", x)
+    with pytest.raises(RuntimeError, match="inside"):
+        with dispatch.custom_op_route():
+            raise RuntimeError("inside")
+    assert dispatch.direct_launch("demo_op", x)
+
+
 def test_cpu_fallback_is_silent(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with caplog.at_level(logging.WARNING, logger="timellm_fast"):

@@ -346,6 +346,29 @@ def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
             pass
 
 
+def test_window_tile_override_nests_and_restores_on_exit():
+    """Nested override_window_tile blocks: the innermost tile wins, each exit brings back the tile
+    around it, also when the block raises."""
+    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
+
+    def tile():
+        return pe_tiles.select_window_fwd_config(16, 16, torch.bfloat16, False).tile
+
+    shipped = pe_tiles.WINDOW_FWD_TILES[torch.bfloat16]
+    outer, inner = pe_tiles.WindowTile(32, 2, 1, 1), pe_tiles.WindowTile(128, 8, 2, 4)
+    assert tile() == shipped
+    with pe_tiles.override_window_tile(outer):
+        assert tile() == outer
+        with pe_tiles.override_window_tile(inner):
+            assert tile() == inner
+        assert tile() == outer
+    assert tile() == shipped
+    with pytest.raises(RuntimeError, match="inside"):
+        with pe_tiles.override_window_tile(outer):
+            raise RuntimeError("inside")
+    assert tile() == shipped
+
+
 # ---- which kernels run: the windowed kernels and the gather fallback ---------------------------
 
 PATCH_KERNELS = ("patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce", "patch_window_dx",

@@ -689,6 +689,28 @@ def test_forward_errors():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_softmax_override_nests_and_restores_on_exit():
+    """Nested override_softmax blocks: the innermost setting wins, each exit brings back the one
+    around it (the memoized configurations included), also when the block raises."""
+    from timellm_fast.kernels import reprogramming_attention_tiles as tiles
+
+    def softmax():
+        cfg = tiles.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
+        return cfg.poly_eighths, cfg.rescale_threshold
+
+    shipped = softmax()
+    with tiles.override_softmax(2, 8.0):
+        assert softmax() == (2, 8.0)
+        with tiles.override_softmax(8, 0.0):
+            assert softmax() == (8, 0.0)
+        assert softmax() == (2, 8.0)
+    assert softmax() == shipped
+    with pytest.raises(RuntimeError, match="inside"):
+        with tiles.override_softmax(4, 0.0):
+            raise RuntimeError("inside")
+    assert softmax() == shipped
+
+
 @requires_triton
 def test_polynomial_exp2_error_over_the_softmax_range():
     """_exp2_poly against float64 2^x: relative error <= 1.02e-4 (the cubic's minimax bound, 38x below
