@@ -407,10 +407,6 @@ def _dropout_args(dropout_p: float) -> tuple:
     return float(dropout_p), (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
-#: kernel name -> what its last launch returned (on a GPU, the compiled kernel: n_regs, n_spills)
-last_launch: dict = {}
-
-
 def patch_conv(
     src: torch.Tensor,  # src: [B, N_VARS, T], read through its strides
     weight: torch.Tensor,  # weight: [d_out, c_in, 3] viewed through (s_wk, s_wc, s_wo) below
@@ -425,7 +421,7 @@ def patch_conv(
         return out
     cfg = select_gemm_config(3 * c_in, out_cols, dot_dt, dropout_p > 0.0)
     grid = (cdiv(M, cfg.block_m), cdiv(out_cols, cfg.block_o))
-    last_launch["patch_conv_gemm"] = patch_conv_gemm[grid](
+    patch_conv_gemm[grid](
         src, weight, out,
         M, P, n_vars, c_in, out_cols, time_stride, clamp,
         src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
@@ -433,6 +429,29 @@ def patch_conv(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs(),
     )
     return out
+
+
+def _launch_window_fwd(
+    x: torch.Tensor,  # x: [B, N, T], any float dtype and strides
+    weight: torch.Tensor,  # weight: [D, patch_len, 3]
+    y: torch.Tensor,  # y: [B*N*P, D] contiguous, written
+    patch_len: int, stride: int, P: int, dot_dt: torch.dtype,
+    seed: torch.Tensor, dropout_p: float,  # seed: [1] int64 on x's device
+):
+    """patch_window_fwd into y; returns what the launch returns (on a GPU, the compiled kernel)."""
+    B, N, T = x.shape
+    M, D = y.shape
+    cfg = select_window_fwd_config(patch_len, D, dot_dt, dropout_p > 0.0)
+    tile = cfg.tile
+    programs = min(cdiv(M, tile.block_m), tile.programs_per_sm * multiprocessor_count(x.device))
+    sw_d, sw_c, sw_k = weight.stride()
+    return patch_window_fwd[(programs, cdiv(D, cfg.block_o))](
+        x, weight, y,
+        M, P, N, T, patch_len, stride * x.element_size(), D,
+        x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
+        seed, *_dropout_args(dropout_p),
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **cfg.constexprs(),
+    )
 
 
 def patch_embedding_fwd(
@@ -446,24 +465,34 @@ def patch_embedding_fwd(
     M = B * N * P
     y = torch.empty((M, D), device=x.device, dtype=store_dtype(out_dtype))
     dot_dt = dot_dtype(x.dtype, weight.dtype, device=x.device)
-    sw_d, sw_c, sw_k = weight.stride()
     if M == 0:
         pass
     elif windowed_forward(patch_len):
-        cfg = select_window_fwd_config(patch_len, D, dot_dt, dropout_p > 0.0)
-        tile = cfg.tile
-        programs = min(cdiv(M, tile.block_m), tile.programs_per_sm * multiprocessor_count(x.device))
-        last_launch["patch_window_fwd"] = patch_window_fwd[(programs, cdiv(D, cfg.block_o))](
-            x, weight, y,
-            M, P, N, T, patch_len, stride * x.element_size(), D,
-            x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
-            seed, *_dropout_args(dropout_p),
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **cfg.constexprs(),
-        )
+        _launch_window_fwd(x, weight, y, patch_len, stride, P, dot_dt, seed, dropout_p)
     else:
+        sw_d, sw_c, sw_k = weight.stride()
         patch_conv(x, weight, y, P=P, c_in=patch_len, time_stride=stride, clamp=T - 1,
                    w_strides=(sw_k, sw_c, sw_d), dot_dt=dot_dt, seed=seed, dropout_p=dropout_p)
     return y.to(out_dtype)
+
+
+def compiled_window_fwd(
+    x: torch.Tensor,  # x: [B, N, T], any float dtype and strides
+    weight: torch.Tensor,  # weight: [D, patch_len, 3]
+    out_dtype: torch.dtype, patch_len: int, stride: int, P: int,
+    seed: torch.Tensor, dropout_p: float = 0.0,  # seed: [1] int64 on x's device
+):
+    """Launches patch_window_fwd once as patch_embedding_fwd would (tile overrides included) and
+    returns the compiled kernel (n_regs, n_spills; None under the interpreter): what the tuner
+    (bench/tune_patch_embedding.py) asks for."""
+    if not windowed_forward(patch_len):
+        raise ValueError(f"patch_len={patch_len} takes the gather kernel, not patch_window_fwd")
+    B, N, _ = x.shape
+    y = torch.empty((B * N * P, weight.shape[0]), device=x.device, dtype=store_dtype(out_dtype))
+    if y.shape[0] == 0:
+        raise ValueError("no rows: an empty input launches no kernel")
+    return _launch_window_fwd(x, weight, y, patch_len, stride, P, dot_dtype(x.dtype, weight.dtype, device=x.device),
+                              seed, dropout_p)
 
 
 def _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed):
