@@ -94,8 +94,7 @@ def _compile(job: tuple) -> dict:
         # on sm_90, where report --work counts it; Triton 3.6's sm_80 build of the prototype pass
         # exceeds it with every tile that fits, 3.8 and 3.9 do not)
         constants = {"with_dx": 1} if cfg.role == "bwd_protos" else {}
-        d, e = cfg.block_d, cfg.block_e
-        budget = {"fwd": 2 * d + 2 * e, "bwd_protos": 6 * d + 4 * e, "bwd_rows": 4 * d + 2 * e}[cfg.role]
+        budget = tiles.mma_work_budget(cfg.role, cfg.block_d, cfg.block_e)
         try:
             work = report.loop_work(aot, cfg.arch, cfg.block_r * cfg.block_s, constants)["mma_flops_per_element"]
         except Exception as exc:  # no countable loop: not proven within the budget

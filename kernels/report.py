@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import json
 import os
@@ -412,10 +413,11 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
         fwd = work("fwd")
         bwd = work("bwd_protos", with_dx=1)
         det_protos, det_rows = work("bwd_protos", with_dx=0), work("bwd_rows")
-        roles = (("fwd", fwd, 2 * block_d + 2 * block_e, 4 * head_dim),
-                 ("bwd", bwd, 6 * block_d + 4 * block_e, 10 * head_dim),
+        budget = functools.partial(tiles.mma_work_budget, block_d=block_d, block_e=block_e)
+        roles = (("fwd", fwd, budget("fwd"), 4 * head_dim),
+                 ("bwd", bwd, budget("bwd_protos"), 10 * head_dim),
                  ("bwd-deterministic", {k: det_protos[k] + det_rows[k] for k in det_protos},
-                  8 * block_d + 6 * block_e, 10 * head_dim))
+                  budget("bwd_protos", with_dx=False) + budget("bwd_rows"), 10 * head_dim))
         for role, w, budget, flash in roles:
             lines.append(f"work {role} {shape} d_model={d_model} E={head_dim} "
                          f"mma_flops_per_element={w['mma_flops_per_element']:.0f} "

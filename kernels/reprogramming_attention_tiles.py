@@ -240,6 +240,20 @@ def block_d_for(d_model: int, head_dim: int) -> int:
     return block_e
 
 
+def mma_work_budget(role: str, block_d: int, block_e: int, with_dx: bool = True) -> int:
+    """SPEC §1.3's MMA FLOPs per (row, prototype, head) element for one kernel role at BLOCK_D,
+    BLOCK_E: the forward 2·D + 2·E; the prototype pass 6·D + 4·E with the row side (the default
+    backward), 4·D + 4·E without it; the row pass 4·D + 2·E (so the deterministic backward,
+    prototype pass without the row side plus row pass, is 8·D + 6·E)."""
+    if role == "fwd":
+        return 2 * block_d + 2 * block_e
+    if role == "bwd_protos":
+        return (6 * block_d + 4 * block_e) if with_dx else (4 * block_d + 4 * block_e)
+    if role == "bwd_rows":
+        return 4 * block_d + 2 * block_e
+    raise ValueError(f"no MMA work budget for role {role!r}")
+
+
 def no_config_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, arch: int) -> str:
     """Why a GPU generation has no configuration for this dtype and shape (it then runs eager)."""
     if arch == 75 and data_dtype != torch.float16:
