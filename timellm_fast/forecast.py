@@ -91,6 +91,23 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device, fn, *args):
+    """(fn(*args), its wall-clock seconds), the device's queued work included at both ends."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = fn(*args)
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _train_step(model, optimizer, x, y) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def _in_turn(models: dict, batch_index: int) -> list:
     """(label, model) pairs in the order they run on batch `batch_index`: reversed on odd batches."""
     pairs = list(models.items())
@@ -113,14 +130,8 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
         x, y = x.to(device), y.to(device)
         for label, model in _in_turn(models, i):
             st = state[label]
-            _synchronize(device)
-            start = time.perf_counter()
-            st["optimizer"].zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            st["optimizer"].step()
-            _synchronize(device)
-            st["step_times"].append(time.perf_counter() - start)
+            loss, seconds = _timed(device, _train_step, model, st["optimizer"], x, y)
+            st["step_times"].append(seconds)
             st["losses"].append(loss.item())
 
     for model in models.values():
@@ -130,11 +141,8 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
             x, y = x.to(device), y.to(device)
             for label, model in _in_turn(models, i):
                 st = state[label]
-                _synchronize(device)
-                start = time.perf_counter()
-                out = model(x)
-                _synchronize(device)
-                st["eval_times"].append(time.perf_counter() - start)
+                out, seconds = _timed(device, model, x)
+                st["eval_times"].append(seconds)
                 st["forecasts"].append(out)
                 st["squared"] += (out - y).pow(2).sum().item()
                 st["absolute"] += (out - y).abs().sum().item()
