@@ -5,8 +5,7 @@ from torch.library import opcheck
 
 from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch
-from timellm_fast.patch_embedding import (draw_seed_tensor, patch_embedding_bwd_op,
-                                          patch_embedding_fwd_op)
+from timellm_fast.patch_embedding import draw_seed_tensor, patch_embedding_triton
 from timellm_fast.reference import patch_embedding_reference
 
 
@@ -22,11 +21,11 @@ def test_opcheck_patch_embedding_ops(dtype, dropout_p):
     x = series(dtype=dtype).requires_grad_(True)
     w = torch.randn(16, 8, 3, device=DEVICE, dtype=dtype, requires_grad=True)
     seed = draw_seed_tensor(dropout_p, DEVICE)
-    opcheck(patch_embedding_fwd_op, (x, w, 8, 4, dtype, dropout_p, seed))
-    y = patch_embedding_fwd_op(x, w, 8, 4, dtype, dropout_p, seed)
+    opcheck(patch_embedding_triton.forward_op, (x, w, 8, 4, dtype, dropout_p, seed))
+    y = patch_embedding_triton.forward_op(x, w, 8, 4, dtype, dropout_p, seed)
     g = torch.randn_like(y)
     for need_dx, need_dw in [(True, True), (False, True), (True, False)]:
-        opcheck(patch_embedding_bwd_op,
+        opcheck(patch_embedding_triton.backward_op,
                 (x.detach(), w.detach(), g, 8, 4, dropout_p, seed, need_dx, need_dw))
 
 
@@ -78,7 +77,7 @@ def test_profiler_names_the_ops():
 # ---- reprogramming attention -------------------------------------------------------------------
 
 from timellm_fast import ReprogrammingLayer  # noqa: E402
-from timellm_fast.reprogramming import attention_bwd_op, attention_fwd_op, core_from_keys  # noqa: E402
+from timellm_fast.reprogramming import attention_triton, core_from_keys  # noqa: E402
 from timellm_fast.reprogramming import draw_seed_tensor as attention_seed  # noqa: E402
 
 
@@ -111,11 +110,11 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p, d_model):
     seed = attention_seed(dropout_p, DEVICE)
     x, mc, v = (t.detach().requires_grad_(True) for t in (x, mc, v))
     args = (x, mc, v, *form, dropout_p, seed, False, False)
-    opcheck(attention_fwd_op, args)
-    out, lse = attention_fwd_op(*args)
+    opcheck(attention_triton.forward_op, args)
+    out, lse = attention_triton.forward_op(*args)
     for need_x, need_protos, deterministic in ((True, True, False), (True, True, True), (False, True, False),
                                                (True, False, False)):
-        opcheck(attention_bwd_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
+        opcheck(attention_triton.backward_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
                                    lse.detach(), *form, dropout_p, seed, False, deterministic, need_x, need_protos))
 
 

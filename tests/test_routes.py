@@ -96,16 +96,14 @@ def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch, d
 
 @requires_triton
 def test_lse_is_not_differentiable_on_the_direct_route():
-    from timellm_fast.reprogramming import DirectAttention, draw_seed_tensor
-
-    from timellm_fast.reprogramming import core_from_keys
+    from timellm_fast.reprogramming import attention_triton, core_from_keys, draw_seed_tensor
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_(True)
     wq, bq = torch.randn(32, 16, generator=g).to(DEVICE) / 4, torch.randn(32, generator=g).to(DEVICE)
     kv = torch.randn(37, 64, generator=g).to(DEVICE)
     x, mc, v, form = core_from_keys(target, wq, bq, kv, 2)
-    heads, lse = DirectAttention.apply(x, mc, v, *form, 0.0, draw_seed_tensor(0.0, DEVICE), False, False)
+    heads, lse = attention_triton.function.apply(x, mc, v, *form, 0.0, draw_seed_tensor(0.0, DEVICE), False, False)
     assert heads.requires_grad and not lse.requires_grad
 
 

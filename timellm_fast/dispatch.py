@@ -11,8 +11,8 @@ Rules (docs/design.md, "Dispatch"):
 
 Every decision is counted in :data:`path_counts` so tests can prove which path ran.
 
-On the Triton path an op reaches its launchers one of two ways (:func:`direct_launch`): in plain
-eager mode straight through a ``torch.autograd.Function`` (the ``torch.library`` dispatch of a
+On the Triton path an op (timellm_fast.triton_op.TritonOp) reaches its launchers one of two ways,
+as :func:`direct_launch` decides: in plain eager mode straight through a ``torch.autograd.Function`` (the ``torch.library`` dispatch of a
 custom op costs tens of microseconds of host time per call, which at the small official shapes
 is more than the kernel), and through the op's ``torch.library`` custom op whenever something
 must see the op as one operator: ``torch.compile``/export/``torch.jit.trace`` tracing, a TorchDispatchMode
@@ -150,29 +150,6 @@ def profiled(name: str):
     if torch._C._autograd._profiler_enabled():
         return torch.profiler.record_function(name)
     return _NOT_PROFILED
-
-
-def call_on_route(op: str, name: str, tensors: tuple, args: tuple, custom_op, direct_function, launch):
-    """One Triton-path call of `op`: through its custom op where :func:`direct_launch` says so;
-    else through its autograd.Function when a gradient can flow from `tensors`; else straight to
-    the launcher (nothing to differentiate: not even an autograd node). `name` is the custom
-    op's name, which the profiler shows on the direct route too."""
-    if not direct_launch(op, *tensors):
-        return custom_op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return direct_function.apply(*args)
-    with profiled(name):
-        return launch(*args)
-
-
-def backward_on_route(direct: bool, name: str, args: tuple, custom_op, launch):
-    """The backward launch of a call made by :func:`call_on_route`, on the route its forward took
-    (`direct`: the autograd.Function's, else the custom op's): the backward custom op `custom_op`,
-    or its launcher `launch` named `name` in the profiler as the custom op would be."""
-    if not direct:
-        return custom_op(*args)
-    with profiled(name):
-        return launch(*args)
 
 
 @contextlib.contextmanager

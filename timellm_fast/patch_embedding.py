@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import dispatch, validation
 from .reference import num_patches, patch_embedding_reference
+from .triton_op import TritonOp
 
 if dispatch.triton_import_error() is None:
     from .kernels import patch_embedding as pe_kernels
@@ -52,16 +53,10 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, P: int, dropout_p: float
     return None
 
 
-# The Triton path is a pair of torch.library custom ops: opaque to torch.compile (which sees
-# only the fake implementations, so it neither traces into the kernel nor breaks the graph),
-# named in torch.profiler as timellm_fast::patch_embedding_fwd / _bwd, and checked by opcheck.
-# The dropout seed travels as a tensor so that drawing it inside a compiled graph is no
-# graph break. In plain eager mode DirectPatchEmbedding reaches the same launchers and backward
-# without the custom op's dispatch (host time; see dispatch.direct_launch).
-
-
-FWD_OP_NAME = "timellm_fast::patch_embedding_fwd"
-BWD_OP_NAME = "timellm_fast::patch_embedding_bwd"
+# The Triton path (timellm_fast.triton_op): custom ops timellm_fast::patch_embedding_fwd / _bwd
+# for torch.compile and friends, a direct autograd.Function in plain eager mode, the same launchers
+# behind both. The dropout seed travels as a tensor so that drawing it inside a compiled graph is
+# no graph break.
 
 
 def _launch_forward(
@@ -74,6 +69,11 @@ def _launch_forward(
     P = num_patches(T, patch_len, stride)
     y = pe_kernels.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P, seed, dropout_p)
     return y.view(B * N, P, weight.shape[0])
+
+
+def _forward_fake(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
+    B, N, T = x.shape
+    return x.new_empty((B * N, num_patches(T, patch_len, stride), weight.shape[0]), dtype=out_dtype)
 
 
 def _launch_backward(
@@ -93,68 +93,30 @@ def _launch_backward(
     return dx, dw
 
 
-@torch.library.custom_op(FWD_OP_NAME, mutates_args=())
-def patch_embedding_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, patch_len: int, stride: int, out_dtype: torch.dtype,
-    dropout_p: float, seed: torch.Tensor,
-) -> torch.Tensor:  # shapes: _launch_forward
-    return _launch_forward(x, weight, patch_len, stride, out_dtype, dropout_p, seed)
-
-
-@patch_embedding_fwd_op.register_fake
-def _(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
-    B, N, T = x.shape
-    return x.new_empty((B * N, num_patches(T, patch_len, stride), weight.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op(BWD_OP_NAME, mutates_args=())
-def patch_embedding_bwd_op(
-    x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor, patch_len: int, stride: int,
-    dropout_p: float, seed: torch.Tensor, need_dx: bool, need_dw: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_backward
-    return _launch_backward(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
-
-
-@patch_embedding_bwd_op.register_fake
-def _(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw):
+def _backward_fake(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty((0,))
     return dx, dw
 
 
-def _setup_fwd_context(ctx, inputs, output):
+def _save(ctx, inputs, y):
     x, weight, patch_len, stride, _out_dtype, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, seed)
     ctx.cfg = (patch_len, stride, dropout_p)
-    ctx.direct = False  # backward through patch_embedding_bwd_op (DirectPatchEmbedding sets True)
 
 
-def _fwd_backward(ctx, grad_y):
+def _gradients(ctx, run_backward, grad_y):
     x, weight, seed = ctx.saved_tensors
     patch_len, stride, dropout_p = ctx.cfg
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    args = (x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
-    dx, dw = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, patch_embedding_bwd_op, _launch_backward)
+    dx, dw = run_backward(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
     return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None
 
 
-patch_embedding_fwd_op.register_autograd(_fwd_backward, setup_context=_setup_fwd_context)
-
-
-class DirectPatchEmbedding(torch.autograd.Function):
-    """patch_embedding_fwd_op with its autograd, without torch.library's dispatch (see
-    dispatch.direct_launch): the same launchers, saved tensors and backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, patch_len, stride, out_dtype, dropout_p, seed):
-        inputs = (x, weight, patch_len, stride, out_dtype, dropout_p, seed)
-        with dispatch.profiled(FWD_OP_NAME):
-            y = _launch_forward(*inputs)
-        _setup_fwd_context(ctx, inputs, y)
-        ctx.direct = True
-        return y
-
-    backward = staticmethod(_fwd_backward)
+#: patch_embedding_triton(x, weight, patch_len, stride, out_dtype, dropout_p, seed) -> y [B*N, P, D]
+patch_embedding_triton = TritonOp(
+    "patch_embedding", forward=_launch_forward, forward_fake=_forward_fake, backward=_launch_backward,
+    backward_fake=_backward_fake, save=_save, gradients=_gradients, differentiable=2)
 
 
 def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -202,9 +164,7 @@ def patch_embedding(
     out_dtype = output_dtype(x, weight)
     path = dispatch.choose(OP_NAME, x.device, _unsupported(x, weight, P, p))
     if path == "triton":
-        args = (x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
-        return dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (x, weight), args, patch_embedding_fwd_op,
-                                      DirectPatchEmbedding, _launch_forward)
+        return patch_embedding_triton(x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)

@@ -31,6 +31,7 @@ from . import dispatch, validation
 from .cache import TensorCache
 from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both ops
 from .reference import reprogramming_reference, reprogramming_sdpa_fold
+from .triton_op import TritonOp
 
 if dispatch.triton_import_error() is None:
     from .kernels import reprogramming_attention as attn_kernels
@@ -167,16 +168,11 @@ def core_from_keys(
     return query_operand(target_rows, wq, bq, form), _align_prototypes(mc), v, form
 
 
-# The fused core is a pair of torch.library custom ops, so torch.compile sees only their fake
-# implementations (no graph break, no tracing into Triton) and torch.profiler shows them as
-# timellm_fast::reprogramming_attention_fwd / _bwd. The GEMMs around the core stay ordinary
-# PyTorch ops with PyTorch's own autograd; the custom backward covers exactly what the kernels
-# compute. In plain eager mode the same launchers and the same backward are reached through
-# DirectAttention instead (dispatch.direct_launch): the custom op's dispatch is host time that the
-# small official shapes cannot hide.
-
-FWD_OP_NAME = "timellm_fast::reprogramming_attention_fwd"
-BWD_OP_NAME = "timellm_fast::reprogramming_attention_bwd"
+# The fused core is a TritonOp (timellm_fast.triton_op): custom ops
+# timellm_fast::reprogramming_attention_fwd / _bwd, which torch.compile sees only as their fake
+# implementations (no graph break, no tracing into Triton), and a direct autograd.Function in plain
+# eager mode, the same launchers behind both. The GEMMs around the core stay ordinary PyTorch ops
+# with PyTorch's own autograd; the core's backward covers exactly what the kernels compute.
 
 
 def _launch_attention_forward(
@@ -190,6 +186,13 @@ def _launch_attention_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
     return attn_kernels.attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p,
                                           seed, allow_tf32)
+
+
+def _attention_forward_fake(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+                            allow_tf32, deterministic):
+    R = x.shape[0]
+    S, H, E = v.shape
+    return x.new_empty((R, H * E)), x.new_empty((H, R), dtype=torch.float32)
 
 
 def _launch_attention_backward(
@@ -211,89 +214,41 @@ def _launch_attention_backward(
             dv if dv is not None else nothing())
 
 
-@torch.library.custom_op(FWD_OP_NAME, mutates_args=())
-def attention_fwd_op(
-    x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor, d_logit: int, x_head_stride: int, has_bias: bool,
-    scale: float, d_model: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_forward
-    return _launch_attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
-                                     allow_tf32, deterministic)
-
-
-@attention_fwd_op.register_fake
-def _(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic):
-    R = x.shape[0]
-    S, H, E = v.shape
-    return x.new_empty((R, H * E)), x.new_empty((H, R), dtype=torch.float32)
-
-
-@torch.library.custom_op(BWD_OP_NAME, mutates_args=())
-def attention_bwd_op(
-    x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor, heads_out: torch.Tensor, grad_heads: torch.Tensor,
-    lse: torch.Tensor, d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
-    dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool, need_x: bool, need_protos: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # shapes: _launch_attention_backward
-    return _launch_attention_backward(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
-                                      d_model, dropout_p, seed, allow_tf32, deterministic, need_x, need_protos)
-
-
-@attention_bwd_op.register_fake
-def _(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
-      allow_tf32, deterministic, need_x, need_protos):
+def _attention_backward_fake(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
+                             d_model, dropout_p, seed, allow_tf32, deterministic, need_x, need_protos):
     return (lse.new_empty(x.shape if need_x else (0,)), lse.new_empty(mc.shape if need_protos else (0,)),
             lse.new_empty(v.shape if need_protos else (0,)))
 
 
-def _setup_attention_context(ctx, inputs, output):
+def _save_attention(ctx, inputs, output):
     x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic = inputs
     heads_out, lse = output
     # heads_out is what the output projection's autograd keeps anyway: saving it costs no memory
     ctx.save_for_backward(x, mc, v, heads_out, lse, seed)
     ctx.config = (d_logit, x_head_stride, has_bias, scale, d_model, dropout_p)
     ctx.flags = (allow_tf32, deterministic)
-    ctx.direct = False  # backward through attention_bwd_op (DirectAttention sets True)
-    # lse never receives a gradient: without this autograd would fill a zero [H, R] for it
-    # on every backward (one more launch)
-    ctx.set_materialize_grads(False)
 
 
-def _attention_backward(ctx, grad_heads, _grad_lse):
+def _attention_gradients(ctx, run_backward, grad_heads, _grad_lse):
     if grad_heads is None:  # the attention output did not reach the loss
         return (None,) * 12
     x, mc, v, heads_out, lse, seed = ctx.saved_tensors
     d_logit, x_head_stride, has_bias, scale, d_model, dropout_p = ctx.config
     allow_tf32, deterministic = ctx.flags
     need_x, need_mc, need_v = ctx.needs_input_grad[:3]
-    args = (x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
-            allow_tf32, deterministic, need_x, need_mc or need_v)
-    dx, dmc, dv = dispatch.backward_on_route(ctx.direct, BWD_OP_NAME, args, attention_bwd_op,
-                                             _launch_attention_backward)  # fp32
+    dx, dmc, dv = run_backward(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
+                               d_model, dropout_p, seed, allow_tf32, deterministic, need_x,
+                               need_mc or need_v)  # fp32
     return ((dx.to(x.dtype) if need_x else None), (dmc.to(mc.dtype) if need_mc else None),
             (dv.to(v.dtype) if need_v else None)) + (None,) * 9
 
 
-attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_attention_context)
-
-
-class DirectAttention(torch.autograd.Function):
-    """attention_fwd_op with its autograd, without torch.library's dispatch: the same launchers,
-    the same saved tensors, the same backward. Used only where dispatch.direct_launch allows.
-    (forward takes ctx itself: a separate setup_context makes every apply bind its arguments
-    with inspect.signature, ~50 us of host time.)"""
-
-    @staticmethod
-    def forward(ctx, x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32,
-                deterministic):
-        inputs = (x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32,
-                  deterministic)
-        with dispatch.profiled(FWD_OP_NAME):
-            output = _launch_attention_forward(*inputs)
-        _setup_attention_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-        ctx.direct = True
-        return output
-
-    backward = staticmethod(_attention_backward)
+#: attention_triton(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+#: allow_tf32, deterministic) -> (heads_out [R, H*E], lse [H, R]); lse is not differentiable
+attention_triton = TritonOp(
+    OP_NAME, forward=_launch_attention_forward, forward_fake=_attention_forward_fake,
+    backward=_launch_attention_backward, backward_fake=_attention_backward_fake, save=_save_attention,
+    gradients=_attention_gradients, differentiable=3, non_differentiable=(1,))
 
 
 def fused_core(
@@ -302,12 +257,11 @@ def fused_core(
     v: torch.Tensor,  # v: [S, H, E]
     form: CoreForm, dropout_p: float = 0.0, allow_tf32: bool = False, deterministic: bool = False,
 ) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
-    """The fused attention core with its autograd, on the route dispatch.direct_launch picks.
+    """The fused attention core with its autograd, on the route dispatch picks.
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
     args = (x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale, form.d_model, dropout_p,
             draw_seed_tensor(dropout_p, x.device), allow_tf32, deterministic)
-    heads_out, _ = dispatch.call_on_route(OP_NAME, FWD_OP_NAME, (x, mc, v), args, attention_fwd_op,
-                                          DirectAttention, _launch_attention_forward)
+    heads_out, _ = attention_triton(*args)
     return heads_out
 
 

@@ -1,0 +1,110 @@
+"""A Triton op with two routes to the same launchers, built once for both fused ops.
+
+An op is a forward launcher and a backward launcher (plain functions with type annotations).
+:class:`TritonOp` makes of them:
+
+* a pair of ``torch.library`` custom ops, ``timellm_fast::<name>_fwd`` / ``_bwd``, with fake
+  implementations and the forward's autograd registered: what ``torch.compile``, export,
+  ``torch.jit.trace``, dispatch modes, ``torch.func`` transforms and tensor subclasses see
+  (one opaque operator each, checked by ``opcheck``);
+* a ``torch.autograd.Function`` over the same launchers, saved tensors and backward, for plain
+  eager mode, where the custom op's dispatch is host time the small official shapes cannot hide.
+
+Calling the op runs one of them; :func:`dispatch.direct_launch` decides which (its rules, and the
+route counters tests read, live there). The backward follows the route its forward took. The
+op's own parts are what differs between ops: what the backward keeps (`save`) and how the
+gradients of the inputs come from the backward launcher (`gradients`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import dispatch
+
+
+class TritonOp:
+    """``op(*inputs)``: the forward launcher with its autograd, on the route dispatch picks.
+
+    forward(*inputs) -> outputs          the forward launcher; becomes the ``_fwd`` custom op
+    forward_fake(*inputs) -> outputs     its shapes and dtypes, for tracing
+    backward(*args) -> tensors           the backward launcher; becomes the ``_bwd`` custom op
+    backward_fake(*args) -> tensors
+    save(ctx, inputs, outputs)           keeps on ctx what `gradients` needs
+    gradients(ctx, run_backward, *grad_outputs) -> one gradient (or None) per input;
+                                         `run_backward(*args)` is the backward launcher on the
+                                         forward's route
+    differentiable: the number of leading inputs a gradient can flow to (tensors)
+    non_differentiable: indices of outputs that never receive a gradient
+    """
+
+    def __init__(self, name: str, *, forward: Callable, forward_fake: Callable, backward: Callable,
+                 backward_fake: Callable, save: Callable, gradients: Callable, differentiable: int,
+                 non_differentiable: Sequence[int] = ()):
+        self.name = name
+        self.forward_name = f"timellm_fast::{name}_fwd"
+        self.backward_name = f"timellm_fast::{name}_bwd"
+        self._launch_forward, self._launch_backward = forward, backward
+        self._save, self._gradients = save, gradients
+        self._differentiable = differentiable
+        self._non_differentiable = tuple(non_differentiable)
+
+        self.forward_op = torch.library.custom_op(self.forward_name, forward, mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(self.backward_name, backward, mutates_args=())
+        self.backward_op.register_fake(backward_fake)
+        self.forward_op.register_autograd(self._backward, setup_context=self._setup_custom_op)
+        self.function = self._direct_function()
+
+    def __call__(self, *inputs):
+        tensors = inputs[:self._differentiable]
+        if not dispatch.direct_launch(self.name, *tensors):
+            return self.forward_op(*inputs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self.function.apply(*inputs)
+        with dispatch.profiled(self.forward_name):  # nothing to differentiate: not even an autograd node
+            return self._launch_forward(*inputs)
+
+    def _setup(self, ctx, inputs, outputs, direct: bool) -> None:
+        self._save(ctx, inputs, outputs)
+        ctx.direct = direct
+        if self._non_differentiable:
+            # such outputs never get a gradient: without this autograd would fill zeros for them
+            # on every backward (one more launch each)
+            ctx.set_materialize_grads(False)
+
+    def _setup_custom_op(self, ctx, inputs, output) -> None:
+        self._setup(ctx, inputs, output, direct=False)
+
+    def _backward(self, ctx, *grad_outputs):
+        return self._gradients(ctx, self._backward_launcher(ctx.direct), *grad_outputs)
+
+    def _backward_launcher(self, direct: bool) -> Callable:
+        if not direct:
+            return self.backward_op
+
+        def run_backward(*args):
+            with dispatch.profiled(self.backward_name):  # named as the custom op would be
+                return self._launch_backward(*args)
+        return run_backward
+
+    def _direct_function(self) -> type:
+        op = self
+
+        def forward(ctx, *inputs):
+            # forward takes ctx itself: a separate setup_context makes every apply bind its
+            # arguments with inspect.signature (~50 us of host time)
+            with dispatch.profiled(op.forward_name):
+                outputs = op._launch_forward(*inputs)
+            op._setup(ctx, inputs, outputs, direct=True)
+            if op._non_differentiable:
+                ctx.mark_non_differentiable(*(outputs[i] for i in op._non_differentiable))
+            return outputs
+
+        def backward(ctx, *grad_outputs):
+            return op._backward(ctx, *grad_outputs)
+
+        return type(f"Direct_{self.name}", (torch.autograd.Function,),
+                    {"__doc__": f"{self.forward_name} with its autograd, without torch.library's dispatch",
+                     "forward": staticmethod(forward), "backward": staticmethod(backward)})
