@@ -241,7 +241,7 @@ def test_full_grid_order_puts_issue_6_targets_first():
 
 def test_host_overhead_proxy_runs(tmp_path):
     """bench/host_overhead.py (Triton launches stubbed, CPU tensors) times every row on all three
-    routes; numbers are not judged here (timings belong to benchmarks, not unit tests)."""
+    routes, and SDPA-fold for the reprogramming layer; numbers are not judged here (timings belong to benchmarks, not unit tests)."""
     out = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "host_overhead.py"), "--calls", "3",
@@ -253,4 +253,7 @@ def test_host_overhead_proxy_runs(tmp_path):
         ("reprogramming layer", "train fwd+bwd"), ("patch embedding", "eval fwd (no grad)"),
         ("patch embedding", "train fwd+bwd (dW)")}
     assert all(r[k] > 0 for r in rows for k in ("direct_us", "custom_op_us", "eager_us"))
+    # SDPA-fold is the reprogramming layer's peer only
+    assert all((r["sdpa_fold_us"] is not None) == (r["module"] == "reprogramming layer") for r in rows)
+    assert all(r["sdpa_fold_us"] > 0 for r in rows if r["sdpa_fold_us"] is not None)
     assert "| reprogramming layer | train fwd+bwd |" in proc.stdout
