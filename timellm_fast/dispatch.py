@@ -12,8 +12,8 @@ Rules (docs/design.md, "Dispatch"):
 Every decision is counted in :data:`path_counts` so tests can prove which path ran.
 
 On the Triton path an op (timellm_fast.triton_op.TritonOp) reaches its launchers one of two ways,
-as :func:`direct_launch` decides: in plain eager mode straight through a ``torch.autograd.Function`` (the ``torch.library`` dispatch of a
-custom op costs tens of microseconds of host time per call, which at the small official shapes
+as :func:`direct_launch` decides: in plain eager mode straight through a
+``torch.autograd.Function`` (the ``torch.library`` dispatch of a custom op costs tens of microseconds of host time per call, which at the small official shapes
 is more than the kernel), and through the op's ``torch.library`` custom op whenever something
 must see the op as one operator: ``torch.compile``/export/``torch.jit.trace`` tracing, a TorchDispatchMode
 (FakeTensorMode, make_fx, operator loggers), ``torch.func`` transforms, or tensor subclasses.

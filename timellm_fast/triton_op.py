@@ -78,16 +78,12 @@ class TritonOp:
         self._setup(ctx, inputs, output, direct=False)
 
     def _backward(self, ctx, *grad_outputs):
-        return self._gradients(ctx, self._backward_launcher(ctx.direct), *grad_outputs)
+        run_backward = self._direct_backward if ctx.direct else self.backward_op
+        return self._gradients(ctx, run_backward, *grad_outputs)
 
-    def _backward_launcher(self, direct: bool) -> Callable:
-        if not direct:
-            return self.backward_op
-
-        def run_backward(*args):
-            with dispatch.profiled(self.backward_name):  # named as the custom op would be
-                return self._launch_backward(*args)
-        return run_backward
+    def _direct_backward(self, *args):
+        with dispatch.profiled(self.backward_name):  # named as the custom op would be
+            return self._launch_backward(*args)
 
     def _direct_function(self) -> type:
         op = self
