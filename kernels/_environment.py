@@ -1,7 +1,7 @@
 """What this process's Triton can run on: whether Triton imports, whether its interpreter is on,
 and the compute capability of a CUDA device.
 
-The one guarded import of Triton and the one reading of TRITON_INTERPRET. Nothing here needs
+The one guarded import of Triton and the one reading of TRITON_INTERPRET (at import). Nothing here needs
 Triton, so the library's dispatch and op modules import it whether or not Triton is installed and
 import the kernel files only when :data:`TRITON_IMPORT_ERROR` is None. The interpreter's numerical
 workarounds live in _launch.dot_dtype and _launch.store_dtype.
@@ -23,10 +23,17 @@ else:
     TRITON_IMPORT_ERROR = None
 
 
+#: Whether Triton's interpreter is on (TRITON_INTERPRET set to anything but "" or "0"), read once,
+#: when the library is imported: @triton.jit decides then, for good, whether a kernel is compiled
+#: or interpreted, so a later change of the variable would not change what the kernels are
+#: (and the op layer asks on every call, where an environment read is microseconds).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """Whether Triton's interpreter is on (TRITON_INTERPRET set to anything but "" or "0"): kernels
-    then run on CPU tensors, one program at a time, and CUDA tensors cannot take them."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run in Triton's interpreter: on CPU tensors, one program at a time;
+    CUDA tensors cannot take them."""
+    return INTERPRETING
 
 
 _CAPABILITY: dict = {}

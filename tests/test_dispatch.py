@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from timellm_fast import dispatch
+from timellm_fast.kernels import _environment
 
 
 def test_choose_records_the_path():
@@ -55,8 +56,16 @@ def test_custom_op_route_nests_and_restores_on_exit(monkeypatch):
     assert dispatch.direct_launch("demo_op", x)
 
 
+def test_interpreter_flag_is_read_at_import(monkeypatch):
+    """@triton.jit picks compiled or interpreted kernels when they are defined: a later change of
+    TRITON_INTERPRET must not make dispatch believe otherwise."""
+    before = dispatch.interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if before else "1")
+    assert dispatch.interpreting() == before
+
+
 def test_cpu_fallback_is_silent(monkeypatch, caplog):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_environment, "INTERPRETING", False)
     with caplog.at_level(logging.WARNING, logger="timellm_fast"):
         assert dispatch.choose("demo_op", torch.device("cpu")) == "eager"
     assert not caplog.records
@@ -64,7 +73,7 @@ def test_cpu_fallback_is_silent(monkeypatch, caplog):
 
 def test_forced_triton_names_the_reason(monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_environment, "INTERPRETING", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.choose("demo_op", torch.device("cpu"))
 

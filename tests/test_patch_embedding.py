@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
+from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
 from timellm_original import PatchEmbedding as OriginalPatchEmbedding
 
@@ -291,7 +292,7 @@ def test_unknown_backend_value_is_rejected(monkeypatch):
 
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_environment, "INTERPRETING", False)
     x = make_series(1, 2, 32, torch.float32).cpu()
     w = make_weight(8, 16, torch.float32).cpu()
     with dispatch.record_paths() as seen:
@@ -545,6 +546,10 @@ def test_persistent_forward_covers_awkward_row_counts(series):
         y_drop = patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True)
     assert_close_to_oracle("y", y, patch_embedding_reference(x.double(), w.double(), patch_len, stride))
     torch.manual_seed(4)
-    assert torch.equal(y_drop, patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True))
+    y_drop_default_tile = patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True)
+    # the same mask bit for bit; the values to rounding (the interpreter's matmul may round a
+    # 16-row block and a 64-row block differently)
+    assert torch.equal(y_drop == 0, y_drop_default_tile == 0)
+    torch.testing.assert_close(y_drop, y_drop_default_tile, rtol=1e-6, atol=1e-6)
     kept = y_drop != 0
     torch.testing.assert_close(y_drop[kept], (y * 2)[kept], rtol=1e-5, atol=1e-6)
