@@ -573,10 +573,25 @@ def rows_per_philox_group(num_protos: int) -> int:
     return (rows // MAX_BLOCK_R) * MAX_BLOCK_R
 
 
+#: unsupported_reason's memo: its arguments -> its answer (a function of them and of the tile tables)
+_UNSUPPORTED: dict = {}
+
+
 def unsupported_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, num_protos: int,
                        has_dropout: bool, device: Optional[torch.device] = None,
                        allow_tf32: bool = False) -> Optional[str]:
-    """Why this call has no kernel (the op layer then runs eager), or None."""
+    """Why this call has no kernel (the op layer then runs eager), or None. Asked on every call of
+    the layer, so memoized (S matters only for the dropout counters)."""
+    key = (data_dtype, head_dim, d_model, num_protos if has_dropout else 0, has_dropout, device, allow_tf32)
+    try:
+        return _UNSUPPORTED[key]
+    except KeyError:
+        reason = _UNSUPPORTED[key] = _unsupported_reason(data_dtype, head_dim, d_model, num_protos, has_dropout,
+                                                         device, allow_tf32)
+        return reason
+
+
+def _unsupported_reason(data_dtype, head_dim, d_model, num_protos, has_dropout, device, allow_tf32):
     if data_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {data_dtype} has no kernel (float32, bfloat16, float16 only)"
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
@@ -628,7 +643,8 @@ def attention_forward(
     S, H, E = v.shape
     seed = _seed_tensor(seed, dropout_p, x.device)
     cfg = select_config("fwd", x.dtype, E, d_model, dropout_p > 0.0, x.device, allow_tf32)
-    out = torch.empty((R, H * E), dtype=store_dtype(x.dtype), device=x.device)
+    out_dtype = store_dtype(x.dtype)
+    out = torch.empty((R, H * E), dtype=out_dtype, device=x.device)
     lse = torch.empty((H, R), dtype=torch.float32, device=x.device)
     if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
         return out.to(x.dtype), lse
@@ -636,7 +652,7 @@ def attention_forward(
         x, mc, v, out, lse, R, S, d_logit, H, E,
         x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias),
         LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S), **launch_params(cfg))
-    return out.to(x.dtype), lse
+    return (out if out_dtype == x.dtype else out.to(x.dtype)), lse  # .to() is a dispatcher call even as a no-op
 
 
 def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:

@@ -77,7 +77,7 @@ def test_profiler_names_the_ops():
 # ---- reprogramming attention -------------------------------------------------------------------
 
 from timellm_fast import ReprogrammingLayer  # noqa: E402
-from timellm_fast.reprogramming import attention_triton, core_from_keys  # noqa: E402
+from timellm_fast.reprogramming import attention_core_op, core_from_keys, reprogramming_op  # noqa: E402
 from timellm_fast.reprogramming import draw_seed_tensor as attention_seed  # noqa: E402
 
 
@@ -110,12 +110,37 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p, d_model):
     seed = attention_seed(dropout_p, DEVICE)
     x, mc, v = (t.detach().requires_grad_(True) for t in (x, mc, v))
     args = (x, mc, v, *form, dropout_p, seed, False, False)
-    opcheck(attention_triton.forward_op, args)
-    out, lse = attention_triton.forward_op(*args)
+    opcheck(attention_core_op.forward_op, args)
+    out, lse = attention_core_op.forward_op(*args)
     for need_x, need_protos, deterministic in ((True, True, False), (True, True, True), (False, True, False),
                                                (True, False, False)):
-        opcheck(attention_triton.backward_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
+        opcheck(attention_core_op.backward_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
                                    lse.detach(), *form, dropout_p, seed, False, deterministic, need_x, need_protos))
+
+
+@requires_triton
+@pytest.mark.parametrize("d_model", [16, 24], ids=["factorized", "standard"])  # E = 16: d_model <= E, > E
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_reprogramming_layer_ops(dtype, dropout_p, d_model):
+    """The whole layer's op pair: the forward with its residual outputs, and the backward for
+    every input, for the weights alone (a frozen input) and for the input rows alone."""
+    g = torch.Generator().manual_seed(0)
+    R, H, E, S, d_llm = 10, 2, 16, 37, 24
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype).requires_grad_(True)
+
+    tensors = [rand(R, d_model), rand(S, d_llm), rand(S, d_llm), rand(H * E, d_model, scale=0.25), rand(H * E),
+               rand(H * E, d_llm, scale=0.25), rand(H * E), rand(H * E, d_llm, scale=0.25), rand(H * E),
+               rand(d_llm, H * E, scale=0.25), rand(d_llm)]
+    flags = (H, dropout_p, attention_seed(dropout_p, DEVICE), False, True)
+    opcheck(reprogramming_op.forward_op, (*tensors, *flags))
+    out, heads, lse, mc, v, query_side, g_side = (t.detach() for t in reprogramming_op.forward_op(*tensors, *flags))
+    target, source, value, wq, bq, wk, bk, wv, bv, wo, bo = (t.detach() for t in tensors)
+    saved = (target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g_side)
+    for needs in ([True] * 11, [False] * 3 + [True] * 8, [True] + [False] * 10):
+        opcheck(reprogramming_op.backward_op, (torch.randn_like(out), *saved, *flags, needs))
 
 
 @requires_triton

@@ -391,6 +391,7 @@ def mocked_gpu(capability):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_environment, "_CAPABILITY", {0: capability})
         patch.setattr(tiles, "_SELECTED", {})
+        patch.setattr(kern, "_UNSUPPORTED", {})
         patch.setattr(tiles, "interpreting", lambda: False)
         patch.setattr(kern, "interpreting", lambda: False)
         yield

@@ -10,8 +10,9 @@ prototype side of the logits is built straight from `source`, so neither Q nor K
               v  = value·Wvᵀ + bv     [S, H, E]
               O, lse = fused core(target, mc, v)     (d_model-wide logit dots, softmax, dropout, ·V)
               out = O·Woᵀ + bo
-    backward: the core hands back d target, d mc, d v; autograd takes them through the GEMMs above
-              to every weight, `source` and `value`.
+    backward: the core's kernels hand back d target, d mc, d v, and the layer's own backward takes
+              them through the GEMMs above to every weight, `source` and `value` (in training the
+              whole layer is one autograd node: reprogramming_op below).
 
 Where d_model > E the same core runs the standard form: X = Q = target·Wqᵀ + bq, mc = K.
 The eager path runs the same math in PyTorch: `reprogramming_sdpa_fold` (no attention matrix)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -115,12 +116,20 @@ def _align_prototypes(mc: torch.Tensor) -> torch.Tensor:
     return F.pad(mc, (0, pad)) if pad else mc
 
 
+class PrototypeSide(NamedTuple):
+    """The core's prototype-side operands (shared by every row) and what their backward reuses."""
+    mc: torch.Tensor  # mc: [H, W, S'], the prototype side of the logits (factorized) or Kᵀ (standard)
+    v: torch.Tensor  # v: [S, H, E]
+    wqb: Optional[torch.Tensor]  # wqb: [H, E, W] (factorized_query_side); None on the standard form
+    g: Optional[torch.Tensor]  # g: [H, W, d_llm], G_h = wqb_hᵀ·Wk_h; None on the standard form
+
+
 def prototype_operands(
     source: torch.Tensor, value: torch.Tensor,  # [S, d_llm] each
     wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
     n_heads: int, form: CoreForm,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # (mc: [H, W, S'], v: [S, H, E])
-    """The core's prototype-side operands, shared by every row (cached at inference by the layer).
+) -> PrototypeSide:
+    """The prototype side (cached at inference by the layer).
 
     Factorized: mc = G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h, i.e. (K_h·wqb_h)ᵀ without
     forming K: 2·S·d_llm·H·(BLOCK_D + 1) FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3),
@@ -129,22 +138,27 @@ def prototype_operands(
     H, E = n_heads, wk.shape[0] // n_heads
     v = F.linear(value, wv, bv).view(S, H, E)
     if not form.has_bias:
-        return _align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v
-    wqb_t = factorized_query_side(wq, bq, H, form.d_logit).transpose(1, 2)  # [H, W, E]
+        return PrototypeSide(_align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v,
+                             None, None)
+    wqb = factorized_query_side(wq, bq, H, form.d_logit)  # [H, E, W]
+    wqb_t = wqb.transpose(1, 2)  # [H, W, E]
     g = torch.bmm(wqb_t, wk.view(H, E, d_llm))  # [H, W, d_llm]
     g_bias = torch.bmm(wqb_t, bk.view(H, E, 1))  # [H, W, 1]
     W = g.shape[1]
     mc = torch.addmm(g_bias.view(H * W, 1), g.view(H * W, d_llm), source.t())  # [H*W, S]
-    return _align_prototypes(mc.view(H, W, S)), v
+    return PrototypeSide(_align_prototypes(mc.view(H, W, S)), v, wqb, g)
+
+
+def padded_rows(target_rows: torch.Tensor, form: CoreForm) -> torch.Tensor:  # x: [R, BLOCK_D]
+    """The factorized form's row operand: target with zero columns up to BLOCK_D, so that every row
+    is a whole, 16-aligned tile row."""
+    pad = form.d_logit - target_rows.shape[1]
+    return F.pad(target_rows, (0, pad)) if pad else target_rows.contiguous()
 
 
 def query_operand(target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, form: CoreForm) -> torch.Tensor:
-    """x: the core's row-side operand: target padded to BLOCK_D columns (factorized), or Q."""
-    if not form.has_bias:
-        return F.linear(target_rows, wq, bq)  # [R, H*E]
-    pad = form.d_logit - target_rows.shape[1]
-    # zero columns up to BLOCK_D: every row is then a whole, 16-aligned tile row
-    return F.pad(target_rows, (0, pad)) if pad else target_rows.contiguous()  # [R, BLOCK_D]
+    """x: the core's row-side operand: padded_rows (factorized), or Q [R, H*E] (standard)."""
+    return padded_rows(target_rows, form) if form.has_bias else F.linear(target_rows, wq, bq)
 
 
 def core_from_keys(
@@ -168,14 +182,167 @@ def core_from_keys(
     return query_operand(target_rows, wq, bq, form), _align_prototypes(mc), v, form
 
 
-# The fused core is a TritonOp (timellm_fast.triton_op): custom ops
-# timellm_fast::reprogramming_attention_fwd / _bwd, which torch.compile sees only as their fake
+# Two TritonOps (timellm_fast.triton_op): custom ops torch.compile sees only as their fake
 # implementations (no graph break, no tracing into Triton), and a direct autograd.Function in plain
-# eager mode, the same launchers behind both. The GEMMs around the core stay ordinary PyTorch ops
-# with PyTorch's own autograd; the core's backward covers exactly what the kernels compute.
+# eager mode, the same launchers behind both.
+#
+# * reprogramming_op, the layer's training path: the whole layer (prototype side, query side,
+#   fused core, output projection) is one op with a hand-written backward. Left to autograd the
+#   dozen small GEMMs around the core are a dozen graph nodes, and at the official shapes their
+#   bookkeeping costs more host time than the GPU work (bench/ROOFLINE.md).
+# * attention_core_op: the fused core alone, for inference on the cached prototype side and for
+#   the attention-core benchmarks.
+
+_TENSOR_INPUTS = 11  # target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo
 
 
-def _launch_attention_forward(
+def _launch_layer_forward(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    source: torch.Tensor, value: torch.Tensor,  # [S, d_llm] each
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,  # [H*E, d_llm], [H*E]
+    wo: torch.Tensor, bo: torch.Tensor,  # [d_llm, H*E], [d_llm]
+    n_heads: int, dropout_p: float,
+    seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
+    allow_tf32: bool, deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [R, d_llm], then what the backward reuses: heads [R, H*E], lse [H, R] fp32, mc, v,
+    query_side (wqb [H, E, W] factorized, Q [R, H*E] standard), g ([H, W, d_llm], [0] standard))."""
+    H = n_heads
+    form = core_form(wq.shape[1], H, wq.shape[0] // H)
+    mc, v, wqb, g = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form)
+    x = query_operand(target_rows, wq, bq, form)
+    heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
+                                                form.d_model, dropout_p, seed, allow_tf32)
+    out = F.linear(heads, wo, bo)
+    if form.has_bias:
+        return out, heads, lse, mc, v, wqb, g
+    # the padded target of the factorized form is rebuilt by the backward; Q is kept (it may not
+    # be rebuilt for free), and a custom op's outputs may not alias its inputs
+    return out, heads, lse, mc, v, x, lse.new_empty((0,))
+
+
+def _layer_forward_fake(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
+                        allow_tf32, deterministic):
+    R, DM = target_rows.shape
+    S, d_llm = source.shape
+    H, HE = n_heads, wq.shape[0]
+    E = HE // H
+    form = core_form(DM, H, E)
+    W = form.d_logit + 1 if form.has_bias else E
+    S_pad = S + (-S % attn_kernels.PROTOTYPE_ALIGN)
+    new = target_rows.new_empty
+    query_side = new((H, E, W)) if form.has_bias else new((R, HE))
+    g = new((H, W, d_llm)) if form.has_bias else new((0,), dtype=torch.float32)
+    return (new((R, wo.shape[0])), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
+            new((S, H, E)), query_side, g)
+
+
+def _launch_layer_backward(
+    grad_out: torch.Tensor,  # grad_out: [R, d_llm]
+    target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
+    wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+    heads: torch.Tensor, lse: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,  # the forward's outputs
+    query_side: torch.Tensor, g: torch.Tensor,
+    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
+    needs: Sequence[bool],  # per tensor input of the forward (_TENSOR_INPUTS): whether it needs a gradient
+) -> List[torch.Tensor]:  # one gradient per tensor input, in the working dtype; [0] where not needed
+    """The layer's chain rule around the core's backward kernels (the GEMMs autograd would run,
+    without its graph). The core's fp32 gradients are rounded to the working dtype first, as the
+    GEMMs' own gradients are."""
+    need_target, need_source, need_value, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs
+    R, DM = target_rows.shape
+    S, d_llm = source.shape
+    H, HE = n_heads, wk.shape[0]
+    E = HE // H
+    form = core_form(DM, H, E)
+    dtype = heads.dtype
+    grads: List[Optional[torch.Tensor]] = [None] * _TENSOR_INPUTS
+    if need_wo:
+        grads[9] = grad_out.t().mm(heads)
+    if need_bo:
+        grads[10] = grad_out.sum(0)
+    need_query_weights = need_wq or need_bq
+    need_key = need_source or need_wk or need_bk or (form.has_bias and need_query_weights)  # what dmc reaches
+    need_x = need_target or (not form.has_bias and need_query_weights)
+    need_protos = need_key or need_value or need_wv or need_bv
+    if need_x or need_protos:
+        grad_heads = grad_out.mm(wo)  # [R, H*E]
+        x = padded_rows(target_rows, form) if form.has_bias else query_side
+        dx, dmc, dv = attn_kernels.attention_backward(
+            x, mc, v, heads, grad_heads, lse, form.d_logit, form.x_head_stride, form.has_bias, form.scale, DM,
+            dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
+        if need_x and form.has_bias:
+            grads[0] = dx[:, :DM].to(dtype)  # the padding columns of x are not target's
+        elif need_x:  # dx is dQ
+            dq = dx.to(dtype)
+            grads[0] = dq.mm(wq) if need_target else None
+            grads[3] = dq.t().mm(target_rows) if need_wq else None
+            grads[4] = dq.sum(0) if need_bq else None
+        if need_protos:
+            dv = dv.to(dtype).view(S, HE)
+            grads[2] = dv.mm(wv) if need_value else None
+            grads[7] = dv.t().mm(value) if need_wv else None
+            grads[8] = dv.sum(0) if need_bv else None
+        if need_key and form.has_bias:
+            W = mc.shape[1]
+            dmc = dmc[:, :, :S].to(dtype).reshape(H * W, S)  # [H*W, S]: the alignment columns carry nothing
+            grads[1] = dmc.t().mm(g.view(H * W, d_llm)) if need_source else None
+            if need_wk or need_bk or need_query_weights:
+                dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
+                dg_bias = dmc.sum(1).view(H, W, 1)  # [H, W, 1]
+                wqb = query_side  # [H, E, W]
+                grads[5] = torch.bmm(wqb, dg).view(HE, d_llm) if need_wk else None
+                grads[6] = torch.bmm(wqb, dg_bias).view(HE) if need_bk else None
+                if need_query_weights:
+                    # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_hᵀ = dG_h·Wk_hᵀ + dg_h·bk_hᵀ
+                    dwqb_t = torch.baddbmm(dg_bias * bk.view(H, 1, E), dg, wk.view(H, E, d_llm).transpose(1, 2))
+                    grads[3] = dwqb_t[:, :DM].transpose(1, 2).reshape(HE, DM) if need_wq else None
+                    grads[4] = dwqb_t[:, W - 1].reshape(HE) if need_bq else None  # the bias column of wqb
+        elif need_key:
+            dkt = dmc[:, :, :S].to(dtype).reshape(HE, S)  # d Kᵀ
+            grads[1] = dkt.t().mm(wk) if need_source else None
+            grads[5] = dkt.mm(source) if need_wk else None
+            grads[6] = dkt.sum(1) if need_bk else None
+    # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
+    return [t if t is not None else heads.new_empty((0,)) for t in grads]
+
+
+def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g,
+                         n_heads, dropout_p, seed, allow_tf32, deterministic, needs):
+    shapes = (target_rows.shape, source.shape, value.shape, wq.shape, wq.shape[:1], wk.shape, wk.shape[:1],
+              wv.shape, wv.shape[:1], wo.shape, wo.shape[:1])
+    return [heads.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
+
+
+def _save_layer(ctx, inputs, outputs):
+    target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic = inputs
+    _, heads, lse, mc, v, query_side, g = outputs
+    # heads and lse as the core's autograd kept them; mc, v, wqb and G are a few MB at most
+    ctx.save_for_backward(target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g, seed)
+    ctx.config = (n_heads, dropout_p, allow_tf32, deterministic)
+
+
+def _layer_gradients(ctx, run_backward, grad_out, *_residual_grads):
+    if grad_out is None:  # the layer's output did not reach the loss
+        return (None,) * 16
+    target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g, seed = ctx.saved_tensors
+    n_heads, dropout_p, allow_tf32, deterministic = ctx.config
+    needs = list(ctx.needs_input_grad[:_TENSOR_INPUTS])
+    grads = run_backward(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g,
+                         n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
+    return tuple(t if need else None for t, need in zip(grads, needs)) + (None,) * 5
+
+
+#: reprogramming_op(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
+#: allow_tf32, deterministic) -> (out [R, d_llm], residuals...); only out is differentiable
+reprogramming_op = TritonOp(
+    OP_NAME, forward=_launch_layer_forward, forward_fake=_layer_forward_fake, backward=_launch_layer_backward,
+    backward_fake=_layer_backward_fake, save=_save_layer, gradients=_layer_gradients,
+    differentiable=_TENSOR_INPUTS, non_differentiable=(1, 2, 3, 4, 5, 6))
+
+
+def _launch_core_forward(
     x: torch.Tensor,  # x: [R, *] (query_operand)
     mc: torch.Tensor,  # mc: [H, W, S'] (prototype_operands)
     v: torch.Tensor,  # v: [S, H, E]
@@ -188,14 +355,14 @@ def _launch_attention_forward(
                                           seed, allow_tf32)
 
 
-def _attention_forward_fake(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
-                            allow_tf32, deterministic):
+def _core_forward_fake(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+                       allow_tf32, deterministic):
     R = x.shape[0]
     S, H, E = v.shape
     return x.new_empty((R, H * E)), x.new_empty((H, R), dtype=torch.float32)
 
 
-def _launch_attention_backward(
+def _launch_core_backward(
     x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,  # as in the forward
     heads_out: torch.Tensor,  # heads_out: [R, H*E], the forward's
     grad_heads: torch.Tensor,  # grad_heads: [R, H*E], its gradient
@@ -214,22 +381,21 @@ def _launch_attention_backward(
             dv if dv is not None else nothing())
 
 
-def _attention_backward_fake(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
-                             d_model, dropout_p, seed, allow_tf32, deterministic, need_x, need_protos):
+def _core_backward_fake(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
+                        d_model, dropout_p, seed, allow_tf32, deterministic, need_x, need_protos):
     return (lse.new_empty(x.shape if need_x else (0,)), lse.new_empty(mc.shape if need_protos else (0,)),
             lse.new_empty(v.shape if need_protos else (0,)))
 
 
-def _save_attention(ctx, inputs, output):
+def _save_core(ctx, inputs, output):
     x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic = inputs
     heads_out, lse = output
-    # heads_out is what the output projection's autograd keeps anyway: saving it costs no memory
     ctx.save_for_backward(x, mc, v, heads_out, lse, seed)
     ctx.config = (d_logit, x_head_stride, has_bias, scale, d_model, dropout_p)
     ctx.flags = (allow_tf32, deterministic)
 
 
-def _attention_gradients(ctx, run_backward, grad_heads, _grad_lse):
+def _core_gradients(ctx, run_backward, grad_heads, _grad_lse):
     if grad_heads is None:  # the attention output did not reach the loss
         return (None,) * 12
     x, mc, v, heads_out, lse, seed = ctx.saved_tensors
@@ -243,12 +409,12 @@ def _attention_gradients(ctx, run_backward, grad_heads, _grad_lse):
             (dv.to(v.dtype) if need_v else None)) + (None,) * 9
 
 
-#: attention_triton(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+#: attention_core_op(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
 #: allow_tf32, deterministic) -> (heads_out [R, H*E], lse [H, R]); lse is not differentiable
-attention_triton = TritonOp(
-    OP_NAME, forward=_launch_attention_forward, forward_fake=_attention_forward_fake,
-    backward=_launch_attention_backward, backward_fake=_attention_backward_fake, save=_save_attention,
-    gradients=_attention_gradients, differentiable=3, non_differentiable=(1,))
+attention_core_op = TritonOp(
+    f"{OP_NAME}_core", forward=_launch_core_forward, forward_fake=_core_forward_fake,
+    backward=_launch_core_backward, backward_fake=_core_backward_fake, save=_save_core,
+    gradients=_core_gradients, differentiable=3, non_differentiable=(1,))
 
 
 def fused_core(
@@ -259,9 +425,9 @@ def fused_core(
 ) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
     """The fused attention core with its autograd, on the route dispatch picks.
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
-    args = (x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale, form.d_model, dropout_p,
-            draw_seed_tensor(dropout_p, x.device), allow_tf32, deterministic)
-    heads_out, _ = attention_triton(*args)
+    heads_out, _ = attention_core_op(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
+                                     form.d_model, dropout_p, draw_seed_tensor(dropout_p, x.device), allow_tf32,
+                                     deterministic)
     return heads_out
 
 
@@ -379,26 +545,31 @@ class ReprogrammingLayer(nn.Module):
                                                      self.allow_tf32)
         path = dispatch.choose(OP_NAME, target.device, reason)
 
-        def cached(compute, kind):
-            """compute() of the prototype side, reused under no-grad while its inputs are unchanged"""
-            if needs_grad:
-                return compute()
-            watched = (source, value) + params[:6]  # what the prototype side is computed from
-            return self._kv_cache.get(watched, (dtype, kind), compute)
-
         autocast_on = torch.is_autocast_enabled(target.device.type)
         with torch.autocast(target.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             if path == "triton":
-                form = core_form(DM, H, E)
-                mc, v = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form),
-                               "triton")
-                x = query_operand(target_c.reshape(Bp * L, DM), wq, bq, form)
+                rows = target_c.reshape(Bp * L, DM)
                 deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
-                heads_out = fused_core(x, mc, v, form, dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
-                return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
+                if needs_grad:
+                    out = reprogramming_op(rows, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
+                                           draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
+                                           deterministic)[0]
+                else:  # the prototype side, reused while its inputs are unchanged
+                    form = core_form(DM, H, E)
+                    side = self._kv_cache.get(
+                        (source, value) + params[:6], (dtype, "triton"),
+                        lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
+                    heads_out = fused_core(query_operand(rows, wq, bq, form), side.mc, side.v, form, dropout_p,
+                                           self.allow_tf32, deterministic)  # [R, H*E]
+                    out = F.linear(heads_out, wo, bo)
+                return out.view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
             if dropout_p > 0:
                 return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                                dropout_p=dropout_p, training=True)
-            kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
+            if needs_grad:
+                kv = project_key_value(source_c, value_c, wk, bk, wv, bv)
+            else:
+                kv = self._kv_cache.get((source, value) + params[:6], (dtype, "eager"),
+                                        lambda: project_key_value(source_c, value_c, wk, bk, wv, bv))
             return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                            key_value=kv.split(H * E, dim=1))

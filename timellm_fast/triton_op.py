@@ -45,7 +45,7 @@ class TritonOp:
         self.name = name
         self.forward_name = f"timellm_fast::{name}_fwd"
         self.backward_name = f"timellm_fast::{name}_bwd"
-        self._launch_forward, self._launch_backward = forward, backward
+        self.launch_forward, self.launch_backward = forward, backward  # what both routes run
         self._save, self._gradients = save, gradients
         self._differentiable = differentiable
         self._non_differentiable = tuple(non_differentiable)
@@ -64,7 +64,7 @@ class TritonOp:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.function.apply(*inputs)
         with dispatch.profiled(self.forward_name):  # nothing to differentiate: not even an autograd node
-            return self._launch_forward(*inputs)
+            return self.launch_forward(*inputs)
 
     def _setup(self, ctx, inputs, outputs, direct: bool) -> None:
         self._save(ctx, inputs, outputs)
@@ -83,7 +83,7 @@ class TritonOp:
 
     def _direct_backward(self, *args):
         with dispatch.profiled(self.backward_name):  # named as the custom op would be
-            return self._launch_backward(*args)
+            return self.launch_backward(*args)
 
     def _direct_function(self) -> type:
         op = self
@@ -92,7 +92,7 @@ class TritonOp:
             # forward takes ctx itself: a separate setup_context makes every apply bind its
             # arguments with inspect.signature (~50 us of host time)
             with dispatch.profiled(op.forward_name):
-                outputs = op._launch_forward(*inputs)
+                outputs = op.launch_forward(*inputs)
             op._setup(ctx, inputs, outputs, direct=True)
             if op._non_differentiable:
                 ctx.mark_non_differentiable(*(outputs[i] for i in op._non_differentiable))
