@@ -724,8 +724,8 @@ def attention_backward(
             R, S, d_logit, H, E, W, S_pad,
             x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols,
             rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox, **launch_params(cfg))
-        dmc = dmc_partial[0] if n_chunks == 1 else dmc_partial.sum(0)
-        dv = dv_partial[0] if n_chunks == 1 else dv_partial.sum(0)
+        dmc = dmc_partial.select(0, 0) if n_chunks == 1 else dmc_partial.sum(0)
+        dv = dv_partial.select(0, 0) if n_chunks == 1 else dv_partial.sum(0)
 
     if need_dx and not atomic_dx:
         cfg = select_config("bwd_rows", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)

@@ -609,6 +609,38 @@ def test_state_dict_round_trip_with_original():
     assert torch.allclose(got, expected, atol=1e-4 * (1 + expected.abs().max().item()), rtol=0)
 
 
+@pytest.mark.parametrize("path", ["triton", "eager"])
+def test_parametrized_weights_are_the_ones_used(path, monkeypatch):
+    """The layer reads its projections from the modules' dicts (projection_tensors): a weight that
+    lives elsewhere, as under torch.nn.utils.parametrize, must still be the one the math uses, with
+    its gradient reaching the parametrization's own parameter."""
+    if path == "triton" and TRITON_PROBLEM:
+        pytest.skip(TRITON_PROBLEM)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, path)
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.0).to(DEVICE)
+    plain = ReprogrammingLayer(16, 2, d_keys=16, d_llm=24, attention_dropout=0.0).to(DEVICE)
+    plain.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        plain.key_projection.weight.mul_(2)
+        plain.out_projection.bias.mul_(2)
+    parametrize.register_parametrization(layer.key_projection, "weight", Doubled())
+    parametrize.register_parametrization(layer.out_projection, "bias", Doubled())
+    target = torch.randn(2, 5, 16, device=DEVICE)
+    protos = torch.randn(37, 24, device=DEVICE)
+    out = layer(target, protos, protos)
+    torch.testing.assert_close(out, plain(target, protos, protos), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    original = layer.key_projection.parametrizations.weight.original
+    assert original.grad is not None and original.grad.abs().sum() > 0
+
+
 def test_kv_cache_hit_and_invalidation():
     layer, target, source, _, _ = make_problem(2, 8, 16, 2, 16, 11, 24, torch.float32, True)
     layer.eval()

@@ -238,6 +238,11 @@ def _layer_forward_fake(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, 
             new((S, H, E)), query_side, g)
 
 
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; without a dispatcher call when it already is (fp32 training)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _launch_layer_backward(
     grad_out: torch.Tensor,  # grad_out: [R, d_llm]
     target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
@@ -273,20 +278,20 @@ def _launch_layer_backward(
             x, mc, v, heads, grad_heads, lse, form.d_logit, form.x_head_stride, form.has_bias, form.scale, DM,
             dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
         if need_x and form.has_bias:
-            grads[0] = dx[:, :DM].to(dtype)  # the padding columns of x are not target's
+            grads[0] = _in_dtype(dx.narrow(1, 0, DM), dtype)  # the padding columns of x are not target's
         elif need_x:  # dx is dQ
-            dq = dx.to(dtype)
+            dq = _in_dtype(dx, dtype)
             grads[0] = dq.mm(wq) if need_target else None
             grads[3] = dq.t().mm(target_rows) if need_wq else None
             grads[4] = dq.sum(0) if need_bq else None
         if need_protos:
-            dv = dv.to(dtype).view(S, HE)
+            dv = _in_dtype(dv, dtype).view(S, HE)
             grads[2] = dv.mm(wv) if need_value else None
             grads[7] = dv.t().mm(value) if need_wv else None
             grads[8] = dv.sum(0) if need_bv else None
         if need_key and form.has_bias:
             W = mc.shape[1]
-            dmc = dmc[:, :, :S].to(dtype).reshape(H * W, S)  # [H*W, S]: the alignment columns carry nothing
+            dmc = _in_dtype(dmc.narrow(2, 0, S), dtype).reshape(H * W, S)  # [H*W, S]: the alignment columns carry nothing
             grads[1] = dmc.t().mm(g.view(H * W, d_llm)) if need_source else None
             if need_wk or need_bk or need_query_weights:
                 dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
@@ -296,11 +301,12 @@ def _launch_layer_backward(
                 grads[6] = torch.bmm(wqb, dg_bias).view(HE) if need_bk else None
                 if need_query_weights:
                     # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_hᵀ = dG_h·Wk_hᵀ + dg_h·bk_hᵀ
-                    dwqb_t = torch.baddbmm(dg_bias * bk.view(H, 1, E), dg, wk.view(H, E, d_llm).transpose(1, 2))
-                    grads[3] = dwqb_t[:, :DM].transpose(1, 2).reshape(HE, DM) if need_wq else None
-                    grads[4] = dwqb_t[:, W - 1].reshape(HE) if need_bq else None  # the bias column of wqb
+                    # (narrow/select: tensor indexing is microseconds of host time per call)
+                    dwqb_t = torch.baddbmm(torch.mul(dg_bias, bk.view(H, 1, E)), dg, wk.view(H, E, d_llm).transpose(1, 2))
+                    grads[3] = dwqb_t.narrow(1, 0, DM).transpose(1, 2).reshape(HE, DM) if need_wq else None
+                    grads[4] = dwqb_t.select(1, W - 1).reshape(HE) if need_bq else None  # the bias column of wqb
         elif need_key:
-            dkt = dmc[:, :, :S].to(dtype).reshape(HE, S)  # d Kᵀ
+            dkt = _in_dtype(dmc.narrow(2, 0, S), dtype).reshape(HE, S)  # d Kᵀ
             grads[1] = dkt.t().mm(wk) if need_source else None
             grads[5] = dkt.mm(source) if need_wk else None
             grads[6] = dkt.sum(1) if need_bk else None
@@ -443,7 +449,27 @@ def fused_attention(
     return fused_core(x, mc, v, form, dropout_p, allow_tf32, deterministic)
 
 
-def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
+_PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
+
+
+def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk, wv, bv, wo, bo)
+    """The four projections' weights and biases, as attribute access gives them, read from the
+    modules' own dicts: twelve nn.Module.__getattr__ calls cost about 9 us, more than a kernel
+    launch. A name missing there (a parametrization's property, a plain tensor attribute) is
+    looked up the usual way."""
+    tensors = []
+    for name in _PROJECTIONS:
+        module = layer._modules.get(name)
+        if module is None:
+            module = getattr(layer, name)
+        own = module._parameters
+        weight, bias = own.get("weight"), own.get("bias")
+        tensors.append(weight if weight is not None else module.weight)
+        tensors.append(bias if bias is not None else module.bias)
+    return tuple(tensors)
+
+
+def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> None:
     validation.float_tensor("target", target, 3, "[B', L, d_model]")
     validation.float_tensor("source", source, 2, "[S, d_llm]")
     validation.float_tensor("value", value, 2, "[S, d_llm]")
@@ -461,7 +487,6 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value) -> None:
         raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
     validation.same_device("source", source, "target", target)
     validation.same_device("value", value, "target", target)
-    weight = layer.query_projection.weight
     validation.same_device("target", target, "the layer's weights", weight)
     if autocast_casts(target):
         return  # autocast casts everything to one dtype
@@ -521,12 +546,9 @@ class ReprogrammingLayer(nn.Module):
 
     def forward(self, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
-        check_inputs(self, target, source, value)
+        params = projection_tensors(self)
+        check_inputs(self, target, source, value, params[0])
         dtype = working_dtype(target)
-        params = (self.query_projection.weight, self.query_projection.bias,
-                  self.key_projection.weight, self.key_projection.bias,
-                  self.value_projection.weight, self.value_projection.bias,
-                  self.out_projection.weight, self.out_projection.bias)
         dropout_p = validation.dropout_prob("dropout.p", self.dropout.p) if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
 
