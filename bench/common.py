@@ -305,7 +305,7 @@ def attention_core_impls(s: Shape) -> Dict[str, Callable]:
     return impls
 
 
-def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> tuple:
+def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool, device: torch.device = DEVICE) -> tuple:
     """(rows [R, DM], wq [H*E, DM], bq [H*E], kv [S, 2*H*E]: K then V, one GEMM output as in the layer)."""
     g = torch.Generator().manual_seed(0)
     he = s.n_heads * s.d_keys
@@ -313,4 +313,4 @@ def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool) -> 
     wq = torch.randn(he, s.d_model, generator=g) / math.sqrt(s.d_model)
     bq = torch.randn(he, generator=g) / 10
     kv = torch.randn(s.num_protos, 2 * he, generator=g)
-    return tuple(t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (rows, wq, bq, kv))
+    return tuple(t.to(device, dtype).requires_grad_(requires_grad) for t in (rows, wq, bq, kv))

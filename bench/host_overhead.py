@@ -31,6 +31,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from common import SdpaFold
+from timellm_fast.kernels import patch_embedding as pe_kernels
+from timellm_fast.kernels import reprogramming_attention as attn_kernels
 
 
 class _NoLaunch:
@@ -44,8 +46,6 @@ class _NoLaunch:
 def stubbed_kernels():
     """Triton path chosen on CPU tensors, every kernel launch a no-op (outputs stay uninitialized)."""
     from timellm_fast import dispatch
-    from timellm_fast.kernels import patch_embedding as pe_kernels
-    from timellm_fast.kernels import reprogramming_attention as attn_kernels
 
     saved = []
     targets = [(attn_kernels, n) for n in ("attention_fwd_kernel", "attention_bwd_delta_kernel",

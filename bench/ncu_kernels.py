@@ -15,7 +15,6 @@ does not rot: with --smoke on a CPU it runs tiny shapes in Triton's interpreter.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -24,14 +23,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tuning import ON_GPU  # noqa: E402  (first: sets the kernels' environment)
+from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
+from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
+from timellm_fast.reprogramming import core_from_keys  # noqa: E402
+from common import CPU_SHAPES, SPEC_SHAPES, attention_core_inputs, patch_embedding_input  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from common import CPU_SHAPES, SPEC_SHAPES, patch_embedding_input
-    from timellm_fast.kernels import patch_embedding as pe
-    from timellm_fast.kernels import reprogramming_attention as attn
-    from timellm_fast.reprogramming import core_from_keys
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without CUDA)")
     args = parser.parse_args(argv)
@@ -47,14 +45,8 @@ def main(argv=None) -> int:
     weight = (torch.randn(patch_shape.d_model, patch_shape.patch_len, 3, generator=g) / 8).to(device, dtype)
     seed = torch.zeros((1,), dtype=torch.int64, device=device)
 
-    he = attn_shape.n_heads * attn_shape.d_keys
-    rows = attn_shape.rows * attn_shape.patches
-    target = torch.randn(rows, attn_shape.d_model, generator=g).to(device, dtype)
-    wq = (torch.randn(he, attn_shape.d_model, generator=g) / math.sqrt(attn_shape.d_model)).to(device, dtype)
-    bq = (torch.randn(he, generator=g) / 10).to(device, dtype)
-    kv = torch.randn(attn_shape.num_protos, 2 * he, generator=g).to(device, dtype)
-    x, mc, v, form = core_from_keys(target, wq, bq, kv, attn_shape.n_heads)
-    grad = torch.randn(rows, he, generator=g).to(device, dtype)
+    x, mc, v, form = core_from_keys(*attention_core_inputs(attn_shape, dtype, False, device), attn_shape.n_heads)
+    grad = torch.randn(x.shape[0], v.shape[1] * v.shape[2], generator=g).to(device, dtype)
 
     for launch in ("warm-up", "profiled"):
         pe.patch_embedding_fwd(x_series, weight, dtype, patch_shape.patch_len, patch_shape.stride,

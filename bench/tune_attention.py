@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ from timellm_fast.kernels import report  # noqa: E402
 from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
 from timellm_fast.kernels import reprogramming_attention_tiles as tiles  # noqa: E402
 from timellm_fast.reprogramming import core_from_keys  # noqa: E402
+from common import attention_core_inputs  # noqa: E402
 
 ROLES = ("fwd", "bwd_protos", "bwd_rows")
 
@@ -52,17 +52,11 @@ def candidates(smoke: bool) -> list:
 
 def problem(shape, dtype: torch.dtype, device: torch.device, dropout: bool) -> dict:
     """The core's operands of one forward + backward at `shape` (a bench.common.Shape)."""
-    g = torch.Generator().manual_seed(0)
-    he = shape.n_heads * shape.d_keys
-    rows = shape.rows * shape.patches
-    target = torch.randn(rows, shape.d_model, generator=g).to(device, dtype)
-    wq = (torch.randn(he, shape.d_model, generator=g) / math.sqrt(shape.d_model)).to(device, dtype)
-    bq = (torch.randn(he, generator=g) / 10).to(device, dtype)
-    kv = torch.randn(shape.num_protos, 2 * he, generator=g).to(device, dtype)
-    x, mc, v, form = core_from_keys(target, wq, bq, kv, shape.n_heads)
+    x, mc, v, form = core_from_keys(*attention_core_inputs(shape, dtype, False, device), shape.n_heads)
+    g = torch.Generator().manual_seed(1)
     t = dict(x=x, mc=mc.contiguous(), v=v.contiguous(), form=form, dropout_p=0.1 if dropout else 0.0,
              seed=torch.tensor([1234], dtype=torch.int64, device=device),
-             grad=torch.randn(rows, he, generator=g).to(device, dtype))
+             grad=torch.randn(x.shape[0], v.shape[1] * v.shape[2], generator=g).to(device, dtype))
     t["out"], t["lse"] = run_role("fwd", t)
     return t
 

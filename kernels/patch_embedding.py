@@ -52,8 +52,6 @@ from .patch_embedding_tiles import (DWEIGHT_BLOCK_C, DWEIGHT_BLOCK_M, DWEIGHT_NU
                                     dweight_block_o, dweight_chunks, fit_block, select_gemm_config,
                                     select_window_fwd_config, windowed_dx, windowed_forward)
 
-MAX_PHILOX_ELEMENTS = 2**31 - 1  # tl.rand offsets are int32
-
 
 @triton.jit
 def _dropout_keep(seed, rows, cols, OUT_COLS, dropout_p):

@@ -255,6 +255,10 @@ def _opcode(text: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"  # not LDGDEPBAR
+GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"
+
+
 def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> dict:
     """Static SASS of one configuration: instruction count, the size of every loop body (backward
     branches), the opcodes inside loop bodies, the global loads and stores by width (in all and
@@ -265,16 +269,11 @@ def sass_profile(cfg: dict, arch: int, ones: tuple = (), div16: tuple = ()) -> d
     in_loops = collections.Counter()
     for first, last in loops:
         in_loops.update(op.split(".")[0] for op in map(_opcode, instructions[first:last + 1]) if op)
-    loads = collections.Counter(m.group(1) for t in instructions
-                                for m in [re.search(r"\b(LDG[.A-Z0-9_]*|LDGSTS[.A-Z0-9_]*)", t)] if m)
+    loads = collections.Counter(m.group(1) for t in instructions for m in [re.search(GLOBAL_LOAD, t)] if m)
     stores = collections.Counter(m.group(1) for t in instructions for m in [re.search(GLOBAL_STORE, t)] if m)
     return dict(kernel=cfg["name"], arch=arch, instructions=len(instructions),
                 loop_bodies=[last - first + 1 for first, last in loops], loads=dict(loads), stores=dict(stores),
                 loop_opcodes=dict(in_loops), loop_memory=dict(_loop_memory(instructions, labels)))
-
-
-GLOBAL_LOAD = r"\b((?:LDGSTS|LDG)(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"  # not LDGDEPBAR
-GLOBAL_STORE = r"\b(STG(?:\.[A-Z0-9_]+)*)(?![A-Z0-9_])"
 
 
 def _loop_memory(instructions: list, labels: dict) -> "collections.Counter":

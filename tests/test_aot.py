@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from timellm_fast.kernels import report
+from timellm_fast.kernels import patch_embedding as pe
 
 REPO = Path(__file__).resolve().parent.parent
 #: toolchain -> (the venv that holds it, the Triton version it must hold, what to pip install there)
@@ -145,7 +146,6 @@ def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
     and sm_80 from nvdisasm, specialized as the JIT compiles that launch."""
     import ast
 
-    from timellm_fast.kernels import patch_embedding as pe
 
     python = _toolchain_python(toolchain)
     has_nvdisasm = subprocess.run(

@@ -222,7 +222,7 @@ def test_targets_verdicts_follow_the_measured_ratios():
     assert verdicts["large-batch inference (prototype cache) vs eager, series/s >= 2x"] == ("", "unmeasured")
 
 
-def test_full_grid_order_puts_issue_6_targets_first():
+def test_full_grid_order_puts_the_headline_targets_first():
     """The GPU grid, listed on any machine (TIMELLM_FAST_BENCH_FULL=1, collection only)."""
     proc = _bench(["--collect-only"], TIMELLM_FAST_BENCH_QUICK="0", TIMELLM_FAST_BENCH_FULL="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

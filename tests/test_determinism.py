@@ -29,6 +29,8 @@ from helpers import DEVICE, requires_triton
 from test_reprogramming import run_layer
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer
+from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
+from timellm_fast.kernels import reprogramming_attention as kern
 
 
 def reprogramming_run(B, L, S, E, dropout, shared=True):
@@ -63,7 +65,6 @@ def assert_bitwise_equal(a, b):
     (16, 64, 37, 16, True),  # several row chunks in the prototype-stationary backward
 ], ids=["small", "separate-value", "protos-chunks"])
 def test_reprogramming_same_seed_same_bits(B, L, S, E, shared, dropout, monkeypatch):
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     if B * L >= 1024:
@@ -105,7 +106,6 @@ def patch_run(B, N, T, dropout, d_model=24, contiguous=False):
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("B,N,T", [(2, 3, 64), (2, 8, 256)], ids=["small", "dw-chunks"])
 def test_patch_embedding_same_seed_same_bits(B, N, T, dropout, monkeypatch):
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     M = B * N * ((T + 8 - 16) // 8 + 1)
@@ -120,7 +120,6 @@ def test_patch_embedding_same_seed_same_bits(B, N, T, dropout, monkeypatch):
 def test_patch_embedding_bits_do_not_depend_on_the_persistent_grid(dropout, monkeypatch):
     """The forward's grid is a multiple of the GPU's SM count: each row's arithmetic and dropout
     mask must not depend on it, so GPUs of one generation with different SM counts agree."""
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     shipped = patch_run(2, 8, 256, dropout, contiguous=True)

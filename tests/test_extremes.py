@@ -21,6 +21,8 @@ from test_reprogramming import run_layer, run_reference
 from timellm_fast import dispatch, patch_embedding
 from timellm_fast.reference import patch_embedding_reference
 from timellm_fast.reprogramming import ReprogrammingLayer
+from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
+from timellm_fast.kernels import reprogramming_attention as kern
 
 OP = "reprogramming_attention"
 
@@ -117,7 +119,6 @@ def test_fp16_query_overflow(d_model, form, monkeypatch):
     """A target row whose fp16 query projection overflows: NaN in the eager fp16 layer. The factorized
     kernels never form Q, so that row is finite and right; the standard form forms Q in fp16 and is
     NaN exactly where eager is. The other rows meet SPEC §4 either way."""
-    from timellm_fast.kernels import reprogramming_attention as kern
     from timellm_fast.reference import reprogramming_reference
 
     monkeypatch.setenv("TIMELLM_FAST_BACKEND", "triton")
@@ -171,7 +172,6 @@ def test_very_long_rows_s32768():
 
 @requires_triton
 def test_many_rows_use_several_prototype_side_chunks():
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     B, L, H, E, S = 16, 64, 1, 16, 37
     cfg = kern.select_config("bwd_protos", torch.float32, E, 8, False, DEVICE)
@@ -183,7 +183,6 @@ def test_many_rows_use_several_prototype_side_chunks():
 
 @requires_triton
 def test_patch_embedding_long_series_and_many_dw_chunks():
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     g = torch.Generator().manual_seed(0)
     B, N, T, patch_len, stride = 4, 8, 2048, 16, 8

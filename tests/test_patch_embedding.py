@@ -15,6 +15,8 @@ from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
 from timellm_original import PatchEmbedding as OriginalPatchEmbedding
+from timellm_fast.kernels import patch_embedding as pe
+from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
 
 # (name, B, N, T, patch_len, stride, d_model): SPEC §2 shapes with B·N reduced, plus awkward ones.
@@ -329,7 +331,6 @@ def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
     straddle series boundaries (P = 9 patches), a persistent grid of one or two programs looping
     over every row block, and pipelined (L1-cached asynchronous) loads must give the same output,
     and the shipped tile must come back after."""
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 41, generator=g).to(DEVICE)
@@ -352,8 +353,6 @@ def test_tuner_asks_the_launcher_for_the_compiled_forward():
     """bench/tune_patch_embedding.py reads registers and spills of each tile from compiled_window_fwd,
     which launches the forward as patch_embedding_fwd does. Only a GPU has a compiled kernel (the
     interpreter returns None): the register and spill counts are checked there."""
-    from timellm_fast.kernels import patch_embedding as pe
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     x = torch.randn(2, 3, 64, device=DEVICE)
     w = torch.randn(16, 16, 3, device=DEVICE)
@@ -372,7 +371,6 @@ def test_tuner_asks_the_launcher_for_the_compiled_forward():
 def test_window_tile_override_nests_and_restores_on_exit():
     """Nested override_window_tile blocks: the innermost tile wins, each exit brings back the tile
     around it, also when the block raises."""
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     def tile():
         return pe_tiles.select_window_fwd_config(16, 16, torch.bfloat16, False).tile
@@ -402,7 +400,6 @@ PATCH_KERNELS = ("patch_window_fwd", "patch_window_dweight", "patch_dweight_redu
 def launches(monkeypatch):
     """Counts launches of every patch-embedding kernel: {kernel name: count}."""
     from helpers import LaunchCounter
-    from timellm_fast.kernels import patch_embedding as pe
 
     counters = {name: LaunchCounter(getattr(pe, name)) for name in PATCH_KERNELS}
     for name, counter in counters.items():
@@ -461,7 +458,6 @@ class ArgumentsSeen:
 def test_windowed_kernels_read_non_contiguous_input_in_place(layout, monkeypatch):
     """Other strides (Time-LLM's permuted [B, T, N] view, every other step, a start that is not
     16-byte aligned) take the same kernels, which read x itself through its strides."""
-    from timellm_fast.kernels import patch_embedding as pe
 
     g = torch.Generator().manual_seed(5)
     if layout == "permuted":
@@ -534,7 +530,6 @@ def test_persistent_forward_covers_awkward_row_counts(series):
     """B·N·P rows (5, 15, 65, 130) not a multiple of the 16-row block, a grid of at most 3
     programs looping over the blocks: every row is computed (uninitialized rows would fail the
     oracle), and the dropout mask is the element's, whichever program computes it."""
-    from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
     T, patch_len, stride = 9, 4, 2  # P = 5
     x = make_series(series, 1, T, torch.float32, contiguous=True)

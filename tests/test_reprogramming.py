@@ -17,6 +17,9 @@ from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer, draw_seed_tensor
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
+from timellm_fast.kernels import _environment
+from timellm_fast.kernels import reprogramming_attention as kern
+from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
 OP = "reprogramming_attention"
 if TRITON_PROBLEM is None:  # @triton.jit test kernels below call them, and find them in this module's globals
@@ -127,7 +130,6 @@ BACKWARD_MODES = ["default", "deterministic"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_fused_matches_oracle(shape, dtype, mode, backend):
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     if dtype == torch.float32 and kern.block_d_for(shape[3], shape[5]) > 32:
         pytest.skip("fp32 runs eager at 64-wide logits (test_fp32_wide_standard_form_falls_back)")
@@ -136,7 +138,6 @@ def test_fused_matches_oracle(shape, dtype, mode, backend):
 
 
 def test_shapes_cover_both_forms_and_every_factorized_block_width():
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     forms = {(kern.is_factorized(s[3], s[5]), kern.block_d_for(s[3], s[5])) for s in SHAPES}
     assert {(True, 16), (True, 32), (False, 32), (False, 64)} <= forms, forms
@@ -148,7 +149,6 @@ def test_fp32_wide_standard_form_falls_back(backend):
     backend("auto")
     layer, target, source, value, upstream = make_problem(1, 8, 80, 2, 64, 37, 48, torch.float32, True)
     with mocked_gpu((9, 0)):
-        from timellm_fast.kernels import reprogramming_attention as kern
 
         reason = kern.unsupported_reason(torch.float32, 64, 80, 37, False, CUDA0)
         assert "float32 with d_model=80 > d_keys=64" in reason, reason
@@ -203,7 +203,6 @@ def check_fused_against_oracle(shape, dtype, seed=0, deterministic=False):
 def test_protos_row_chunks_are_used_and_deterministic(backend):
     """The "protos-row-chunks" shape must really split the prototype-stationary backward over row
     chunks, and in deterministic mode the split sums must give the same bits on every run."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     cfg = kern.select_config("bwd_protos", torch.float32, 16, 16, False, DEVICE)
@@ -223,7 +222,6 @@ def test_torch_deterministic_switch_selects_the_fixed_order_backward(backend, mo
     """torch.use_deterministic_algorithms(True) turns the layer's deterministic mode on: the row side
     then comes from the row-stationary kernel, not from atomics in the prototype-stationary one."""
     from helpers import LaunchCounter
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     layer, target, source, value, upstream = make_problem(2, 8, 16, 2, 32, 37, 24, torch.float32, True)
@@ -266,7 +264,6 @@ def test_tf32_opt_in_is_close_and_runs_sdpa_on_a_gpu(backend):
     oracle_out = run_reference(layer, target, source, value, upstream, torch.float64)[0]
     assert max_abs_err(out, oracle_out) <= 5e-3 * (1 + oracle_out.abs().max().item())
     with mocked_gpu((8, 0)):
-        from timellm_fast.kernels import reprogramming_attention as kern
 
         assert "allow_tf32" in kern.unsupported_reason(torch.float32, 32, 16, 37, False, CUDA0, allow_tf32=True)
         assert kern.unsupported_reason(torch.bfloat16, 32, 16, 37, False, CUDA0, allow_tf32=True) is None
@@ -302,7 +299,6 @@ def test_dropout_same_seed_is_bit_identical(backend):
 def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
     """Replays the kernels' own mask (materialized by the debug kernel for the seed the layer draws)
     in the float64 oracle: output and every gradient must match, so both passes used that mask."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     p = 0.3
@@ -324,7 +320,6 @@ def test_dropout_forward_and_backward_use_the_kernel_mask(backend):
 
 @requires_triton
 def test_dropout_kept_fraction_and_independence():
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     p = 0.3
     keep = kern.dropout_keep_mask(256, 1000, 4, p, seed=2024, device=DEVICE).float()  # [H, R, S], 1M draws
@@ -336,8 +331,6 @@ def test_dropout_kept_fraction_and_independence():
 
 
 def test_config_table_is_complete_and_consistent():
-    from timellm_fast.kernels import reprogramming_attention as kern
-    from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
     configs = kern.aot_configs()
     names = [c["name"] for c in configs]
@@ -384,9 +377,6 @@ CUDA0 = torch.device("cuda", 0)
 @contextlib.contextmanager
 def mocked_gpu(capability):
     """select_config as it runs on a CUDA device of this compute capability (no GPU needed)."""
-    from timellm_fast.kernels import _environment
-    from timellm_fast.kernels import reprogramming_attention as kern
-    from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_environment, "_CAPABILITY", {0: capability})
@@ -400,7 +390,6 @@ def mocked_gpu(capability):
 def test_each_gpu_generation_gets_its_own_tiles():
     """sm_90 and sm_80 entries are separate data: Hopper tiles are chosen for Hopper alone, and an
     sm_86 or sm_89 device takes the sm_80 ones."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     chosen = {}
     for capability in ((8, 0), (8, 6), (9, 0)):
@@ -425,8 +414,6 @@ def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
     import triton
     import triton.language as tl
 
-    from timellm_fast.kernels import reprogramming_attention as kern
-    from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
     @triton.jit
     def round_through_helper(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -465,7 +452,6 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
     """The sm_90 bf16 tiles' block shapes (more prototypes per block than S = 37, so one partial
     block; 64-row warpgroup blocks) run here through the fp32 configuration's keys: the interpreter
     cannot run bf16 dots, and the block shapes are what the masks must handle."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     with mocked_gpu((9, 0)):
         overrides = {}
@@ -499,7 +485,6 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
 
 
 def test_philox_counters_fit_int32():
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     for protos in (1, 37, 1000, 50_000, 2**20):
         rows = kern.rows_per_philox_group(protos)
@@ -725,7 +710,6 @@ def test_forward_errors():
 def test_softmax_override_nests_and_restores_on_exit():
     """Nested override_softmax blocks: the innermost setting wins, each exit brings back the one
     around it (the memoized configurations included), also when the block raises."""
-    from timellm_fast.kernels import reprogramming_attention_tiles as tiles
 
     def softmax():
         cfg = tiles.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
@@ -786,7 +770,6 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
     both backward modes: bf16 against the float64 oracle by SPEC §4. S = 1000 spans 8 groups of 128
     prototypes, so a share below 1 mixes the two exponentials in every row (and in the forward's and
     both backward kernels' blocks: they must give each element the same one)."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     shape = ("softmax-split", 2, 16, 16, 2, 32, 1000, 48, True)
@@ -802,7 +785,6 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
 def test_polynomial_share_really_changes_the_exponentials(backend):
     """The share is live: the all-polynomial forward differs from the all-MUFU one (by far less than
     bf16's rounding), and in fp32 the override leaves the exact path alone (bit-identical)."""
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     for dtype, differs in ((torch.bfloat16, True), (torch.float32, False)):
@@ -822,7 +804,6 @@ def test_rescale_threshold_keeps_huge_logits_finite_and_one_hot(logit, backend):
     is then bounded by 2^8 (row sums by S·2^8, exact as bf16 MMA operands), so logits near ±1e4 must
     still give the oracle's one-hot output, no inf or NaN, and finite gradients."""
     from test_extremes import huge_logit_problem
-    from timellm_fast.kernels import reprogramming_attention as kern
 
     backend("triton")
     layer, target, source, upstream = huge_logit_problem(logit)

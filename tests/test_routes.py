@@ -9,6 +9,7 @@ from helpers import DEVICE, LaunchCounter, requires_triton
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
 from timellm_fast.reprogramming import attention_core_op, core_from_keys, draw_seed_tensor
+from timellm_fast.kernels import patch_embedding as pe_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 IDS = ["fp32", "bf16"]
@@ -151,7 +152,6 @@ def test_compiled_layer_takes_the_custom_op_route():
 
 @requires_triton
 def test_direct_eval_forward_of_the_patch_embedding_is_one_launch(monkeypatch):
-    from timellm_fast.kernels import patch_embedding as pe_kernels
 
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
