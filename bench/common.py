@@ -28,7 +28,7 @@ FULL = (ON_GPU and os.environ.get("TIMELLM_FAST_BENCH_QUICK", "0") == "0") or \
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # fp32: no TF32
-#: HBM bandwidth of the GPU the run is on (datasheet values), when it is not an H100 SXM: the issue's
+#: HBM bandwidth of the GPU the run is on (datasheet values), when it is not an H100 SXM: the SPEC's
 #: fractions stay "of the H100", and the HBM target is judged against the device's own limit too
 _HBM_BYTES_PER_S_BY_NAME = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12))
 

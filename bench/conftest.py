@@ -5,7 +5,7 @@ after every case, so a run cut short keeps what it measured, and DIR/speedup.png
 DIR/memory.png at the end when matplotlib is installed.
 
 ``--bench-budget-s N`` runs the cases in priority order (each suite's ``priority(params)``:
-the issue's targets first, ``compile-max-autotune`` last) and skips what would start after N
+the performance targets first, ``compile-max-autotune`` last) and skips what would start after N
 seconds; the skipped cases are listed in results.json.
 
 Our layers run the real dispatch: their Triton kernels on a GPU, their eager path on a CPU (the

@@ -81,7 +81,7 @@ def render(files) -> str:
             lines.append(f"| {' | '.join(key)} | {ours['seconds'] * 1e3:.3f} | {' | '.join(cells)} | {busy} | "
                          f"{mib(ours)} | {mib(eager) if eager and eager['status'] == 'ok' else (eager or {}).get('status', '')} |")
         lines += ["", "The open performance targets, judged on this run (`bench/report.py` `targets`; unmeasured = "
-                  "the case did not run in this session's time budget, or the target is on GPU time and the run "
+                  "the case did not fit in the run's time budget, or the target is on GPU time and the run "
                   "did not record it):", ""]
         lines += targets_table(targets(data["results"]))
         lines.append("")

@@ -72,7 +72,7 @@ def targets(rows) -> list:
             met = wall >= goal and (busy is None or busy >= goal)
         out.append((name, measured, "met" if met else "MISSED"))
 
-    # the factorized attention (its issue's targets)
+    # the factorized attention's targets
     for shape, e, fwd_goal, both_goal in (("etth1-folded", 128, 2.0, 2.0), ("weather-folded", 32, 1.3, 1.3)):
         add_speedup(f"attention core vs SDPA-fold, fwd, bf16, E={e} ({shape}) >= {fwd_goal}x", "sdpa-fold", fwd_goal,
                     op="attention-core", shape=shape, dtype="bfloat16", mode="fwd")
@@ -86,7 +86,7 @@ def targets(rows) -> list:
         bound = core["factorized_flops"] / H100_PEAK_FLOPS_BF16 / core["device_seconds"]
     add("attention core fwd, E=128 (etth1-folded): >= 60% of the tensor-core bound of its factorized FLOPs",
         bound, 0.60, "{:.0%}")
-    # the exponential limit at E = 32 (its issue's targets, on GPU time)
+    # the exponential limit at E = 32 (targets on GPU time)
     add_speedup("attention core vs SDPA-fold, fwd, bf16, E=32 (weather-folded) >= 1.6x (GPU time)", "sdpa-fold", 1.6,
                 busy_only=True, op="attention-core", shape="weather-folded", dtype="bfloat16", mode="fwd")
     add_speedup("attention core vs SDPA-fold, fwd+bwd, bf16, E=32 (weather-folded) >= 1.4x (GPU time)", "sdpa-fold",

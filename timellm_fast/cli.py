@@ -177,7 +177,7 @@ def bench_suite_dir() -> Optional[Path]:
 def bench(out: Optional[str] = None, budget_s: Optional[float] = None, select: Optional[str] = None) -> int:
     """Runs the pytest-benchmark suites on the device present and writes JSON, markdown and plots.
 
-    budget_s: cases run in priority order (the issue's targets first) and those that would start
+    budget_s: cases run in priority order (the performance targets first) and those that would start
     after budget_s seconds are skipped and listed. select: a pytest -k expression."""
     suite = bench_suite_dir()
     if suite is None:
