@@ -239,7 +239,7 @@ def _layer_forward_fake(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, 
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype; without a dispatcher call when it already is (fp32 training)."""
+    """t in dtype; without a dispatcher call when it already is (.to() is one even as a no-op)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -552,12 +552,9 @@ class ReprogrammingLayer(nn.Module):
         dropout_p = validation.dropout_prob("dropout.p", self.dropout.p) if self.training else 0.0
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
 
-        def cast(t):  # .to() is a dispatcher call even when it has nothing to do
-            return t if t.dtype == dtype else t.to(dtype)
-
-        wq, bq, wk, bk, wv, bv, wo, bo = (cast(t) for t in params)
-        target_c, source_c = cast(target), cast(source)
-        value_c = source_c if value is source else cast(value)
+        wq, bq, wk, bk, wv, bv, wo, bo = (_in_dtype(t, dtype) for t in params)
+        target_c, source_c = _in_dtype(target, dtype), _in_dtype(source, dtype)
+        value_c = source_c if value is source else _in_dtype(value, dtype)
         H, E = self.n_heads, self.d_keys
         Bp, L, DM = target.shape
 
@@ -566,6 +563,13 @@ class ReprogrammingLayer(nn.Module):
             reason = attn_kernels.unsupported_reason(dtype, E, DM, source.shape[0], dropout_p > 0.0, target.device,
                                                      self.allow_tf32)
         path = dispatch.choose(OP_NAME, target.device, reason)
+
+        def cached(compute, kind):
+            """compute() of the prototype side, reused under no-grad while its inputs are unchanged"""
+            if needs_grad:
+                return compute()
+            watched = (source, value) + params[:6]  # what the prototype side is computed from
+            return self._kv_cache.get(watched, (dtype, kind), compute)
 
         autocast_on = torch.is_autocast_enabled(target.device.type)
         with torch.autocast(target.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
@@ -578,9 +582,8 @@ class ReprogrammingLayer(nn.Module):
                                            deterministic)[0]
                 else:  # the prototype side, reused while its inputs are unchanged
                     form = core_form(DM, H, E)
-                    side = self._kv_cache.get(
-                        (source, value) + params[:6], (dtype, "triton"),
-                        lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
+                    side = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form),
+                                  "triton")
                     heads_out = fused_core(query_operand(rows, wq, bq, form), side.mc, side.v, form, dropout_p,
                                            self.allow_tf32, deterministic)  # [R, H*E]
                     out = F.linear(heads_out, wo, bo)
@@ -588,10 +591,6 @@ class ReprogrammingLayer(nn.Module):
             if dropout_p > 0:
                 return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                                dropout_p=dropout_p, training=True)
-            if needs_grad:
-                kv = project_key_value(source_c, value_c, wk, bk, wv, bv)
-            else:
-                kv = self._kv_cache.get((source, value) + params[:6], (dtype, "eager"),
-                                        lambda: project_key_value(source_c, value_c, wk, bk, wv, bv))
+            kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
             return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                            key_value=kv.split(H * E, dim=1))
