@@ -98,14 +98,21 @@ def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch, d
 
 
 @requires_triton
-def test_lse_is_not_differentiable_on_the_direct_route():
+def test_residuals_are_saved_not_returned_on_the_direct_route():
     g = torch.Generator().manual_seed(0)
     target = torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_(True)
     wq, bq = torch.randn(32, 16, generator=g).to(DEVICE) / 4, torch.randn(32, generator=g).to(DEVICE)
     kv = torch.randn(37, 64, generator=g).to(DEVICE)
     x, mc, v, form = core_from_keys(target, wq, bq, kv, 2)
-    heads, lse = attention_core_op.function.apply(x, mc, v, *form, 0.0, draw_seed_tensor(0.0, DEVICE), False, False)
-    assert heads.requires_grad and not lse.requires_grad
+    args = (x, mc, v, *form, 0.0, draw_seed_tensor(0.0, DEVICE), False, True)  # deterministic: equal grads
+    heads = attention_core_op.function.apply(*args)  # the autograd node wraps one output, not lse too
+    assert isinstance(heads, torch.Tensor) and heads.requires_grad and heads.shape == (10, 32)
+    with dispatch.custom_op_route():
+        via_op = attention_core_op(*args)
+    torch.testing.assert_close(heads, via_op, rtol=0, atol=0)
+    (grad_direct,) = torch.autograd.grad(heads.sum(), target)
+    (grad_op,) = torch.autograd.grad(via_op.sum(), target)
+    torch.testing.assert_close(grad_direct, grad_op, rtol=0, atol=0)
 
 
 def test_direct_launch_rules():
@@ -121,6 +128,9 @@ def test_direct_launch_rules():
     seen = []
     torch.func.vmap(lambda t: seen.append(dispatch.direct_launch("demo_op", t)) or t)(torch.randn(2, 3))
     assert seen == [False]
+    escaped = []  # a tensor that outlives the transform it was wrapped by: a "dead" wrapper
+    torch.func.grad(lambda t: escaped.append(t) or t.sum())(torch.randn(3))
+    assert type(escaped[0]) is torch.Tensor and not dispatch.direct_launch("demo_op", escaped[0])
     with dispatch.record_routes() as routes:
         dispatch.direct_launch("demo_op", plain)
     assert routes == {("demo_op", "direct"): 1}

@@ -46,7 +46,8 @@ _logged: set = set()
 #: (op name, "direct" | "custom_op") -> calls of the Triton path that took that route.
 route_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
 #: the tensor types the direct route accepts (subclasses may have their own dispatch rules)
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def triton_import_error() -> Optional[str]:
@@ -113,8 +114,10 @@ def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     """Whether a Triton-path call of `op` on `tensors` may skip its torch.library custom op.
 
     Only in plain eager mode: nothing is tracing (torch.compile, export, torch.jit.trace), no TorchDispatchMode
-    or torch.func transform is active, and every tensor is a plain tensor or Parameter. Anything
-    else must see the custom op as one operator, so it gets the custom op. ``TIMELLM_FAST_DIRECT=0``
+    or torch.func transform is active, and every tensor is a plain tensor or Parameter, none of them
+    a functorch wrapper (a "dead" one outlives its transform: torch's dispatch unwraps it, the
+    direct route would not). Anything else must see the custom op as one operator, so it gets the
+    custom op. ``TIMELLM_FAST_DIRECT=0``
     or :func:`custom_op_route` turns the direct route off.
     """
     direct = (not torch.compiler.is_compiling()
@@ -123,7 +126,8 @@ def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
               and os.environ.get(DIRECT_ENV, "1") != "0"
               and torch._C._len_torch_dispatch_stack() == 0
               and not torch._C._are_functorch_transforms_active()
-              and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+              and _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors))
+              and not any(map(_is_functorch_wrapper, tensors)))
     route_counts[(op, "direct" if direct else "custom_op")] += 1
     return direct
 

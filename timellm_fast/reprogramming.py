@@ -329,7 +329,7 @@ def _save_layer(ctx, inputs, outputs):
     ctx.config = (n_heads, dropout_p, allow_tf32, deterministic)
 
 
-def _layer_gradients(ctx, run_backward, grad_out, *_residual_grads):
+def _layer_gradients(ctx, run_backward, grad_out):
     if grad_out is None:  # the layer's output did not reach the loss
         return (None,) * 16
     target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g, seed = ctx.saved_tensors
@@ -341,11 +341,11 @@ def _layer_gradients(ctx, run_backward, grad_out, *_residual_grads):
 
 
 #: reprogramming_op(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
-#: allow_tf32, deterministic) -> (out [R, d_llm], residuals...); only out is differentiable
+#: allow_tf32, deterministic) -> out [R, d_llm] (the launcher's other outputs are residuals for the backward)
 reprogramming_op = TritonOp(
     OP_NAME, forward=_launch_layer_forward, forward_fake=_layer_forward_fake, backward=_launch_layer_backward,
     backward_fake=_layer_backward_fake, save=_save_layer, gradients=_layer_gradients,
-    differentiable=_TENSOR_INPUTS, non_differentiable=(1, 2, 3, 4, 5, 6))
+    differentiable=_TENSOR_INPUTS, residuals=True)
 
 
 def _launch_core_forward(
@@ -401,7 +401,7 @@ def _save_core(ctx, inputs, output):
     ctx.flags = (allow_tf32, deterministic)
 
 
-def _core_gradients(ctx, run_backward, grad_heads, _grad_lse):
+def _core_gradients(ctx, run_backward, grad_heads):
     if grad_heads is None:  # the attention output did not reach the loss
         return (None,) * 12
     x, mc, v, heads_out, lse, seed = ctx.saved_tensors
@@ -416,11 +416,11 @@ def _core_gradients(ctx, run_backward, grad_heads, _grad_lse):
 
 
 #: attention_core_op(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
-#: allow_tf32, deterministic) -> (heads_out [R, H*E], lse [H, R]); lse is not differentiable
+#: allow_tf32, deterministic) -> heads_out [R, H*E] (lse [H, R] is a residual for the backward)
 attention_core_op = TritonOp(
     f"{OP_NAME}_core", forward=_launch_core_forward, forward_fake=_core_forward_fake,
     backward=_launch_core_backward, backward_fake=_core_backward_fake, save=_save_core,
-    gradients=_core_gradients, differentiable=3, non_differentiable=(1,))
+    gradients=_core_gradients, differentiable=3, residuals=True)
 
 
 def fused_core(
@@ -431,10 +431,8 @@ def fused_core(
 ) -> torch.Tensor:  # heads_out: [R, H*E], heads merged
     """The fused attention core with its autograd, on the route dispatch picks.
     (Assumes the Triton path was chosen: the layer's forward does that.)"""
-    heads_out, _ = attention_core_op(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
-                                     form.d_model, dropout_p, draw_seed_tensor(dropout_p, x.device), allow_tf32,
-                                     deterministic)
-    return heads_out
+    return attention_core_op(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale, form.d_model,
+                             dropout_p, draw_seed_tensor(dropout_p, x.device), allow_tf32, deterministic)
 
 
 def fused_attention(
@@ -579,7 +577,7 @@ class ReprogrammingLayer(nn.Module):
                 if needs_grad:
                     out = reprogramming_op(rows, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
                                            draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
-                                           deterministic)[0]
+                                           deterministic)
                 else:  # the prototype side, reused while its inputs are unchanged
                     form = core_form(DM, H, E)
                     side = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form),

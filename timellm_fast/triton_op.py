@@ -17,7 +17,7 @@ gradients of the inputs come from the backward launcher (`gradients`).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -27,28 +27,30 @@ from . import dispatch
 class TritonOp:
     """``op(*inputs)``: the forward launcher with its autograd, on the route dispatch picks.
 
-    forward(*inputs) -> outputs          the forward launcher; becomes the ``_fwd`` custom op
-    forward_fake(*inputs) -> outputs     its shapes and dtypes, for tracing
+    forward(*inputs) -> result, or (result, *residuals) when `residuals` is set: the forward
+                                         launcher; becomes the ``_fwd`` custom op
+    forward_fake(*inputs) -> the same    its shapes and dtypes, for tracing
     backward(*args) -> tensors           the backward launcher; becomes the ``_bwd`` custom op
     backward_fake(*args) -> tensors
     save(ctx, inputs, outputs)           keeps on ctx what `gradients` needs
-    gradients(ctx, run_backward, *grad_outputs) -> one gradient (or None) per input;
+    gradients(ctx, run_backward, grad_result) -> one gradient (or None) per input;
                                          `run_backward(*args)` is the backward launcher on the
                                          forward's route
     differentiable: the number of leading inputs a gradient can flow to (tensors)
-    non_differentiable: indices of outputs that never receive a gradient
+    residuals: whether the forward launcher returns residuals after its result (they never
+               receive a gradient)
     """
 
     def __init__(self, name: str, *, forward: Callable, forward_fake: Callable, backward: Callable,
                  backward_fake: Callable, save: Callable, gradients: Callable, differentiable: int,
-                 non_differentiable: Sequence[int] = ()):
+                 residuals: bool = False):
         self.name = name
         self.forward_name = f"timellm_fast::{name}_fwd"
         self.backward_name = f"timellm_fast::{name}_bwd"
         self.launch_forward, self.launch_backward = forward, backward  # what both routes run
         self._save, self._gradients = save, gradients
         self._differentiable = differentiable
-        self._non_differentiable = tuple(non_differentiable)
+        self._residuals = residuals
 
         self.forward_op = torch.library.custom_op(self.forward_name, forward, mutates_args=())
         self.forward_op.register_fake(forward_fake)
@@ -56,30 +58,33 @@ class TritonOp:
         self.backward_op.register_fake(backward_fake)
         self.forward_op.register_autograd(self._backward, setup_context=self._setup_custom_op)
         self.function = self._direct_function()
+        # Function.apply without its Python layer, which binds nothing here (forward takes ctx)
+        # and only unwraps functorch's dead wrappers, which dispatch.direct_launch keeps off this
+        # route: about 4 us per call
+        self._apply_direct = super(torch.autograd.Function, self.function).apply
 
     def __call__(self, *inputs):
         tensors = inputs[:self._differentiable]
         if not dispatch.direct_launch(self.name, *tensors):
-            return self.forward_op(*inputs)
+            outputs = self.forward_op(*inputs)
+            return outputs[0] if self._residuals else outputs
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.function.apply(*inputs)
+            return self._apply_direct(*inputs)
         with dispatch.profiled(self.forward_name):  # nothing to differentiate: not even an autograd node
-            return self.launch_forward(*inputs)
+            outputs = self.launch_forward(*inputs)
+        return outputs[0] if self._residuals else outputs
 
-    def _setup(self, ctx, inputs, outputs, direct: bool) -> None:
-        self._save(ctx, inputs, outputs)
-        ctx.direct = direct
-        if self._non_differentiable:
-            # such outputs never get a gradient: without this autograd would fill zeros for them
-            # on every backward (one more launch each)
+    def _setup_custom_op(self, ctx, inputs, output) -> None:  # torch.library passes `output` by name
+        self._save(ctx, inputs, output)
+        ctx.direct = False
+        if self._residuals:
+            # residual outputs never get a gradient: without this autograd would fill zeros for
+            # them on every backward (one more launch each)
             ctx.set_materialize_grads(False)
 
-    def _setup_custom_op(self, ctx, inputs, output) -> None:
-        self._setup(ctx, inputs, output, direct=False)
-
-    def _backward(self, ctx, *grad_outputs):
+    def _backward(self, ctx, grad_result, *_residual_grads):
         run_backward = self._direct_backward if ctx.direct else self.backward_op
-        return self._gradients(ctx, run_backward, *grad_outputs)
+        return self._gradients(ctx, run_backward, grad_result)
 
     def _direct_backward(self, *args):
         with dispatch.profiled(self.backward_name):  # named as the custom op would be
@@ -93,13 +98,12 @@ class TritonOp:
             # arguments with inspect.signature (~50 us of host time)
             with dispatch.profiled(op.forward_name):
                 outputs = op.launch_forward(*inputs)
-            op._setup(ctx, inputs, outputs, direct=True)
-            if op._non_differentiable:
-                ctx.mark_non_differentiable(*(outputs[i] for i in op._non_differentiable))
-            return outputs
+            op._save(ctx, inputs, outputs)
+            ctx.direct = True
+            return outputs[0] if op._residuals else outputs  # the residuals are saved, not returned
 
-        def backward(ctx, *grad_outputs):
-            return op._backward(ctx, *grad_outputs)
+        def backward(ctx, grad_result):
+            return op._backward(ctx, grad_result)
 
         return type(f"Direct_{self.name}", (torch.autograd.Function,),
                     {"__doc__": f"{self.forward_name} with its autograd, without torch.library's dispatch",
