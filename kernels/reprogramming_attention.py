@@ -717,15 +717,17 @@ def attention_backward(
         proto_blocks = cdiv(S, cfg.block_s)
         rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
         n_chunks = cdiv(R, rows_per_chunk)
-        dmc_partial = torch.empty((n_chunks, H, W, S_pad), dtype=torch.float32, device=dev)
-        dv_partial = torch.empty((n_chunks, S, H, E), dtype=torch.float32, device=dev)
+        # one chunk: the kernel writes the result itself (same layout, no chunk axis to reduce or index)
+        chunk_axis = (n_chunks,) if n_chunks > 1 else ()
+        dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=torch.float32, device=dev)  # [(C,) H, W, S']
+        dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=torch.float32, device=dev)  # [(C,) S, H, E]
         attention_bwd_protos_kernel[(proto_blocks, H, n_chunks)](
             x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
             R, S, d_logit, H, E, W, S_pad,
             x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols,
             rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox, **launch_params(cfg))
-        dmc = dmc_partial.select(0, 0) if n_chunks == 1 else dmc_partial.sum(0)
-        dv = dv_partial.select(0, 0) if n_chunks == 1 else dv_partial.sum(0)
+        dmc = dmc_partial.sum(0) if n_chunks > 1 else dmc_partial
+        dv = dv_partial.sum(0) if n_chunks > 1 else dv_partial
 
     if need_dx and not atomic_dx:
         cfg = select_config("bwd_rows", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)

@@ -243,6 +243,11 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _prototype_columns(dmc: torch.Tensor, num_protos: int) -> torch.Tensor:
+    """dmc: [H, W, S'] without its alignment columns S..S' (they carry nothing); no narrow when S' = S."""
+    return dmc if dmc.shape[2] == num_protos else dmc.narrow(2, 0, num_protos)
+
+
 def _launch_layer_backward(
     grad_out: torch.Tensor,  # grad_out: [R, d_llm]
     target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
@@ -291,7 +296,7 @@ def _launch_layer_backward(
             grads[8] = dv.sum(0) if need_bv else None
         if need_key and form.has_bias:
             W = mc.shape[1]
-            dmc = _in_dtype(dmc.narrow(2, 0, S), dtype).reshape(H * W, S)  # [H*W, S]: the alignment columns carry nothing
+            dmc = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(H * W, S)  # [H*W, S]
             grads[1] = dmc.t().mm(g.view(H * W, d_llm)) if need_source else None
             if need_wk or need_bk or need_query_weights:
                 dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
@@ -306,7 +311,7 @@ def _launch_layer_backward(
                     grads[3] = dwqb_t.narrow(1, 0, DM).transpose(1, 2).reshape(HE, DM) if need_wq else None
                     grads[4] = dwqb_t.select(1, W - 1).reshape(HE) if need_bq else None  # the bias column of wqb
         elif need_key:
-            dkt = _in_dtype(dmc.narrow(2, 0, S), dtype).reshape(HE, S)  # d Kᵀ
+            dkt = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(HE, S)  # d Kᵀ
             grads[1] = dkt.t().mm(wk) if need_source else None
             grads[5] = dkt.mm(source) if need_wk else None
             grads[6] = dkt.sum(1) if need_bk else None
