@@ -8,7 +8,10 @@ from typing import Callable
 import pytest
 import torch
 
-from common import DEVICE, DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, measure_seconds, peak_memory_bytes, rates
+from timellm_fast import dispatch
+from timellm_fast.timing import median_seconds
+
+from common import DEVICE, DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, peak_memory_bytes, rates
 
 
 def kernel_grid(impls):
@@ -33,8 +36,6 @@ def pick(impls: dict, impl: str):
 def skip_without_triton(impl: str, why: str) -> None:
     """A skip that names the reason, for a row that runs only on our Triton path (`why`: what it
     measures that has no eager path) on a machine where Triton cannot run."""
-    from timellm_fast import dispatch
-
     problem = dispatch.triton_device_problem(DEVICE)
     if problem is not None:
         pytest.skip(f"{impl}: {why}, and Triton cannot run here ({problem})")
@@ -53,7 +54,7 @@ def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mo
              step: Callable[[], object], cost: tuple, extra: dict = None) -> dict:
     """Times `step` (a forward, or forward + backward) and appends a result row (plus `extra`).
 
-    The reported time is `measure_seconds` (do_bench on a GPU); pytest-benchmark's pedantic
+    The reported time is `median_seconds` (do_bench on a GPU); pytest-benchmark's pedantic
     rounds (synchronized) are kept for its own table and history, fewer for slow steps.
     """
     row = dict(op=op, shape=shape.name, rows=shape.rows, dtype=dtype_name(dtype), mode=mode, impl=impl,
@@ -66,7 +67,7 @@ def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mo
         first = time.perf_counter() - t0
         rounds = (10 if first < 0.05 else 3) if ON_GPU else 2
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-        seconds = measure_seconds(step)
+        seconds = median_seconds(step, cuda=ON_GPU)
         activity = gpu_activity(step)
         row.update(status="ok", seconds=seconds, peak_bytes=peak_memory_bytes(step), **activity,
                    **rates(cost[0], cost[1], seconds, dtype, activity["device_seconds"]))

@@ -14,10 +14,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
+from timellm_fast.data import ett_windows
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold
+from timellm_fast.reprogramming import fused_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -77,23 +80,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def measure_seconds(fn: Callable[[], object]) -> float:
-    """Median seconds of fn()."""
-    if ON_GPU:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    import time
-
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Peak allocated bytes during one call, above what was allocated before it (GPU only)."""
     if not ON_GPU:
@@ -113,8 +99,6 @@ def gpu_activity(fn: Callable[[], object], calls: int = 3) -> Dict[str, Optional
     overhead that the wall-clock median includes (one stream: the activities do not overlap)."""
     if not ON_GPU:
         return dict(gpu_kernels=None, device_seconds=None)
-    from torch.profiler import ProfilerActivity, profile
-
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
@@ -189,8 +173,6 @@ def patch_embedding_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
 
 
 def patch_embedding_input(s: Shape, dtype: torch.dtype) -> torch.Tensor:
-    from timellm_fast.data import ett_windows
-
     windows, _ = ett_windows((s.rows + 6) // 7, s.seq_len)  # [B, T, 7] real ETTh1 when present
     x = windows.permute(0, 2, 1).reshape(-1, s.seq_len)[:s.rows]
     return x.reshape(s.rows, 1, s.seq_len).to(DEVICE, dtype)
@@ -292,8 +274,6 @@ def _core_sdpa(rows, wq, bq, kv, n_heads):
 def _core_ours(rows, wq, bq, kv, n_heads):
     """Our fused core given K and V (timellm_fast.reprogramming.fused_attention): the factorized
     operands from K by one small batched GEMM, then the kernels; Q is never formed."""
-    from timellm_fast.reprogramming import fused_attention
-
     return fused_attention(rows, wq, bq, kv, n_heads)
 
 

@@ -27,6 +27,9 @@ if not os.environ.get("TIMELLM_FAST_DATA") and (_SHARED_DATA / "ETTh1.csv").is_f
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import report  # noqa: E402  (bench/, on the path above)
+from timellm_fast import dispatch  # noqa: E402  (after the environment above)
+
 RESULTS = []
 OVER_BUDGET = []
 _STATE = {"start": None, "budget": None, "out": None}
@@ -56,8 +59,6 @@ def _fresh_compile_caches():
 def _record_paths():
     """Each row a case appends says which path our ops took in it ("paths": {"op/path": calls};
     empty for peers that do not call our ops): the Triton kernels, or their eager path."""
-    from timellm_fast import dispatch
-
     before = len(RESULTS)
     with dispatch.record_paths() as seen:
         yield
@@ -87,8 +88,6 @@ def pytest_runtest_setup(item):
 def _write(final: bool) -> None:
     if not _STATE["out"] or not (RESULTS or OVER_BUDGET):
         return
-    import report
-
     report.write_results(_STATE["out"], RESULTS, over_budget=OVER_BUDGET, plots=final)
 
 

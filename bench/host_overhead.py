@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from common import SdpaFold
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.kernels import patch_embedding as pe_kernels
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
 
@@ -45,8 +46,6 @@ class _NoLaunch:
 @contextlib.contextmanager
 def stubbed_kernels():
     """Triton path chosen on CPU tensors, every kernel launch a no-op (outputs stay uninitialized)."""
-    from timellm_fast import dispatch
-
     saved = []
     targets = [(attn_kernels, n) for n in ("attention_fwd_kernel", "attention_bwd_delta_kernel",
                                            "attention_bwd_protos_kernel", "attention_bwd_rows_kernel")]
@@ -83,8 +82,6 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
     rows): the CPU computes the GEMMs around the stubbed kernels for real, which a GPU does
     asynchronously, and at these sizes each is about a microsecond (a 1-MFLOP bmm takes ~14 us on
     a CPU core, and would be counted as host time)."""
-    from timellm_fast import PatchEmbedding, ReprogrammingLayer
-
     torch.manual_seed(0)
     layer = ReprogrammingLayer(16, 8, 16, 16, attention_dropout=0.1)
     target = torch.randn(2, 2, 16, requires_grad=True)
@@ -120,8 +117,6 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
 
 
 def measure(calls: int) -> List[dict]:
-    from timellm_fast import dispatch
-
     rows = []
     for module, mode, instance, training, call, sdpa_fold_call in _cases():
         instance.train(training)  # once, outside the timed calls

@@ -8,14 +8,13 @@ import os
 from collections import defaultdict
 
 import torch
+import triton
 
 #: SPEC §2.2: bf16 dense tensor-core throughput as measured on an H100 (the H200's compute die)
 H100_PEAK_FLOPS_BF16 = 790e12
 
 
 def environment() -> dict:
-    import triton
-
     return dict(
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cases import run_case
-from common import DEVICE, FULL, ON_GPU, Shape
+from common import DEVICE, FULL, ON_GPU, Shape, patch_embedding_cost, reprogramming_cost
 from conftest import RESULTS
 from timellm_fast.data import ett_windows
 from timellm_fast.models import TimeLLM, TimeLLMConfig
@@ -43,8 +43,6 @@ def shape_of(name: str, batch: int) -> Shape:
 
 def stage_cost(s: Shape, vocab: int) -> tuple:
     """FLOPs of the input stage: the prototype GEMM (vocab x d_llm x S) plus both layers."""
-    from common import patch_embedding_cost, reprogramming_cost
-
     pe, rp = patch_embedding_cost(s, DTYPE, False), reprogramming_cost(s, DTYPE, False)
     e = torch.finfo(DTYPE).bits // 8
     return (pe[0] + rp[0] + 2.0 * vocab * s.d_llm * s.num_protos,

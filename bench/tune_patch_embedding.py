@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from tuning import TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
 import triton  # noqa: E402
+from common import device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding_input  # noqa: E402
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles  # noqa: E402
 from timellm_fast.kernels._launch import dot_dtype  # noqa: E402
@@ -51,8 +52,6 @@ def forward(x: torch.Tensor, weight: torch.Tensor, shape, seed: torch.Tensor) ->
 
 
 def main(argv=None) -> int:
-    from common import device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding_input
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sweep_arguments(parser, shapes="traffic-folded,explained-gpt2", budget_s=120.0, out="tune_patch.json")
     args = parser.parse_args(argv)

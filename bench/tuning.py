@@ -15,6 +15,7 @@ import torch
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # before Triton is imported
 
 from timellm_fast.kernels._environment import interpreting  # noqa: E402
+from timellm_fast.timing import median_seconds  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and not interpreting():
@@ -22,16 +23,12 @@ if not ON_GPU and not interpreting():
                      "CPU they run only as a smoke run in Triton's interpreter: TRITON_INTERPRET=1 python "
                      "bench/<script>.py --smoke")
 
+from common import CPU_SHAPES, SPEC_SHAPES  # noqa: E402  (after the check above: nothing to import without it)
+
 
 def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn() (do_bench) on a GPU; one wall-clock call elsewhere (smoke runs)."""
-    if ON_GPU:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    """Median milliseconds of fn() (do_bench, ~40 ms) on a GPU; one wall-clock call elsewhere (smoke runs)."""
+    return median_seconds(fn, cuda=ON_GPU, reps=1, warmup_calls=0, rep_ms=40) * 1e3
 
 
 class TuneLog:
@@ -77,8 +74,6 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, shapes: str, budget_
 
 def sweep_setup(args: argparse.Namespace) -> tuple:
     """(device, dtype, smoke, shapes, device name) of a sweep from its parsed options."""
-    from common import CPU_SHAPES, SPEC_SHAPES
-
     smoke = args.smoke or not ON_GPU
     shapes = CPU_SHAPES if smoke else [s for s in SPEC_SHAPES if s.name in args.shapes.split(",")]
     name = (torch.cuda.get_device_name() if ON_GPU else "cpu (interpreter)") + (" smoke run" if smoke else "")

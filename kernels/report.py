@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import functools
+import inspect
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -24,6 +27,16 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional
 
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nvidia
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from . import patch_embedding
+from . import reprogramming_attention as attn
+from . import reprogramming_attention_tiles as tiles
 from ._environment import interpreting
 
 ARCHS = (75, 80, 90)
@@ -58,9 +71,7 @@ class AotResult:
 
 
 def kernel_modules():
-    from . import patch_embedding, reprogramming_attention
-
-    return [patch_embedding, reprogramming_attention]
+    return [patch_embedding, attn]
 
 
 def all_configs() -> List[dict]:
@@ -69,8 +80,6 @@ def all_configs() -> List[dict]:
 
 def _ptxas(arch: int) -> str:
     """The ptxas Triton itself uses for `arch` (triton >= 3.7 ships a newer one for sm_90+)."""
-    from triton.backends.nvidia import compiler as nvidia
-
     try:
         return nvidia.get_ptxas(arch).path
     except TypeError:  # triton <= 3.6: one ptxas for every arch
@@ -89,8 +98,6 @@ def _ptxas_version(path: str) -> str:
 
 def toolchain(archs: Iterable[int] = ARCHS) -> dict:
     """What compiles here: Triton's version and, per architecture, the ptxas Triton uses."""
-    import triton
-
     ptxas = {}
     for arch in archs:
         try:
@@ -116,10 +123,6 @@ def format_toolchain(info: dict) -> str:
 def _triton_ptxas_flags() -> List[str]:
     """The register-allocation flags the installed Triton's own cubin build passes to ptxas (Triton
     3.8 and 3.9 add --regAllocOptLevel=2; 3.6 none): a usage count without them is another build's."""
-    import inspect
-
-    from triton.backends.nvidia.compiler import CUDABackend
-
     source = inspect.getsource(CUDABackend.make_cubin)
     return re.findall(r"'(--regAllocOptLevel=\d+)'", source)
 
@@ -163,10 +166,6 @@ def jit_specialization(cfg: dict) -> dict:
 
 def _compile(cfg: dict, arch: int):
     """triton.compile of one configuration for sm_<arch>, specialized as the JIT would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
                     attrs=jit_specialization(cfg))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -206,8 +205,6 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
             if arch in cfg.get("archs", ARCHS)]
     if jobs <= 1:
         return [_compile_indexed(job) for job in work]
-    import multiprocessing
-
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         return pool.map(_compile_indexed, work, chunksize=1)
 
@@ -217,8 +214,6 @@ def _sass(cfg: dict, arch: int, constants: Optional[dict] = None, div16: tuple =
     instruction texts in order, and (first, last) index of every loop body (a backward branch).
     `constants` names integer arguments to compile as those constants and `div16` integer arguments
     to compile as multiples of 16, as the JIT specializes a launch whose arguments have those values."""
-    import triton
-
     cfg = dict(cfg, signature=dict(cfg["signature"]), constexprs=dict(cfg["constexprs"]),
                divisible_by_16=tuple(cfg.get("divisible_by_16", ())) + tuple(div16))
     for name, value in (constants or {}).items():
@@ -385,13 +380,6 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
     shipped value unless given) chooses per group of 128 prototypes, a branch the SASS does not
     resolve: its counts are (1 - share)·(the build with every group on MUFU.EX2) + share·(the build
     with every group on the polynomial), both counted from their SASS."""
-    import dataclasses
-
-    import torch
-
-    from . import reprogramming_attention as attn
-    from . import reprogramming_attention_tiles as tiles
-
     by_name = {c["name"]: c for c in attn.aot_configs()}
     lines = []
     for shape, d_model, head_dim in WORK_SHAPES:

@@ -20,7 +20,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +31,7 @@ from .forecast import add_forecast_arguments, forecast_main
 from .patch_embedding import patch_embedding
 from .reference import patch_embedding_reference, reprogramming_reference
 from .reprogramming import ReprogrammingLayer
+from .timing import median_seconds
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -149,25 +149,6 @@ def check_command() -> bool:
     return subprocess.call([sys.executable, "-m", "timellm_fast", "check"], env=env) == 0
 
 
-def _time(fn, reps: int) -> float:
-    """Median seconds of fn() after a warm-up, with CUDA events on a GPU."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def bench_suite_dir() -> Optional[Path]:
     """bench/ of a source checkout (the suites are not part of the wheel)."""
     candidate = Path(__file__).resolve().parent.parent / "bench"
@@ -209,14 +190,15 @@ def quick_bench(reps: int = 20) -> None:
     shapes = PATCH_SHAPES if DEVICE.type == "cuda" else PATCH_SHAPES[:2]
     print(f"{'shape':<16} {'rows':>6} {'eager ms':>9} {'ours ms':>9} {'speedup':>8}")
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    on_gpu = DEVICE.type == "cuda"
     for name, rows, d_model in shapes:
         x, _ = _series(rows)
         x = x.to(dtype)
         w = (torch.randn(d_model, 16, 3) / 7).to(DEVICE, dtype)
         with torch.no_grad():
-            eager = _time(lambda: patch_embedding_reference(x, w, 16, 8).to(dtype), reps)
+            eager = median_seconds(lambda: patch_embedding_reference(x, w, 16, 8).to(dtype), cuda=on_gpu, reps=reps)
             if DEVICE.type == "cuda":
-                ours = _time(lambda: patch_embedding(x, w, 16, 8), reps)
+                ours = median_seconds(lambda: patch_embedding(x, w, 16, 8), cuda=on_gpu, reps=reps)
                 print(f"{name:<16} {rows:>6} {eager * 1e3:>9.3f} {ours * 1e3:>9.3f} {eager / ours:>7.2f}x")
             else:
                 print(f"{name:<16} {rows:>6} {eager * 1e3:>9.3f} {'n/a':>9} {'n/a':>8}")
