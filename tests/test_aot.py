@@ -11,6 +11,7 @@ our GPU machines) in `.venv-aot-triton36` and Triton 3.8 (what `pip install torc
 torch 2.14.1) in `.venv-aot-triton38`. The versions allocate registers differently (3.6 and 3.8
 each spilled on four tiles that fit 3.9), so a tile must fit all of them.
 """
+import ast
 import json
 import os
 import subprocess
@@ -49,6 +50,17 @@ def _toolchain_python(toolchain: str) -> str:
         venv, _, packages = AOT_VENVS[toolchain]
         pytest.skip(f"no {python}: python3 -m venv {venv} && {venv}/bin/pip install {packages} && "
                     f"{venv}/bin/pip install --no-deps -e .")
+    return python
+
+
+def _python_with_nvdisasm(toolchain: str) -> str:
+    """The toolchain's Python, when its Triton ships nvdisasm (the SASS tests need it); a skip otherwise."""
+    python = _toolchain_python(toolchain)
+    has_nvdisasm = subprocess.run(
+        [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
+                       "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
+    if has_nvdisasm != "True":
+        pytest.skip(f"the Triton of {python} ships no nvdisasm")
     return python
 
 
@@ -114,14 +126,7 @@ def test_patch_embedding_gather_does_no_integer_division_per_element(toolchain):
     the per-element form had in every iteration. SASS from nvdisasm, sm_80 and sm_90, the bf16
     configuration specialized as the JIT compiles it at Traffic-folded (unit strides as the
     constant 1, multiples of 16 marked)."""
-    import ast
-
-    python = _toolchain_python(toolchain)
-    has_nvdisasm = subprocess.run(
-        [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
-                       "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
-    if has_nvdisasm != "True":
-        pytest.skip(f"the Triton of {python} ships no nvdisasm")
+    python = _python_with_nvdisasm(toolchain)
     env = _compile_env()
     name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", name,
@@ -144,15 +149,8 @@ def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
     its windows with 128-bit loads and writes y with 128-bit stores: no 2-byte gather is left in
     the loop (the weight's strided gather happens once per program, before it). SASS of sm_90
     and sm_80 from nvdisasm, specialized as the JIT compiles that launch."""
-    import ast
 
-
-    python = _toolchain_python(toolchain)
-    has_nvdisasm = subprocess.run(
-        [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
-                       "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
-    if has_nvdisasm != "True":
-        pytest.skip(f"the Triton of {python} ships no nvdisasm")
+    python = _python_with_nvdisasm(toolchain)
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", pe.TRAFFIC_FOLDED_FWD,
                            "--arch", "80,90", "--ones", ",".join(pe.TRAFFIC_FOLDED_ONES)],
                           env=_compile_env(), capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timellm_fast import cli, data, forecast
+from timellm_fast import cli, data, forecast, timing
 
 REPO = Path(__file__).resolve().parent.parent
 ON_GPU = torch.cuda.is_available()
@@ -210,3 +210,13 @@ def test_forecast_models_take_turns_and_alternate_who_goes_first():
     models = {"eager": "E", "fast": "F"}
     orders = [[label for label, _ in forecast._in_turn(models, i)] for i in range(4)]
     assert orders == [["eager", "fast"], ["fast", "eager"], ["eager", "fast"], ["fast", "eager"]]
+
+
+def test_median_seconds_on_the_host_times_reps_calls_after_the_warm_up(monkeypatch):
+    """The wall-clock path of the one timer (the CLI's, the suites' and the tuners'): warm-up calls
+    untimed, then the median of `reps` timed calls (here of 1, 3 and 2 clock units)."""
+    clock = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert timing.median_seconds(lambda: calls.append(None), cuda=False, reps=3, warmup_calls=2) == 2.0
+    assert len(calls) == 5
