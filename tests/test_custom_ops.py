@@ -136,9 +136,9 @@ def test_opcheck_reprogramming_layer_ops(dtype, dropout_p, d_model):
                rand(d_llm, H * E, scale=0.25), rand(d_llm)]
     flags = (H, dropout_p, attention_seed(dropout_p, DEVICE), False, True)
     opcheck(reprogramming_op.forward_op, (*tensors, *flags))
-    out, heads, lse, mc, v, query_side, g_side = (t.detach() for t in reprogramming_op.forward_op(*tensors, *flags))
+    out, heads, lse, mc, v, query_side, key_side = (t.detach() for t in reprogramming_op.forward_op(*tensors, *flags))
     target, source, value, wq, bq, wk, bk, wv, bv, wo, bo = (t.detach() for t in tensors)
-    saved = (target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g_side)
+    saved = (target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side)
     for needs in ([True] * 11, [False] * 3 + [True] * 8, [True] + [False] * 10):
         opcheck(reprogramming_op.backward_op, (torch.randn_like(out), *saved, *flags, needs))
 

@@ -15,7 +15,7 @@ import torch
 from helpers import DEVICE, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
 from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
-from timellm_fast.reprogramming import ReprogrammingLayer, draw_seed_tensor
+from timellm_fast.reprogramming import ReprogrammingLayer, core_form, draw_seed_tensor, projects_keys
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 from timellm_fast.kernels import _environment
 from timellm_fast.kernels import reprogramming_attention as kern
@@ -118,6 +118,7 @@ SHAPES = [
     ("m4-dm8", 1, 64, 8, 4, 32, 1000, 64, True),  # d_model padded to 16
     ("e48-unpadded", 3, 20, 16, 2, 48, 37, 64, False),
     ("protos-row-chunks", 8, 64, 16, 2, 16, 37, 64, True),  # d_model = E = 16
+    ("dm32-e32-own-value", 2, 8, 32, 2, 32, 37, 64, False),  # factorized from K, value not source
     ("dm24-e100", 2, 16, 24, 2, 100, 37, 48, True),  # factorized, d_model padded to 32, E not a power of two
     ("standard-dm48-e32", 2, 16, 48, 2, 32, 37, 64, False),  # d_model > E: Q first
     ("standard-dm80-e64", 1, 16, 80, 2, 64, 37, 48, True),  # d_model > E: Q first, 64-wide logits
@@ -138,9 +139,12 @@ def test_fused_matches_oracle(shape, dtype, mode, backend):
 
 
 def test_shapes_cover_both_forms_and_every_factorized_block_width():
-
+    """...and both routes to the factorized prototype side: from the projected K (E <= BLOCK_D + 1) and
+    from G without K (E wider), each of them on shapes where source is value and where it is not."""
     forms = {(kern.is_factorized(s[3], s[5]), kern.block_d_for(s[3], s[5])) for s in SHAPES}
     assert {(True, 16), (True, 32), (False, 32), (False, 64)} <= forms, forms
+    routes = {(projects_keys(core_form(s[3], s[4], s[5]), s[5]), s[8]) for s in SHAPES if kern.is_factorized(s[3], s[5])}
+    assert routes == {(True, True), (True, False), (False, True), (False, False)}, routes
 
 
 def test_fp32_wide_standard_form_falls_back(backend):

@@ -2,11 +2,12 @@
 
 The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention core
 that never materializes the [B', H, L, S] attention matrix. Where d_model <= E (every Time-LLM
-shape) the core runs on the factorized logits of SPEC §1.3, Z_h = s·(target·M_h + c_h): the
-prototype side of the logits is built straight from `source`, so neither Q nor K exists:
+shape) the core runs on the factorized logits of SPEC §1.3, Z_h = s·(target·M_h + c_h): Q never
+exists, and where E > W = BLOCK_D + 1 neither does K (the prototype side is built straight from `source`):
 
     forward:  G_h = [Wq_h | 0 | bq_h]ᵀ·Wk_h, g_h = [Wq_h | 0 | bq_h]ᵀ·bk_h   (tiny GEMMs)
               mc = G·sourceᵀ + g      [H, W, S]: per head Y_hᵀ = (K_h·Wq_h)ᵀ, then c_hᵀ = (K_h·bq_h)ᵀ
+              (where E <= W, as much work and one GEMM fewer: K = source·Wkᵀ + bk, mc_h = [Wq_h | 0 | bq_h]ᵀ·K_hᵀ)
               v  = value·Wvᵀ + bv     [S, H, E]
               O, lse = fused core(target, mc, v)     (d_model-wide logit dots, softmax, dropout, ·V)
               out = O·Woᵀ + bo
@@ -81,6 +82,14 @@ def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
     return CoreForm(head_dim, head_dim, False, scale, d_model)
 
 
+def projects_keys(form: CoreForm, head_dim: int) -> bool:
+    """Factorized: whether mc is formed from the projected keys (mc_h = wqb_hᵀ·K_hᵀ) rather than from
+    G_h = wqb_hᵀ·Wk_h (prototype_operands). The K projection costs S·d_llm·H·E multiply-adds, G's route
+    S·d_llm·H·W: where E <= W = BLOCK_D + 1 projecting K is no more work, and it is one GEMM fewer
+    in each direction (the small shapes are host-bound: every op counts)."""
+    return form.has_bias and head_dim <= form.d_logit + 1
+
+
 _ZEROS: dict = {}
 
 
@@ -121,7 +130,16 @@ class PrototypeSide(NamedTuple):
     mc: torch.Tensor  # mc: [H, W, S'], the prototype side of the logits (factorized) or Kᵀ (standard)
     v: torch.Tensor  # v: [S, H, E]
     wqb: Optional[torch.Tensor]  # wqb: [H, E, W] (factorized_query_side); None on the standard form
-    g: Optional[torch.Tensor]  # g: [H, W, d_llm], G_h = wqb_hᵀ·Wk_h; None on the standard form
+    # key_side: what mc was formed from on the factorized form, K [S, H*E] (projects_keys)
+    # or G [H, W, d_llm] with G_h = wqb_hᵀ·Wk_h; None on the standard form
+    key_side: Optional[torch.Tensor]
+
+
+def mc_from_keys(wqb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # mc: [H, W, S]
+    """The factorized mc from projected keys k [S, H*E]: mc_h = wqb_hᵀ·K_hᵀ, one batched GEMM of
+    2·S·E·H·W FLOPs that writes the kernels' transposed layout."""
+    H, E, _ = wqb.shape
+    return torch.bmm(wqb.transpose(1, 2), k.view(k.shape[0], H, E).permute(1, 2, 0))
 
 
 def prototype_operands(
@@ -131,9 +149,10 @@ def prototype_operands(
 ) -> PrototypeSide:
     """The prototype side (cached at inference by the layer).
 
-    Factorized: mc = G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h, i.e. (K_h·wqb_h)ᵀ without
-    forming K: 2·S·d_llm·H·(BLOCK_D + 1) FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3),
-    one GEMM whose output is already the kernels' transposed layout. Standard: mc = Kᵀ."""
+    Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (projects_keys) or, where E > BLOCK_D + 1, as
+    G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h without forming K: 2·S·d_llm·H·(BLOCK_D + 1)
+    FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3), one GEMM whose output is already the
+    kernels' transposed layout. Standard: mc = Kᵀ."""
     S, d_llm = source.shape
     H, E = n_heads, wk.shape[0] // n_heads
     v = F.linear(value, wv, bv).view(S, H, E)
@@ -141,6 +160,9 @@ def prototype_operands(
         return PrototypeSide(_align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v,
                              None, None)
     wqb = factorized_query_side(wq, bq, H, form.d_logit)  # [H, E, W]
+    if projects_keys(form, E):
+        k = F.linear(source, wk, bk)  # K: [S, H*E]
+        return PrototypeSide(_align_prototypes(mc_from_keys(wqb, k)), v, wqb, k)
     wqb_t = wqb.transpose(1, 2)  # [H, W, E]
     g = torch.bmm(wqb_t, wk.view(H, E, d_llm))  # [H, W, d_llm]
     g_bias = torch.bmm(wqb_t, bk.view(H, E, 1))  # [H, W, 1]
@@ -175,8 +197,7 @@ def core_from_keys(
     form = core_form(DM, H, E)
     v = kv[:, HE:].view(S, H, E)
     if form.has_bias:
-        wqb_t = factorized_query_side(wq, bq, H, form.d_logit).transpose(1, 2)  # [H, W, E]
-        mc = torch.bmm(wqb_t, kv[:, :HE].view(S, H, E).permute(1, 2, 0))  # [H, W, S]
+        mc = mc_from_keys(factorized_query_side(wq, bq, H, form.d_logit), kv[:, :HE])  # [H, W, S]
     else:
         mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
     return query_operand(target_rows, wq, bq, form), _align_prototypes(mc), v, form
@@ -207,16 +228,16 @@ def _launch_layer_forward(
     allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [R, d_llm], then what the backward reuses: heads [R, H*E], lse [H, R] fp32, mc, v,
-    query_side (wqb [H, E, W] factorized, Q [R, H*E] standard), g ([H, W, d_llm], [0] standard))."""
+    query_side (wqb [H, E, W] factorized, Q [R, H*E] standard), key_side (PrototypeSide's; [0] standard))."""
     H = n_heads
     form = core_form(wq.shape[1], H, wq.shape[0] // H)
-    mc, v, wqb, g = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form)
+    mc, v, wqb, key_side = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form)
     x = query_operand(target_rows, wq, bq, form)
     heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
                                                 form.d_model, dropout_p, seed, allow_tf32)
     out = F.linear(heads, wo, bo)
     if form.has_bias:
-        return out, heads, lse, mc, v, wqb, g
+        return out, heads, lse, mc, v, wqb, key_side
     # the padded target of the factorized form is rebuilt by the backward; Q is kept (it may not
     # be rebuilt for free), and a custom op's outputs may not alias its inputs
     return out, heads, lse, mc, v, x, lse.new_empty((0,))
@@ -233,9 +254,12 @@ def _layer_forward_fake(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, 
     S_pad = S + (-S % attn_kernels.PROTOTYPE_ALIGN)
     new = target_rows.new_empty
     query_side = new((H, E, W)) if form.has_bias else new((R, HE))
-    g = new((H, W, d_llm)) if form.has_bias else new((0,), dtype=torch.float32)
+    if form.has_bias:
+        key_side = new((S, HE)) if projects_keys(form, E) else new((H, W, d_llm))
+    else:
+        key_side = new((0,), dtype=torch.float32)
     return (new((R, wo.shape[0])), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
-            new((S, H, E)), query_side, g)
+            new((S, H, E)), query_side, key_side)
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,7 +277,7 @@ def _launch_layer_backward(
     target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
     wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
     heads: torch.Tensor, lse: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,  # the forward's outputs
-    query_side: torch.Tensor, g: torch.Tensor,
+    query_side: torch.Tensor, key_side: torch.Tensor,
     n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
     needs: Sequence[bool],  # per tensor input of the forward (_TENSOR_INPUTS): whether it needs a gradient
 ) -> List[torch.Tensor]:  # one gradient per tensor input, in the working dtype; [0] where not needed
@@ -294,32 +318,42 @@ def _launch_layer_backward(
             grads[2] = dv.mm(wv) if need_value else None
             grads[7] = dv.t().mm(value) if need_wv else None
             grads[8] = dv.sum(0) if need_bv else None
-        if need_key and form.has_bias:
+        dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
+        dwqb_t = None  # d wqb_hᵀ: [H, W, E] (factorized, where Wq or bq needs a gradient)
+        wqb = query_side  # [H, E, W] on the factorized form
+        if need_key and projects_keys(form, E):
+            # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_hᵀ = dmc_h·K_h
+            dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
+            if need_source or need_wk or need_bk:
+                dkt = torch.bmm(wqb, dmc).view(HE, S)
+            if need_query_weights:
+                dwqb_t = torch.bmm(dmc, key_side.view(S, H, E).transpose(0, 1))
+        elif need_key and form.has_bias:
             W = mc.shape[1]
             dmc = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(H * W, S)  # [H*W, S]
-            grads[1] = dmc.t().mm(g.view(H * W, d_llm)) if need_source else None
+            grads[1] = dmc.t().mm(key_side.view(H * W, d_llm)) if need_source else None
             if need_wk or need_bk or need_query_weights:
                 dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
                 dg_bias = dmc.sum(1).view(H, W, 1)  # [H, W, 1]
-                wqb = query_side  # [H, E, W]
                 grads[5] = torch.bmm(wqb, dg).view(HE, d_llm) if need_wk else None
                 grads[6] = torch.bmm(wqb, dg_bias).view(HE) if need_bk else None
                 if need_query_weights:
                     # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_hᵀ = dG_h·Wk_hᵀ + dg_h·bk_hᵀ
-                    # (narrow/select: tensor indexing is microseconds of host time per call)
                     dwqb_t = torch.baddbmm(torch.mul(dg_bias, bk.view(H, 1, E)), dg, wk.view(H, E, d_llm).transpose(1, 2))
-                    grads[3] = dwqb_t.narrow(1, 0, DM).transpose(1, 2).reshape(HE, DM) if need_wq else None
-                    grads[4] = dwqb_t.select(1, W - 1).reshape(HE) if need_bq else None  # the bias column of wqb
         elif need_key:
-            dkt = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(HE, S)  # d Kᵀ
+            dkt = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(HE, S)
+        if dkt is not None:
             grads[1] = dkt.t().mm(wk) if need_source else None
             grads[5] = dkt.mm(source) if need_wk else None
             grads[6] = dkt.sum(1) if need_bk else None
+        if dwqb_t is not None:  # wqb_h = [Wq_h | zeros | bq_h] (narrow/select: indexing costs microseconds per call)
+            grads[3] = dwqb_t.narrow(1, 0, DM).transpose(1, 2).reshape(HE, DM) if need_wq else None
+            grads[4] = dwqb_t.select(1, dwqb_t.shape[1] - 1).reshape(HE) if need_bq else None  # the bias column
     # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
     return [t if t is not None else heads.new_empty((0,)) for t in grads]
 
 
-def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g,
+def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
                          n_heads, dropout_p, seed, allow_tf32, deterministic, needs):
     shapes = (target_rows.shape, source.shape, value.shape, wq.shape, wq.shape[:1], wk.shape, wk.shape[:1],
               wv.shape, wv.shape[:1], wo.shape, wo.shape[:1])
@@ -328,19 +362,19 @@ def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, w
 
 def _save_layer(ctx, inputs, outputs):
     target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic = inputs
-    _, heads, lse, mc, v, query_side, g = outputs
-    # heads and lse as the core's autograd kept them; mc, v, wqb and G are a few MB at most
-    ctx.save_for_backward(target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g, seed)
+    _, heads, lse, mc, v, query_side, key_side = outputs
+    # heads and lse as the core's autograd kept them; mc, v, wqb and K or G are a few MB at most
+    ctx.save_for_backward(target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed)
     ctx.config = (n_heads, dropout_p, allow_tf32, deterministic)
 
 
 def _layer_gradients(ctx, run_backward, grad_out):
     if grad_out is None:  # the layer's output did not reach the loss
         return (None,) * 16
-    target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g, seed = ctx.saved_tensors
+    target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed = ctx.saved_tensors
     n_heads, dropout_p, allow_tf32, deterministic = ctx.config
     needs = list(ctx.needs_input_grad[:_TENSOR_INPUTS])
-    grads = run_backward(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, g,
+    grads = run_backward(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
                          n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
     return tuple(t if need else None for t, need in zip(grads, needs)) + (None,) * 5
 
