@@ -187,17 +187,17 @@ def bench(out: Optional[str] = None, budget_s: Optional[float] = None, select: O
 
 
 def quick_bench(reps: int = 20) -> None:
-    shapes = PATCH_SHAPES if DEVICE.type == "cuda" else PATCH_SHAPES[:2]
-    print(f"{'shape':<16} {'rows':>6} {'eager ms':>9} {'ours ms':>9} {'speedup':>8}")
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     on_gpu = DEVICE.type == "cuda"
+    shapes = PATCH_SHAPES if on_gpu else PATCH_SHAPES[:2]
+    print(f"{'shape':<16} {'rows':>6} {'eager ms':>9} {'ours ms':>9} {'speedup':>8}")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     for name, rows, d_model in shapes:
         x, _ = _series(rows)
         x = x.to(dtype)
         w = (torch.randn(d_model, 16, 3) / 7).to(DEVICE, dtype)
         with torch.no_grad():
             eager = median_seconds(lambda: patch_embedding_reference(x, w, 16, 8).to(dtype), cuda=on_gpu, reps=reps)
-            if DEVICE.type == "cuda":
+            if on_gpu:
                 ours = median_seconds(lambda: patch_embedding(x, w, 16, 8), cuda=on_gpu, reps=reps)
                 print(f"{name:<16} {rows:>6} {eager * 1e3:>9.3f} {ours * 1e3:>9.3f} {eager / ours:>7.2f}x")
             else:

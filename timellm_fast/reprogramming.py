@@ -297,7 +297,8 @@ def _launch_layer_backward(
     if need_bo:
         grads[10] = grad_out.sum(0)
     need_query_weights = need_wq or need_bq
-    need_key = need_source or need_wk or need_bk or (form.has_bias and need_query_weights)  # what dmc reaches
+    need_k = need_source or need_wk or need_bk  # what K reaches
+    need_key = need_k or (form.has_bias and need_query_weights)  # what dmc reaches
     need_x = need_target or (not form.has_bias and need_query_weights)
     need_protos = need_key or need_value or need_wv or need_bv
     if need_x or need_protos:
@@ -321,16 +322,17 @@ def _launch_layer_backward(
         dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
         dwqb_t = None  # d wqb_hᵀ: [H, W, E] (factorized, where Wq or bq needs a gradient)
         wqb = query_side  # [H, E, W] on the factorized form
+        if need_key:
+            dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
         if need_key and projects_keys(form, E):
             # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_hᵀ = dmc_h·K_h
-            dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
-            if need_source or need_wk or need_bk:
+            if need_k:
                 dkt = torch.bmm(wqb, dmc).view(HE, S)
             if need_query_weights:
                 dwqb_t = torch.bmm(dmc, key_side.view(S, H, E).transpose(0, 1))
         elif need_key and form.has_bias:
             W = mc.shape[1]
-            dmc = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(H * W, S)  # [H*W, S]
+            dmc = dmc.reshape(H * W, S)  # [H*W, S]
             grads[1] = dmc.t().mm(key_side.view(H * W, d_llm)) if need_source else None
             if need_wk or need_bk or need_query_weights:
                 dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
@@ -340,8 +342,8 @@ def _launch_layer_backward(
                 if need_query_weights:
                     # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_hᵀ = dG_h·Wk_hᵀ + dg_h·bk_hᵀ
                     dwqb_t = torch.baddbmm(torch.mul(dg_bias, bk.view(H, 1, E)), dg, wk.view(H, E, d_llm).transpose(1, 2))
-        elif need_key:
-            dkt = _in_dtype(_prototype_columns(dmc, S), dtype).reshape(HE, S)
+        elif need_key:  # standard: dmc is d Kᵀ
+            dkt = dmc.reshape(HE, S)
         if dkt is not None:
             grads[1] = dkt.t().mm(wk) if need_source else None
             grads[5] = dkt.mm(source) if need_wk else None
