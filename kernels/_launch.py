@@ -1,8 +1,15 @@
-"""Small helpers shared by the kernel launchers (no math lives here)."""
+"""Small helpers shared by the kernel launchers (no math lives here), and :func:`launch`, which
+every launcher starts its kernels with."""
 from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Tuple
 
 import torch
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 from ._environment import interpreting
 
@@ -74,3 +81,116 @@ def store_dtype(out_dtype: torch.dtype) -> torch.dtype:
     if out_dtype == torch.bfloat16 and interpreting():
         return torch.float32
     return out_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# launching: the compiled kernel cached per specialization
+# ---------------------------------------------------------------------------------------------
+
+#: set to 0 to start every kernel through Triton's own JITFunction.run (read once, at import)
+LAUNCH_CACHE_ENV = "TIMELLM_FAST_LAUNCH_CACHE"
+launch_cache_enabled = os.environ.get(LAUNCH_CACHE_ENV, "1") != "0"
+#: at most this many compiled-kernel entries are remembered; the cache starts over beyond it
+#: (distinct row counts make distinct entries: a long run over ever-changing shapes must not grow)
+LAUNCH_CACHE_ENTRIES = 4096
+
+
+class _CachedLaunch(NamedTuple):
+    params: dict  # the launch's keyword arguments, held so their id in the key stays theirs
+    kernel: Any  # triton CompiledKernel
+    constexpr_tail: Tuple  # the constexpr values after the positional arguments, in signature order
+
+
+_CACHED: dict = {}
+
+
+def _argument_key(args: tuple) -> list:
+    """What Triton specializes a launch on, per positional argument, or something finer: a tensor's
+    dtype and its address mod 16 (Triton: divisible by 16 or not), an int's value (Triton: equal
+    to 1, divisible by 16, 32 or 64 bits), a float's type (Triton never specializes on its value)."""
+    key = []
+    for a in args:
+        kind = a.__class__
+        if kind is int or kind is bool or a is None:
+            key.append(a)
+        elif kind is float:
+            key.append(float)
+        else:  # a tensor (or Parameter)
+            key.append(a.dtype)
+            key.append(a.data_ptr() & 15)
+    return key
+
+
+def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
+    """``kernel[grid](*args, **params)``, with what Triton compiled for it remembered.
+
+    ``JITFunction.run`` binds and specializes every argument, builds a cache-key string and
+    launch metadata on every call: tens of microseconds of host time per launch, more than the
+    GPU time of the official shapes' kernels (bench/ROOFLINE.md). The first launch of a
+    specialization goes through it and returns the CompiledKernel; later launches with the same
+    specialization (:func:`_argument_key`, finer than Triton's own) call that kernel's launcher
+    directly, with the arguments in signature order, on the current device's current stream (a
+    CUDA graph's capture stream included), as ``JITFunction.run`` itself would.
+
+    `params` are the constexpr values and ``num_warps``/``num_stages``; launchers pass one dict
+    per configuration (memoized, or :func:`interned_params`), as its identity is part of the key.
+    Triton's own path is taken under the interpreter, with :data:`launch_cache_enabled` off,
+    while a launch hook is registered (profilers: the hook needs the metadata only Triton's path
+    builds), for a kernel with pre-run hooks, and for anything that is not a plain JITFunction (a
+    wrapper, such as the tests' launch counters, sees every launch). Process-wide Triton settings
+    (``TRITON_DEBUG``, ``knobs``) count as they were at a specialization's first launch.
+    Returns the CompiledKernel (None under the interpreter).
+    """
+    runtime = knobs.runtime
+    if (interpreting() or not launch_cache_enabled or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks
+            or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls):
+        return kernel[grid](*args, **params)
+    active = driver.active
+    device = active.get_current_device()
+    key = (kernel, id(params), device, *_argument_key(args))
+    cached = _CACHED.get(key)
+    if cached is None or cached.params is not params:
+        compiled = kernel[grid](*args, **params)
+        _remember(key, kernel, params, args, compiled)
+        return compiled
+    compiled = cached.kernel
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *args, *cached.constexpr_tail)
+    return compiled
+
+
+_INTERNED_PARAMS: dict = {}
+
+
+def interned_params(**params) -> dict:
+    """One dict per distinct set of launch keywords, for launchers that build them per call
+    (:func:`launch` keys its cache on the dict's identity)."""
+    key = tuple(params.items())
+    interned = _INTERNED_PARAMS.get(key)
+    if interned is None:
+        interned = _INTERNED_PARAMS[key] = params
+    return interned
+
+
+def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> None:
+    """Caches what JITFunction.run just compiled and launched for `key`, when the positional
+    arguments and `params` cover the signature exactly (else every launch stays on Triton's path)."""
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return
+    names = kernel.arg_names[len(args):]
+    if any(name not in params for name in names):
+        return  # a defaulted argument: its value is Triton's to bind
+    if len(_CACHED) >= LAUNCH_CACHE_ENTRIES:
+        _CACHED.clear()
+    _CACHED[key] = _CachedLaunch(params, compiled, tuple(params[name] for name in names))
+
+
+def cached_launches() -> int:
+    """How many specializations :func:`launch` holds compiled kernels for."""
+    return len(_CACHED)
+
+
+def clear_launch_cache() -> None:
+    """Forgets every cached compiled kernel (their next launches go through Triton's path again)."""
+    _CACHED.clear()

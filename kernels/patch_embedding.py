@@ -44,10 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, multiprocessor_count, store_dtype
+from ._launch import (SIG_DTYPE, TL_DTYPE, cdiv, dot_dtype, input_precision, interned_params, launch,
+                      multiprocessor_count, store_dtype)
 from .patch_embedding_tiles import (DWEIGHT_BLOCK_C, DWEIGHT_BLOCK_M, DWEIGHT_NUM_STAGES, DWEIGHT_NUM_WARPS,
                                     DX_BLOCK_D, DX_BLOCK_J, DX_BLOCK_U, DX_NUM_STAGES, FOLD_BLOCK_R, FOLD_BLOCK_T,
-                                    GEMM_BLOCK_K, GEMM_BLOCK_O, NUM_WARPS, REDUCE_BLOCK, REDUCE_BLOCK_CHUNKS,
+                                    GEMM_BLOCK_K, GEMM_BLOCK_O, NUM_STAGES, NUM_WARPS, REDUCE_BLOCK, REDUCE_BLOCK_CHUNKS,
                                     WINDOW_BLOCK_C, WINDOW_BLOCK_O, WINDOW_FWD_TILES, GemmConfig, WindowFwdConfig,
                                     dweight_block_o, dweight_chunks, fit_block, select_gemm_config,
                                     select_window_fwd_config, windowed_dx, windowed_forward)
@@ -419,13 +420,11 @@ def patch_conv(
         return out
     cfg = select_gemm_config(3 * c_in, out_cols, dot_dt, dropout_p > 0.0)
     grid = (cdiv(M, cfg.block_m), cdiv(out_cols, cfg.block_o))
-    patch_conv_gemm[grid](
-        src, weight, out,
-        M, P, n_vars, c_in, out_cols, time_stride, clamp,
-        src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
-        seed, *_dropout_args(dropout_p),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs(),
-    )
+    launch(patch_conv_gemm, grid, interned_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs()),
+           src, weight, out,
+           M, P, n_vars, c_in, out_cols, time_stride, clamp,
+           src.stride(0), src.stride(1), src.stride(2), *w_strides, out.stride(0), out.stride(1),
+           seed, *_dropout_args(dropout_p))
     return out
 
 
@@ -443,13 +442,12 @@ def _launch_window_fwd(
     tile = cfg.tile
     programs = min(cdiv(M, tile.block_m), tile.programs_per_sm * multiprocessor_count(x.device))
     sw_d, sw_c, sw_k = weight.stride()
-    return patch_window_fwd[(programs, cdiv(D, cfg.block_o))](
-        x, weight, y,
-        M, P, N, T, patch_len, stride * x.element_size(), D,
-        x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
-        seed, *_dropout_args(dropout_p),
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **cfg.constexprs(),
-    )
+    return launch(patch_window_fwd, (programs, cdiv(D, cfg.block_o)),
+                  interned_params(num_warps=tile.num_warps, num_stages=tile.num_stages, **cfg.constexprs()),
+                  x, weight, y,
+                  M, P, N, T, patch_len, stride * x.element_size(), D,
+                  x.stride(0), x.stride(1), x.stride(2), sw_d, sw_c, sw_k,
+                  seed, *_dropout_args(dropout_p))
 
 
 def patch_embedding_fwd(
@@ -507,10 +505,9 @@ def _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed):
         dot_dt=dot_dtype(g_src.dtype, weight.dtype, device=g_src.device), seed=seed,
     )
     R = B * N
-    patch_fold[(cdiv(R, FOLD_BLOCK_R), cdiv(T, FOLD_BLOCK_T))](
-        dpatch, dx, R, P, T, stride, patch_len, max(1, cdiv(patch_len, stride)),
-        BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T, num_warps=NUM_WARPS,
-    )
+    launch(patch_fold, (cdiv(R, FOLD_BLOCK_R), cdiv(T, FOLD_BLOCK_T)),
+           interned_params(BLOCK_R=FOLD_BLOCK_R, BLOCK_T=FOLD_BLOCK_T, num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+           dpatch, dx, R, P, T, stride, patch_len, max(1, cdiv(patch_len, stride)))
 
 
 def patch_embedding_bwd(
@@ -542,22 +539,21 @@ def patch_embedding_bwd(
         block_o = dweight_block_o(D, dropout)
         partial = torch.empty((num_chunks, 3, patch_len, D), device=g.device, dtype=torch.float32)
         dot_dt = dot_dtype(x.dtype, g.dtype, device=g.device) if not dropout else torch.float32
-        patch_window_dweight[(num_chunks, cdiv(patch_len, DWEIGHT_BLOCK_C), cdiv(D, block_o))](
-            x, g, partial, g_src,
-            M, P, N, T, patch_len, stride * x.element_size(), D, rows_per_chunk,
-            x.stride(0), x.stride(1), x.stride(2),
-            seed, *_dropout_args(dropout_p),
-            BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o,
-            DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
-            DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked, num_warps=DWEIGHT_NUM_WARPS,
-            num_stages=DWEIGHT_NUM_STAGES,
-        )
+        launch(patch_window_dweight, (num_chunks, cdiv(patch_len, DWEIGHT_BLOCK_C), cdiv(D, block_o)),
+               interned_params(BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o,
+                               DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
+                               DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked, num_warps=DWEIGHT_NUM_WARPS,
+                               num_stages=DWEIGHT_NUM_STAGES),
+               x, g, partial, g_src,
+               M, P, N, T, patch_len, stride * x.element_size(), D, rows_per_chunk,
+               x.stride(0), x.stride(1), x.stride(2),
+               seed, *_dropout_args(dropout_p))
         if need_dw:
             dw = torch.empty((D, patch_len, 3), device=g.device, dtype=store_dtype(weight.dtype))
-            patch_dweight_reduce[(cdiv(3 * patch_len * D, REDUCE_BLOCK),)](
-                partial, dw, num_chunks, patch_len, D,
-                BLOCK_CHUNKS=REDUCE_BLOCK_CHUNKS, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
-            )
+            launch(patch_dweight_reduce, (cdiv(3 * patch_len * D, REDUCE_BLOCK),),
+                   interned_params(BLOCK_CHUNKS=REDUCE_BLOCK_CHUNKS, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+                                   num_stages=NUM_STAGES),
+                   partial, dw, num_chunks, patch_len, D)
             dw = dw.to(weight.dtype)
     dx = None
     if need_dx:
@@ -566,14 +562,14 @@ def patch_embedding_bwd(
             n_chunks = cdiv(T, stride)
             dot_dt = dot_dtype(g_src.dtype, weight.dtype, device=g.device)
             sw_d, sw_c, sw_k = weight.stride()
-            patch_window_dx[(cdiv(B * N * n_chunks, DX_BLOCK_J),)](
-                g_src, weight, dx,
-                B * N, P, T, patch_len, stride * dx.element_size(), D, n_chunks, cdiv(patch_len, stride),
-                sw_d, sw_c, sw_k,
-                BLOCK_J=DX_BLOCK_J, BLOCK_U=fit_block(2 * stride, DX_BLOCK_U), BLOCK_D=fit_block(D, DX_BLOCK_D),
-                DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
-                num_warps=NUM_WARPS, num_stages=DX_NUM_STAGES,
-            )
+            launch(patch_window_dx, (cdiv(B * N * n_chunks, DX_BLOCK_J),),
+                   interned_params(BLOCK_J=DX_BLOCK_J, BLOCK_U=fit_block(2 * stride, DX_BLOCK_U),
+                                   BLOCK_D=fit_block(D, DX_BLOCK_D), DOT_DTYPE=TL_DTYPE[dot_dt],
+                                   INPUT_PRECISION=input_precision(dot_dt), num_warps=NUM_WARPS,
+                                   num_stages=DX_NUM_STAGES),
+                   g_src, weight, dx,
+                   B * N, P, T, patch_len, stride * dx.element_size(), D, n_chunks, cdiv(patch_len, stride),
+                   sw_d, sw_c, sw_k)
         else:
             _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed)
         dx = dx.to(x.dtype)
@@ -643,7 +639,7 @@ def aot_configs() -> list:
         sig = _signature({"partial_ptr": "*fp32", "dw_ptr": f"*{SIG_DTYPE[dt]}"}, ("NUM_CHUNKS", "PATCH_LEN", "D"),
                          {}, cx)
         configs.append(dict(name=f"patch_dweight_reduce[{SIG_DTYPE[dt]}]", fn=patch_dweight_reduce, signature=sig,
-                            constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
+                            constexprs=cx, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     # (g, w, dx, dot): g is the output gradient (weight's dtype) or, under dropout, the fp32
     # masked gradient; dx has x's dtype
     dx_cases = [(torch.float32, torch.float32, torch.float32, torch.float32),
@@ -681,7 +677,7 @@ def aot_configs() -> list:
         sig = _signature({"dpatch_ptr": "*fp32", "dx_ptr": f"*{SIG_DTYPE[dt]}"},
                          ("R", "P", "T", "STRIDE", "PATCH_LEN", "N_OVERLAP"), {}, cx)
         configs.append(dict(name=f"patch_fold[{SIG_DTYPE[dt]}]", fn=patch_fold, signature=sig,
-                            constexprs=cx, num_warps=NUM_WARPS, num_stages=3))
+                            constexprs=cx, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     return configs
 
 

@@ -66,6 +66,7 @@ GEMM_BLOCK_K = (16,)
 GEMM_BLOCK_O = (16, 32)  # 64 spills under dropout (Philox on 4096 elements)
 FOLD_BLOCK_R, FOLD_BLOCK_T = 16, 64
 NUM_WARPS = 4
+NUM_STAGES = 3  # patch_fold and patch_dweight_reduce: Triton's default, passed so every launch names its options
 
 
 @dataclass(frozen=True)

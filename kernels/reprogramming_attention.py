@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ._environment import interpreting
-from ._launch import cdiv, store_dtype
+from ._launch import cdiv, launch, store_dtype
 from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
                                             PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
                                             is_factorized, launch_params, no_config_reason, override_softmax,
@@ -648,10 +648,10 @@ def attention_forward(
     lse = torch.empty((H, R), dtype=torch.float32, device=x.device)
     if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
         return out.to(x.dtype), lse
-    attention_fwd_kernel[(cdiv(R, cfg.block_r), H)](
+    launch(attention_fwd_kernel, (cdiv(R, cfg.block_r), H), launch_params(cfg),
         x, mc, v, out, lse, R, S, d_logit, H, E,
         x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias),
-        LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S), **launch_params(cfg))
+        LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S))
     return (out if out_dtype == x.dtype else out.to(x.dtype)), lse  # .to() is a dispatcher call even as a no-op
 
 
@@ -708,8 +708,8 @@ def attention_backward(
     delta_cfg = select_config("bwd_delta", x.dtype, E, d_model, False, dev, allow_tf32)
     delta = torch.empty((H, R), dtype=torch.float32, device=dev)
     dx = torch.empty((R, dx_cols), dtype=torch.float32, device=dev) if atomic_dx else None
-    attention_bwd_delta_kernel[(cdiv(R, delta_cfg.block_r),)](
-        out, grad, delta, dx if atomic_dx else delta, R, H, E, dx_cols, int(atomic_dx), **launch_params(delta_cfg))
+    launch(attention_bwd_delta_kernel, (cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg),
+        out, grad, delta, dx if atomic_dx else delta, R, H, E, dx_cols, int(atomic_dx))
 
     dmc = dv = None
     if need_protos:
@@ -721,11 +721,11 @@ def attention_backward(
         chunk_axis = (n_chunks,) if n_chunks > 1 else ()
         dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=torch.float32, device=dev)  # [(C,) H, W, S']
         dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=torch.float32, device=dev)  # [(C,) S, H, E]
-        attention_bwd_protos_kernel[(proto_blocks, H, n_chunks)](
+        launch(attention_bwd_protos_kernel, (proto_blocks, H, n_chunks), launch_params(cfg),
             x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
             R, S, d_logit, H, E, W, S_pad,
             x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols,
-            rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox, **launch_params(cfg))
+            rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox)
         dmc = dmc_partial.sum(0) if n_chunks > 1 else dmc_partial
         dv = dv_partial.sum(0) if n_chunks > 1 else dv_partial
 
@@ -737,10 +737,10 @@ def attention_backward(
         else:  # standard: head h owns columns h·E + [0, E) of dQ
             dx_heads = torch.empty((R, dx_cols), dtype=torch.float32, device=dev)
             head_stride = x_head_stride
-        attention_bwd_rows_kernel[(cdiv(R, cfg.block_r), H)](
+        launch(attention_bwd_rows_kernel, (cdiv(R, cfg.block_r), H), launch_params(cfg),
             x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E,
             x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols, head_stride,
-            int(has_bias), *common, *philox, **launch_params(cfg))
+            int(has_bias), *common, *philox)
         dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
     return dx, dmc, dv
 
@@ -754,9 +754,8 @@ def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: f
     cfg = select_config("dropout_mask", torch.float32, 16, 16, True, device)
     keep = torch.empty((n_heads, num_rows, num_protos), dtype=torch.int8, device=device)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dropout_keep_mask_kernel[(cdiv(num_rows, cfg.block_r), n_heads)](
-        keep, num_rows, num_protos, n_heads, float(dropout_p), seed_t, rows_per_philox_group(num_protos),
-        **launch_params(cfg))
+    launch(dropout_keep_mask_kernel, (cdiv(num_rows, cfg.block_r), n_heads), launch_params(cfg),
+           keep, num_rows, num_protos, n_heads, float(dropout_p), seed_t, rows_per_philox_group(num_protos))
     return keep.bool()
 
 

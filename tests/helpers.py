@@ -1,6 +1,10 @@
-"""Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, and a
-Triton launch counter. Imported after conftest.py has set up the environment."""
+"""Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, a
+Triton launch counter, and the other Tritons' venvs for the tests that compile kernels. Imported after conftest.py has set up the environment."""
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +67,33 @@ class LaunchCounter:
             self.launches += 1
             return launch(*args, **kwargs)
         return counted
+
+
+REPO = Path(__file__).resolve().parent.parent
+#: toolchain -> (the venv that holds it, the Triton version it must hold, what to pip install there);
+#: .ci/run makes them: Triton 3.6 (torch 2.11, our GPU machines) and Triton 3.8 (what
+#: `pip install torch` brings with torch 2.14.1)
+AOT_VENVS = {
+    "triton36": (".venv-aot-triton36", "3.6", "torch==2.13.0 triton==3.6.0 'numpy<2.4'"),
+    "triton38": (".venv-aot-triton38", "3.8", "torch==2.13.0 triton==3.8.0 numpy"),
+}
+TOOLCHAINS = {"this-env": sys.executable,
+              **{name: str(REPO / venv / "bin" / "python") for name, (venv, _, _) in AOT_VENVS.items()}}
+
+
+def toolchain_python(toolchain: str) -> str:
+    """The toolchain's python, or a skip that says how to make it."""
+    python = TOOLCHAINS[toolchain]
+    if not Path(python).exists():
+        venv, _, packages = AOT_VENVS[toolchain]
+        pytest.skip(f"no {python}: python3 -m venv {venv} && {venv}/bin/pip install {packages} && "
+                    f"{venv}/bin/pip install --no-deps -e .")
+    return python
+
+
+def compiled_kernels_env() -> dict:
+    """A child process's environment for compiled kernels: no interpreter (under TRITON_INTERPRET=1
+    the kernels are interpreter objects), this repository's install."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env

@@ -15,23 +15,12 @@ import ast
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import AOT_VENVS, TOOLCHAINS, compiled_kernels_env, toolchain_python
 from timellm_fast.kernels import report
 from timellm_fast.kernels import patch_embedding as pe
-
-REPO = Path(__file__).resolve().parent.parent
-#: toolchain -> (the venv that holds it, the Triton version it must hold, what to pip install there)
-AOT_VENVS = {
-    "triton36": (".venv-aot-triton36", "3.6", "torch==2.13.0 triton==3.6.0 'numpy<2.4'"),
-    "triton38": (".venv-aot-triton38", "3.8", "torch==2.13.0 triton==3.8.0 numpy"),
-}
-TOOLCHAINS = {"this-env": sys.executable,
-              **{name: str(REPO / venv / "bin" / "python") for name, (venv, _, _) in AOT_VENVS.items()}}
-
 
 def test_every_kernel_file_contributes_configs():
     names = {cfg["fn"].__name__ if hasattr(cfg["fn"], "__name__") else cfg["fn"].fn.__name__
@@ -43,19 +32,9 @@ def test_every_kernel_file_contributes_configs():
         assert set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS), cfg["name"]
 
 
-def _toolchain_python(toolchain: str) -> str:
-    """The toolchain's python, or a skip that says how to make it."""
-    python = TOOLCHAINS[toolchain]
-    if not Path(python).exists():
-        venv, _, packages = AOT_VENVS[toolchain]
-        pytest.skip(f"no {python}: python3 -m venv {venv} && {venv}/bin/pip install {packages} && "
-                    f"{venv}/bin/pip install --no-deps -e .")
-    return python
-
-
 def _python_with_nvdisasm(toolchain: str) -> str:
     """The toolchain's Python, when its Triton ships nvdisasm (the SASS tests need it); a skip otherwise."""
-    python = _toolchain_python(toolchain)
+    python = toolchain_python(toolchain)
     has_nvdisasm = subprocess.run(
         [python, "-c", "import pathlib, triton; print((pathlib.Path(triton.__file__).parent / 'backends' / "
                        "'nvidia' / 'bin' / 'nvdisasm').exists())"], capture_output=True, text=True).stdout.strip()
@@ -64,18 +43,11 @@ def _python_with_nvdisasm(toolchain: str) -> str:
     return python
 
 
-def _compile_env() -> dict:
-    """The child's environment: real JIT objects (no interpreter), this repository's install."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
 def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path, toolchain):
-    python = _toolchain_python(toolchain)
+    python = toolchain_python(toolchain)
     out = tmp_path / "aot.json"
-    env = _compile_env()
+    env = compiled_kernels_env()
     proc = subprocess.run(
         [python, "-m", "timellm_fast.kernels.report", "--json", str(out),
          "--jobs", os.environ.get("TIMELLM_FAST_AOT_JOBS", str(min(4, os.cpu_count() or 1)))],
@@ -127,7 +99,7 @@ def test_patch_embedding_gather_does_no_integer_division_per_element(toolchain):
     configuration specialized as the JIT compiles it at Traffic-folded (unit strides as the
     constant 1, multiples of 16 marked)."""
     python = _python_with_nvdisasm(toolchain)
-    env = _compile_env()
+    env = compiled_kernels_env()
     name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", name,
                            "--arch", "80,90", "--ones", "N_VARS,s_t,s_wk,s_oc",
@@ -153,7 +125,7 @@ def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
     python = _python_with_nvdisasm(toolchain)
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", pe.TRAFFIC_FOLDED_FWD,
                            "--arch", "80,90", "--ones", ",".join(pe.TRAFFIC_FOLDED_ONES)],
-                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+                          env=compiled_kernels_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     profiles = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [p["arch"] for p in profiles] == [80, 90]
@@ -173,9 +145,9 @@ def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
     output row at Traffic-folded: y's 32 B written (a 16-byte store per thread, 128 threads per
     64 rows), 128 B of reads issued (three 32-byte taps and the predicated series-end load), and
     beside them the SPEC minimum of 16 B read and 32 B written."""
-    python = _toolchain_python("this-env")
+    python = toolchain_python("this-env")
     proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--traffic", "--arch", "90"],
-                          env=_compile_env(), capture_output=True, text=True, timeout=600)
+                          env=compiled_kernels_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "nvdisasm" in proc.stderr:
         pytest.skip("this Triton ships no nvdisasm")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,8 +162,8 @@ def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
     (SPEC §1.3 budgets: forward 2·D + 2·E, default backward 6·D + 4·E, deterministic backward
     8·D + 6·E; one exponential per element per softmax pass, plus the forward's rescale, one per row
     and prototype block)."""
-    python = _toolchain_python(toolchain)
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work"], env=_compile_env(),
+    python = toolchain_python(toolchain)
+    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work"], env=compiled_kernels_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [dict(kv.split("=") for kv in line.split()[4:]) | dict(role=line.split()[1], shape=line.split()[2])
@@ -208,7 +180,7 @@ def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
 
 
 def _work_rows(python: str, *args: str) -> dict:
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work", *args], env=_compile_env(),
+    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work", *args], env=compiled_kernels_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {(line.split()[1], line.split()[2]): dict(kv.split("=") for kv in line.split()[3:])
@@ -219,7 +191,7 @@ def test_work_report_counts_the_polynomial_share_of_the_exponentials():
     """With a share of the exponentials on the FMA units, `report --work` counts MUFU.EX2 per element
     at 1 - share of the all-MUFU build (what is left at share 1 is the forward's rescale, one per row
     and block, taken only past the threshold at E >= 64); MMA FLOPs do not move."""
-    python = _toolchain_python("this-env")
+    python = toolchain_python("this-env")
     shares = {eighths: _work_rows(python, "--poly-eighths", str(eighths)) for eighths in (0, 4, 8)}
     for key, mufu in shares[0].items():
         role, shape = key

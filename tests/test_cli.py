@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from timellm_fast import cli, data, forecast, timing
 
-REPO = Path(__file__).resolve().parent.parent
 ON_GPU = torch.cuda.is_available()
 #: a user's shell: no interpreter, no data variable (each test adds what it needs)
 USER_ENV = {k: v for k, v in os.environ.items()

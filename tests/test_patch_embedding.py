@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import DEVICE, assert_close_to_oracle, requires_triton
+from helpers import DEVICE, LaunchCounter, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
@@ -399,7 +399,6 @@ PATCH_KERNELS = ("patch_window_fwd", "patch_window_dweight", "patch_dweight_redu
 @pytest.fixture
 def launches(monkeypatch):
     """Counts launches of every patch-embedding kernel: {kernel name: count}."""
-    from helpers import LaunchCounter
 
     counters = {name: LaunchCounter(getattr(pe, name)) for name in PATCH_KERNELS}
     for name, counter in counters.items():

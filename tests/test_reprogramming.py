@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
+from helpers import DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
 from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer, core_form, draw_seed_tensor, projects_keys
@@ -225,7 +225,6 @@ def test_protos_row_chunks_are_used_and_deterministic(backend):
 def test_torch_deterministic_switch_selects_the_fixed_order_backward(backend, monkeypatch):
     """torch.use_deterministic_algorithms(True) turns the layer's deterministic mode on: the row side
     then comes from the row-stationary kernel, not from atomics in the prototype-stationary one."""
-    from helpers import LaunchCounter
 
     backend("triton")
     layer, target, source, value, upstream = make_problem(2, 8, 16, 2, 32, 37, 24, torch.float32, True)
