@@ -56,17 +56,6 @@ def triton_path_on_cpu():
         dispatch.triton_device_problem = saved
 
 
-@contextlib.contextmanager
-def tritons_own_launches():
-    """Every launch through JITFunction.run (the launch cache off)."""
-    saved = _launch.launch_cache_enabled
-    _launch.launch_cache_enabled = False
-    try:
-        yield
-    finally:
-        _launch.launch_cache_enabled = saved
-
-
 def microseconds_per_call(fn: Callable[[], object], calls: int) -> float:
     """Median over 5 rounds of the mean time of `calls` calls."""
     for _ in range(max(calls // 10, 3)):
@@ -134,7 +123,7 @@ def measure(calls: int) -> List[dict]:
             row["sdpa_fold_us"] = microseconds_per_call(sdpa_fold_call, calls) if sdpa_fold_call else None
             with dispatch.record_routes() as direct:
                 row["direct_us"] = microseconds_per_call(call, calls)
-                with tritons_own_launches():
+                with _launch.tritons_own_launch_path():
                     row["direct_triton_launch_us"] = microseconds_per_call(call, calls)
             with dispatch.custom_op_route(), dispatch.record_routes() as via_op:
                 row["custom_op_us"] = microseconds_per_call(call, calls)

@@ -2,8 +2,9 @@
 every launcher starts its kernels with."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Iterator, NamedTuple, Tuple
 
 import torch
 import triton.language as tl
@@ -149,7 +150,7 @@ def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
     device = active.get_current_device()
     key = (kernel, id(params), device, *_argument_key(args))
     cached = _CACHED.get(key)
-    if cached is None or cached.params is not params:
+    if cached is None:
         compiled = kernel[grid](*args, **params)
         _remember(key, kernel, params, args, compiled)
         return compiled
@@ -176,7 +177,7 @@ def interned_params(**params) -> dict:
 def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> None:
     """Caches what JITFunction.run just compiled and launched for `key`, when the positional
     arguments and `params` cover the signature exactly (else every launch stays on Triton's path)."""
-    if compiled is None or not hasattr(compiled, "packed_metadata"):
+    if compiled is None:  # nothing compiled (Triton's warm-up/async modes)
         return
     names = kernel.arg_names[len(args):]
     if any(name not in params for name in names):
@@ -189,6 +190,19 @@ def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> None:
 def cached_launches() -> int:
     """How many specializations :func:`launch` holds compiled kernels for."""
     return len(_CACHED)
+
+
+@contextlib.contextmanager
+def tritons_own_launch_path() -> Iterator[None]:
+    """Inside the block every launch goes through JITFunction.run (the cache is kept, not used):
+    to compare the two paths."""
+    global launch_cache_enabled
+    saved = launch_cache_enabled
+    launch_cache_enabled = False
+    try:
+        yield
+    finally:
+        launch_cache_enabled = saved
 
 
 def clear_launch_cache() -> None:

@@ -1,5 +1,6 @@
 """Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, a
-Triton launch counter, and the other Tritons' venvs for the tests that compile kernels. Imported after conftest.py has set up the environment."""
+Triton launch counter, and the other Tritons' venvs for the tests that compile kernels.
+Imported after conftest.py has set up the environment."""
 from __future__ import annotations
 
 import os

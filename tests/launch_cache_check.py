@@ -90,11 +90,10 @@ QUICK = ("layer fp32, 16 rows then one (ints equal to 1)", "core forward, misali
 
 def check(name, make_step, recorder) -> dict:
     step = make_step()
-    _launch.launch_cache_enabled = False
     recorder.launches.clear()
-    step()  # Triton's own path: what it launches for these arguments
+    with _launch.tritons_own_launch_path():
+        step()  # what Triton's own path launches for these arguments
     theirs = list(recorder.launches)
-    _launch.launch_cache_enabled = True
     recorder.launches.clear()
     step()  # first with the cache: Triton's path again, remembered
     entries = _launch.cached_launches()
