@@ -694,8 +694,9 @@ def attention_backward(
     _, W, S_pad = mc.shape
     dev = x.device
     seed = _seed_tensor(seed, dropout_p, dev)
-    grad = grad.contiguous()
-    out = out.contiguous()
+    # .contiguous() is a dispatcher call even when it returns its input
+    grad = grad if grad.is_contiguous() else grad.contiguous()
+    out = out if out.is_contiguous() else out.contiguous()
     dx_cols = x.shape[1]
     if R == 0:  # empty batch: dx is empty and the prototype side is a sum over no rows
         return (torch.zeros((0, dx_cols), dtype=torch.float32, device=dev) if need_dx else None,

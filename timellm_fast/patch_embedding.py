@@ -129,7 +129,7 @@ def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
     """
     if dropout_p > 0:
         return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    return _unused_seed(torch.device(device))
+    return _unused_seed(device if isinstance(device, torch.device) else torch.device(device))
 
 
 _UNUSED_SEEDS = {}

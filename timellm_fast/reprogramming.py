@@ -21,7 +21,6 @@ when dropout is inactive, the literal reference when attention dropout has to be
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -41,17 +40,6 @@ else:  # without Triton dispatch.choose sends every call to the eager path, whic
     attn_kernels = None
 
 OP_NAME = "reprogramming_attention"
-
-
-def autocast_casts(target: torch.Tensor) -> bool:
-    """Whether autocast is on for target's device and casts the layer's operands, as it would for
-    nn.Linear (float64 is left alone)."""
-    return torch.is_autocast_enabled(target.device.type) and target.dtype != torch.float64
-
-
-def working_dtype(target: torch.Tensor) -> torch.dtype:
-    """The autocast dtype where autocast casts (autocast_casts), else the input's."""
-    return torch.get_autocast_dtype(target.device.type) if autocast_casts(target) else target.dtype
 
 
 def project_key_value(
@@ -175,7 +163,9 @@ def padded_rows(target_rows: torch.Tensor, form: CoreForm) -> torch.Tensor:  # x
     """The factorized form's row operand: target with zero columns up to BLOCK_D, so that every row
     is a whole, 16-aligned tile row."""
     pad = form.d_logit - target_rows.shape[1]
-    return F.pad(target_rows, (0, pad)) if pad else target_rows.contiguous()
+    if pad:
+        return F.pad(target_rows, (0, pad))
+    return target_rows if target_rows.is_contiguous() else target_rows.contiguous()
 
 
 def query_operand(target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, form: CoreForm) -> torch.Tensor:
@@ -272,7 +262,7 @@ def _prototype_columns(dmc: torch.Tensor, num_protos: int) -> torch.Tensor:
     return dmc if dmc.shape[2] == num_protos else dmc.narrow(2, 0, num_protos)
 
 
-def _launch_layer_backward(
+def _layer_chain_rule(
     grad_out: torch.Tensor,  # grad_out: [R, d_llm]
     target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
     wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
@@ -280,10 +270,11 @@ def _launch_layer_backward(
     query_side: torch.Tensor, key_side: torch.Tensor,
     n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
     needs: Sequence[bool],  # per tensor input of the forward (_TENSOR_INPUTS): whether it needs a gradient
-) -> List[torch.Tensor]:  # one gradient per tensor input, in the working dtype; [0] where not needed
+) -> List[Optional[torch.Tensor]]:  # one gradient per tensor input, in the working dtype; None where not needed
     """The layer's chain rule around the core's backward kernels (the GEMMs autograd would run,
     without its graph). The core's fp32 gradients are rounded to the working dtype first, as the
-    GEMMs' own gradients are."""
+    GEMMs' own gradients are. Wq's and bq's gradients are strided views of one buffer (autograd
+    accumulates them as they are; the custom op's form copies them)."""
     need_target, need_source, need_value, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs
     R, DM = target_rows.shape
     S, d_llm = source.shape
@@ -308,7 +299,8 @@ def _launch_layer_backward(
             x, mc, v, heads, grad_heads, lse, form.d_logit, form.x_head_stride, form.has_bias, form.scale, DM,
             dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
         if need_x and form.has_bias:
-            grads[0] = _in_dtype(dx.narrow(1, 0, DM), dtype)  # the padding columns of x are not target's
+            # the padding columns of x are not target's
+            grads[0] = _in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype)
         elif need_x:  # dx is dQ
             dq = _in_dtype(dx, dtype)
             grads[0] = dq.mm(wq) if need_target else None
@@ -320,16 +312,16 @@ def _launch_layer_backward(
             grads[7] = dv.t().mm(value) if need_wv else None
             grads[8] = dv.sum(0) if need_bv else None
         dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
-        dwqb_t = None  # d wqb_hᵀ: [H, W, E] (factorized, where Wq or bq needs a gradient)
+        dwqb = None  # d wqb_h: [H, E, W] (factorized, where Wq or bq needs a gradient)
         wqb = query_side  # [H, E, W] on the factorized form
         if need_key:
             dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
         if need_key and projects_keys(form, E):
-            # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_hᵀ = dmc_h·K_h
+            # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_h = K_hᵀ·dmc_hᵀ
             if need_k:
                 dkt = torch.bmm(wqb, dmc).view(HE, S)
             if need_query_weights:
-                dwqb_t = torch.bmm(dmc, key_side.view(S, H, E).transpose(0, 1))
+                dwqb = torch.bmm(key_side.view(S, H, E).permute(1, 2, 0), dmc.transpose(1, 2))
         elif need_key and form.has_bias:
             W = mc.shape[1]
             dmc = dmc.reshape(H * W, S)  # [H*W, S]
@@ -340,19 +332,35 @@ def _launch_layer_backward(
                 grads[5] = torch.bmm(wqb, dg).view(HE, d_llm) if need_wk else None
                 grads[6] = torch.bmm(wqb, dg_bias).view(HE) if need_bk else None
                 if need_query_weights:
-                    # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_hᵀ = dG_h·Wk_hᵀ + dg_h·bk_hᵀ
-                    dwqb_t = torch.baddbmm(torch.mul(dg_bias, bk.view(H, 1, E)), dg, wk.view(H, E, d_llm).transpose(1, 2))
+                    # G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h: d wqb_h = Wk_h·dG_hᵀ + bk_h·dg_hᵀ
+                    dwqb = torch.baddbmm(torch.mul(bk.view(H, E, 1), dg_bias.view(H, 1, W)), wk.view(H, E, d_llm),
+                                         dg.transpose(1, 2))
         elif need_key:  # standard: dmc is d Kᵀ
             dkt = dmc.reshape(HE, S)
         if dkt is not None:
             grads[1] = dkt.t().mm(wk) if need_source else None
             grads[5] = dkt.mm(source) if need_wk else None
             grads[6] = dkt.sum(1) if need_bk else None
-        if dwqb_t is not None:  # wqb_h = [Wq_h | zeros | bq_h] (narrow/select: indexing costs microseconds per call)
-            grads[3] = dwqb_t.narrow(1, 0, DM).transpose(1, 2).reshape(HE, DM) if need_wq else None
-            grads[4] = dwqb_t.select(1, dwqb_t.shape[1] - 1).reshape(HE) if need_bq else None  # the bias column
-    # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
-    return [t if t is not None else heads.new_empty((0,)) for t in grads]
+        if dwqb is not None:  # wqb_h = [Wq_h | zeros | bq_h]: its rows are Wq's and bq's, [H*E, W]
+            dwqb = dwqb.view(HE, dwqb.shape[2])
+            grads[3] = dwqb.narrow(1, 0, DM) if need_wq else None
+            grads[4] = dwqb.select(1, dwqb.shape[1] - 1) if need_bq else None  # the bias column
+    return grads
+
+
+def _launch_layer_backward(
+    grad_out: torch.Tensor, target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,
+    wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+    heads: torch.Tensor, lse: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,
+    query_side: torch.Tensor, key_side: torch.Tensor,
+    n_heads: int, dropout_p: float, seed: torch.Tensor, allow_tf32: bool, deterministic: bool,
+    needs: Sequence[bool],
+) -> List[torch.Tensor]:
+    """_layer_chain_rule as a custom op returns it: a custom op's outputs may not alias one another
+    (views are copied) or be missing (a fresh empty tensor for each gradient not needed)."""
+    grads = _layer_chain_rule(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v,
+                              query_side, key_side, n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
+    return [t.contiguous() if t is not None else heads.new_empty((0,)) for t in grads]
 
 
 def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
@@ -385,7 +393,7 @@ def _layer_gradients(ctx, run_backward, grad_out):
 #: allow_tf32, deterministic) -> out [R, d_llm] (the launcher's other outputs are residuals for the backward)
 reprogramming_op = TritonOp(
     OP_NAME, forward=_launch_layer_forward, forward_fake=_layer_forward_fake, backward=_launch_layer_backward,
-    backward_fake=_layer_backward_fake, save=_save_layer, gradients=_layer_gradients,
+    direct_backward=_layer_chain_rule, backward_fake=_layer_backward_fake, save=_save_layer, gradients=_layer_gradients,
     differentiable=_TENSOR_INPUTS, residuals=True)
 
 
@@ -508,7 +516,26 @@ def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk
     return tuple(tensors)
 
 
-def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> None:
+def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> Tuple[torch.dtype, bool]:
+    """(the working dtype, whether autocast is on for target's device) after checking the inputs.
+
+    The working dtype is the autocast dtype where autocast casts, as it would for nn.Linear
+    (float64 is left alone), else the inputs'. Inputs that plainly fit are accepted in one
+    expression (this runs on every call); anything else goes through the checks one by one, whose
+    errors name what is wrong."""
+    Tensor = torch.Tensor
+    if isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor):
+        dtype, device = target.dtype, target.device
+        if (target.dim() == 3 and source.dim() == 2 and value.dim() == 2 and target.shape[2] == layer.d_model
+                and source.shape[1] == layer.d_llm and value.shape[1] == layer.d_llm
+                and source.shape[0] == value.shape[0] > 0 and dtype in validation.FLOAT_DTYPES
+                and device == source.device == value.device == weight.device):
+            autocast_on = torch.is_autocast_enabled(device.type)
+            if autocast_on and dtype != torch.float64:  # autocast casts everything to one dtype
+                if source.dtype in validation.FLOAT_DTYPES and value.dtype in validation.FLOAT_DTYPES:
+                    return torch.get_autocast_dtype(device.type), autocast_on
+            elif dtype == source.dtype == value.dtype == weight.dtype:
+                return dtype, autocast_on
     validation.float_tensor("target", target, 3, "[B', L, d_model]")
     validation.float_tensor("source", source, 2, "[S, d_llm]")
     validation.float_tensor("value", value, 2, "[S, d_llm]")
@@ -527,12 +554,14 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
     validation.same_device("source", source, "target", target)
     validation.same_device("value", value, "target", target)
     validation.same_device("target", target, "the layer's weights", weight)
-    if autocast_casts(target):
-        return  # autocast casts everything to one dtype
+    autocast_on = torch.is_autocast_enabled(target.device.type)
+    if autocast_on and target.dtype != torch.float64:
+        return torch.get_autocast_dtype(target.device.type), autocast_on  # autocast casts everything to one dtype
     for name, t in (("target", target), ("source", source), ("value", value)):
         if t.dtype != weight.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
                             f"convert one of them (or run under torch.autocast)")
+    return target.dtype, autocast_on
 
 
 class ReprogrammingLayer(nn.Module):
@@ -586,22 +615,29 @@ class ReprogrammingLayer(nn.Module):
     def forward(self, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
         params = projection_tensors(self)
-        check_inputs(self, target, source, value, params[0])
-        dtype = working_dtype(target)
-        dropout_p = validation.dropout_prob("dropout.p", self.dropout.p) if self.training else 0.0
+        dtype, autocast_on = check_inputs(self, target, source, value, params[0])
+        dropout_p = self.dropout.p if self.training else 0.0
+        if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the usual value passes unconverted
+            dropout_p = validation.dropout_prob("dropout.p", dropout_p)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
+        reason = None
+        if dispatch.triton_import_error() is None:
+            reason = attn_kernels.unsupported_reason(dtype, self.d_keys, target.shape[2], source.shape[0],
+                                                     dropout_p > 0.0, target.device, self.allow_tf32)
+        path = dispatch.choose(OP_NAME, target.device, reason)
+        if autocast_on:  # the operands are cast here, once; what runs below must not cast them again
+            with torch.autocast(target.device.type, enabled=False):
+                return self._compute(path, target, source, value, params, dtype, dropout_p, needs_grad)
+        return self._compute(path, target, source, value, params, dtype, dropout_p, needs_grad)
 
+    def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: tuple,
+                 dtype: torch.dtype, dropout_p: float, needs_grad: bool) -> torch.Tensor:  # out: [B', L, d_llm]
+        """The layer on `path` with its operands in the working dtype."""
         wq, bq, wk, bk, wv, bv, wo, bo = (_in_dtype(t, dtype) for t in params)
         target_c, source_c = _in_dtype(target, dtype), _in_dtype(source, dtype)
         value_c = source_c if value is source else _in_dtype(value, dtype)
         H, E = self.n_heads, self.d_keys
         Bp, L, DM = target.shape
-
-        reason = None
-        if dispatch.triton_import_error() is None:
-            reason = attn_kernels.unsupported_reason(dtype, E, DM, source.shape[0], dropout_p > 0.0, target.device,
-                                                     self.allow_tf32)
-        path = dispatch.choose(OP_NAME, target.device, reason)
 
         def cached(compute, kind):
             """compute() of the prototype side, reused under no-grad while its inputs are unchanged"""
@@ -610,26 +646,22 @@ class ReprogrammingLayer(nn.Module):
             watched = (source, value) + params[:6]  # what the prototype side is computed from
             return self._kv_cache.get(watched, (dtype, kind), compute)
 
-        autocast_on = torch.is_autocast_enabled(target.device.type)
-        with torch.autocast(target.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
-            if path == "triton":
-                rows = target_c.reshape(Bp * L, DM)
-                deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
-                if needs_grad:
-                    out = reprogramming_op(rows, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
-                                           draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
-                                           deterministic)
-                else:  # the prototype side, reused while its inputs are unchanged
-                    form = core_form(DM, H, E)
-                    side = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form),
-                                  "triton")
-                    heads_out = fused_core(query_operand(rows, wq, bq, form), side.mc, side.v, form, dropout_p,
-                                           self.allow_tf32, deterministic)  # [R, H*E]
-                    out = F.linear(heads_out, wo, bo)
-                return out.view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
-            if dropout_p > 0:
-                return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
-                                               dropout_p=dropout_p, training=True)
-            kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
-            return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
-                                           key_value=kv.split(H * E, dim=1))
+        if path == "triton":
+            rows = target_c.reshape(Bp * L, DM)
+            deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+            if needs_grad:
+                out = reprogramming_op(rows, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
+                                       draw_seed_tensor(dropout_p, target.device), self.allow_tf32, deterministic)
+            else:  # the prototype side, reused while its inputs are unchanged
+                form = core_form(DM, H, E)
+                side = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form), "triton")
+                heads_out = fused_core(query_operand(rows, wq, bq, form), side.mc, side.v, form, dropout_p,
+                                       self.allow_tf32, deterministic)  # [R, H*E]
+                out = F.linear(heads_out, wo, bo)
+            return out.view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
+        if dropout_p > 0:
+            return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
+                                           dropout_p=dropout_p, training=True)
+        kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
+        return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
+                                       key_value=kv.split(H * E, dim=1))

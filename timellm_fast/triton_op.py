@@ -17,7 +17,7 @@ gradients of the inputs come from the backward launcher (`gradients`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -32,6 +32,10 @@ class TritonOp:
     forward_fake(*inputs) -> the same    its shapes and dtypes, for tracing
     backward(*args) -> tensors           the backward launcher; becomes the ``_bwd`` custom op
     backward_fake(*args) -> tensors
+    direct_backward(*args) -> tensors or None   the backward launcher as the direct route runs it
+                                         (default `backward`): it may return None for a gradient
+                                         nobody asked for and views of one buffer, which a custom
+                                         op's outputs may not be
     save(ctx, inputs, outputs)           keeps on ctx what `gradients` needs
     gradients(ctx, run_backward, grad_result) -> one gradient (or None) per input;
                                          `run_backward(*args)` is the backward launcher on the
@@ -43,11 +47,12 @@ class TritonOp:
 
     def __init__(self, name: str, *, forward: Callable, forward_fake: Callable, backward: Callable,
                  backward_fake: Callable, save: Callable, gradients: Callable, differentiable: int,
-                 residuals: bool = False):
+                 residuals: bool = False, direct_backward: Optional[Callable] = None):
         self.name = name
         self.forward_name = f"timellm_fast::{name}_fwd"
         self.backward_name = f"timellm_fast::{name}_bwd"
         self.launch_forward, self.launch_backward = forward, backward  # what both routes run
+        self.launch_direct_backward = direct_backward or backward
         self._save, self._gradients = save, gradients
         self._differentiable = differentiable
         self._residuals = residuals
@@ -88,7 +93,7 @@ class TritonOp:
 
     def _direct_backward(self, *args):
         with dispatch.profiled(self.backward_name):  # named as the custom op would be
-            return self.launch_backward(*args)
+            return self.launch_direct_backward(*args)
 
     def _direct_function(self) -> type:
         op = self
