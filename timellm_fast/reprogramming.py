@@ -520,47 +520,44 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
     """(the working dtype, whether autocast is on for target's device) after checking the inputs.
 
     The working dtype is the autocast dtype where autocast casts, as it would for nn.Linear
-    (float64 is left alone), else the inputs'. Inputs that plainly fit are accepted in one
+    (float64 is left alone), else the inputs'. Shapes, dtypes and devices that plainly fit pass in one
     expression (this runs on every call); anything else goes through the checks one by one, whose
     errors name what is wrong."""
     Tensor = torch.Tensor
-    if isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor):
-        dtype, device = target.dtype, target.device
-        if (target.dim() == 3 and source.dim() == 2 and value.dim() == 2 and target.shape[2] == layer.d_model
-                and source.shape[1] == layer.d_llm and value.shape[1] == layer.d_llm
-                and source.shape[0] == value.shape[0] > 0 and dtype in validation.FLOAT_DTYPES
-                and device == source.device == value.device == weight.device):
-            autocast_on = torch.is_autocast_enabled(device.type)
-            if autocast_on and dtype != torch.float64:  # autocast casts everything to one dtype
-                if source.dtype in validation.FLOAT_DTYPES and value.dtype in validation.FLOAT_DTYPES:
-                    return torch.get_autocast_dtype(device.type), autocast_on
-            elif dtype == source.dtype == value.dtype == weight.dtype:
-                return dtype, autocast_on
-    validation.float_tensor("target", target, 3, "[B', L, d_model]")
-    validation.float_tensor("source", source, 2, "[S, d_llm]")
-    validation.float_tensor("value", value, 2, "[S, d_llm]")
-    if target.shape[-1] != layer.d_model:
-        raise ValueError(f"target must have d_model={layer.d_model} features in its last dim, "
-                         f"got shape {tuple(target.shape)}")
-    for name, t in (("source", source), ("value", value)):
-        if t.shape[-1] != layer.d_llm:
-            raise ValueError(f"{name} must have d_llm={layer.d_llm} features in its last dim, "
-                             f"got shape {tuple(t.shape)}")
-    if source.shape[0] != value.shape[0]:
-        raise ValueError(f"value must have as many rows (prototypes S) as source: source has "
-                         f"{source.shape[0]}, value has {value.shape[0]}")
-    if source.shape[0] == 0:
-        raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
-    validation.same_device("source", source, "target", target)
-    validation.same_device("value", value, "target", target)
-    validation.same_device("target", target, "the layer's weights", weight)
-    autocast_on = torch.is_autocast_enabled(target.device.type)
+    floats = validation.FLOAT_DTYPES
+    if not (isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor)
+            and target.dim() == 3 and source.dim() == 2 and value.dim() == 2 and target.shape[2] == layer.d_model
+            and source.shape[1] == layer.d_llm and value.shape[1] == layer.d_llm
+            and source.shape[0] == value.shape[0] > 0
+            and target.dtype in floats and source.dtype in floats and value.dtype in floats
+            and target.device == source.device == value.device == weight.device):
+        validation.float_tensor("target", target, 3, "[B', L, d_model]")
+        validation.float_tensor("source", source, 2, "[S, d_llm]")
+        validation.float_tensor("value", value, 2, "[S, d_llm]")
+        if target.shape[-1] != layer.d_model:
+            raise ValueError(f"target must have d_model={layer.d_model} features in its last dim, "
+                             f"got shape {tuple(target.shape)}")
+        for name, t in (("source", source), ("value", value)):
+            if t.shape[-1] != layer.d_llm:
+                raise ValueError(f"{name} must have d_llm={layer.d_llm} features in its last dim, "
+                                 f"got shape {tuple(t.shape)}")
+        if source.shape[0] != value.shape[0]:
+            raise ValueError(f"value must have as many rows (prototypes S) as source: source has "
+                             f"{source.shape[0]}, value has {value.shape[0]}")
+        if source.shape[0] == 0:
+            raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
+        validation.same_device("source", source, "target", target)
+        validation.same_device("value", value, "target", target)
+        validation.same_device("target", target, "the layer's weights", weight)
+    device_type = target.device.type
+    autocast_on = torch.is_autocast_enabled(device_type)
     if autocast_on and target.dtype != torch.float64:
-        return torch.get_autocast_dtype(target.device.type), autocast_on  # autocast casts everything to one dtype
-    for name, t in (("target", target), ("source", source), ("value", value)):
-        if t.dtype != weight.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
-                            f"convert one of them (or run under torch.autocast)")
+        return torch.get_autocast_dtype(device_type), autocast_on  # autocast casts everything to one dtype
+    if not target.dtype == source.dtype == value.dtype == weight.dtype:
+        for name, t in (("target", target), ("source", source), ("value", value)):
+            if t.dtype != weight.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
+                                f"convert one of them (or run under torch.autocast)")
     return target.dtype, autocast_on
 
 
