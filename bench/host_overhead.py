@@ -5,7 +5,7 @@ Python, dispatcher and Triton work our modules do around the kernels (validation
 config lookup, allocations, autograd bookkeeping, the kernel launches up to the driver, the GEMM
 calls on tiny operands).
 
-    python bench/host_overhead.py [--calls N] [--json PATH]    # without TRITON_INTERPRET
+    python bench/host_overhead.py [--calls N] [--rounds N] [--json PATH]    # without TRITON_INTERPRET
 
 Each row times one module call (eval forward without autograd, training forward, training
 forward + backward) on the direct route with the launch cache (kernels/_launch.launch), on the
@@ -14,6 +14,8 @@ custom-op route (``dispatch.custom_op_route``) and, for scale, the eager path (t
 math, whose tiny GEMMs and SDPA do run). This is a proxy: a GPU adds the CUDA launch cost of
 every kernel (the driver's launcher, the same on every route), and its host CPU is another CPU.
 The GPU benchmark's "ours-custom-op" rows measure the route difference on the wall clock.
+The columns of a row take turns, round by round, and each figure is its fastest round
+(microseconds_per_call): on a shared machine a slow spell then falls on every column, not on one.
 
 The reprogramming rows also time SPEC §5's strongest simple alternative, SDPA-fold (cuBLAS
 projections plus one scaled_dot_product_attention over the folded rows, bench/common.SdpaFold) on
@@ -27,13 +29,14 @@ embedding the peer is the eager path (pad + unfold + conv1d).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -56,17 +59,29 @@ def triton_path_on_cpu():
         dispatch.triton_device_problem = saved
 
 
-def microseconds_per_call(fn: Callable[[], object], calls: int) -> float:
-    """Median over 5 rounds of the mean time of `calls` calls."""
-    for _ in range(max(calls // 10, 3)):
-        fn()
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter() - t0) / calls * 1e6)
-    return sorted(rounds)[2]
+#: timing rounds per row; each column's figure is its fastest round
+ROUNDS = 15
+
+
+def microseconds_per_call(columns: Dict[str, Tuple[Callable[[], object], Callable[[], ContextManager]]],
+                          calls: int, rounds: int = ROUNDS) -> Dict[str, float]:
+    """Per column (one call, the context it runs in): the fastest of `rounds` rounds of the mean
+    time of `calls` calls. The columns take turns round by round, so that a slow spell of a
+    shared machine falls on all of them, and the minimum keeps the spells out of the figures
+    (the noise here only ever adds time); each column's context is entered outside its timing."""
+    best = {name: float("inf") for name in columns}
+    for name, (fn, context) in columns.items():
+        with context():
+            for _ in range(max(calls // 10, 3)):
+                fn()
+    for _ in range(rounds):
+        for name, (fn, context) in columns.items():
+            with context():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
+    return best
 
 
 def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object], Optional[Callable[[], object]]]]:
@@ -114,34 +129,56 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
     ]
 
 
-def measure(calls: int) -> List[dict]:
+@contextlib.contextmanager
+def _eager_backend() -> Iterator[None]:
+    saved = os.environ.get(dispatch.BACKEND_ENV)
+    os.environ[dispatch.BACKEND_ENV] = "eager"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(dispatch.BACKEND_ENV)
+        else:
+            os.environ[dispatch.BACKEND_ENV] = saved
+
+
+def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
     rows = []
     with triton_path_on_cpu():
         for module, mode, instance, training, call, sdpa_fold_call in _cases():
             instance.train(training)  # once, outside the timed calls
-            row = dict(module=module, mode=mode)
-            row["sdpa_fold_us"] = microseconds_per_call(sdpa_fold_call, calls) if sdpa_fold_call else None
-            with dispatch.record_routes() as direct:
-                row["direct_us"] = microseconds_per_call(call, calls)
-                with _launch.tritons_own_launch_path():
-                    row["direct_triton_launch_us"] = microseconds_per_call(call, calls)
-            with dispatch.custom_op_route(), dispatch.record_routes() as via_op:
-                row["custom_op_us"] = microseconds_per_call(call, calls)
-            # a row timed on another route than its column names would be a wrong number
-            if set(r for _, r in direct) != {"direct"} or set(r for _, r in via_op) != {"custom_op"}:
-                raise RuntimeError(f"{module} {mode}: routes taken {dict(direct)} / {dict(via_op)}")
-            saved = os.environ.get(dispatch.BACKEND_ENV)
-            os.environ[dispatch.BACKEND_ENV] = "eager"
-            try:
-                with dispatch.record_paths() as paths:
-                    row["eager_us"] = microseconds_per_call(call, calls)
-                if set(p for _, p in paths) != {"eager"}:
-                    raise RuntimeError(f"{module} {mode}: eager column took {dict(paths)}")
-            finally:
-                if saved is None:
-                    os.environ.pop(dispatch.BACKEND_ENV)
-                else:
-                    os.environ[dispatch.BACKEND_ENV] = saved
+            routes = {"direct": collections.Counter(), "direct_triton_launch": collections.Counter(),
+                      "custom_op": collections.Counter()}
+            paths: collections.Counter = collections.Counter()
+
+            def counted(counter: collections.Counter, recorder, *contexts):
+                @contextlib.contextmanager
+                def context():
+                    with contextlib.ExitStack() as stack:
+                        for c in contexts:
+                            stack.enter_context(c())
+                        seen = stack.enter_context(recorder())  # filled when the recorder exits
+                        yield
+                    counter.update(seen)
+                return context
+
+            columns = {
+                "direct_us": (call, counted(routes["direct"], dispatch.record_routes)),
+                "direct_triton_launch_us": (call, counted(routes["direct_triton_launch"], dispatch.record_routes,
+                                                          _launch.tritons_own_launch_path)),
+                "custom_op_us": (call, counted(routes["custom_op"], dispatch.record_routes, dispatch.custom_op_route)),
+                "eager_us": (call, counted(paths, dispatch.record_paths, _eager_backend)),
+            }
+            if sdpa_fold_call is not None:
+                columns["sdpa_fold_us"] = (sdpa_fold_call, contextlib.nullcontext)
+            row = dict(module=module, mode=mode, sdpa_fold_us=None)
+            row.update(microseconds_per_call(columns, calls, rounds))
+            # a figure timed on another route or path than its column names would be a wrong number
+            taken = {name: set(r for _, r in counter) for name, counter in routes.items()}
+            if taken != {"direct": {"direct"}, "direct_triton_launch": {"direct"}, "custom_op": {"custom_op"}}:
+                raise RuntimeError(f"{module} {mode}: routes taken {taken}")
+            if set(p for _, p in paths) != {"eager"}:
+                raise RuntimeError(f"{module} {mode}: eager column took {dict(paths)}")
             rows.append(row)
     return rows
 
@@ -160,12 +197,13 @@ def markdown(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per timing round")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="timing rounds (each figure: the fastest)")
     parser.add_argument("--json", default=None, help="also write the rows and the environment here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(args.calls)
+    rows = measure(args.calls, args.rounds)
     env = dict(torch=torch.__version__, python=platform.python_version(), cpu=platform.processor() or
-               platform.machine(), calls=args.calls)
+               platform.machine(), calls=args.calls, rounds=args.rounds)
     print(f"host time per call, kernels launched on the recording driver, tiny CPU tensors ({env})")
     print(markdown(rows))
     if args.json:

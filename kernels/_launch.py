@@ -97,8 +97,10 @@ LAUNCH_CACHE_ENTRIES = 4096
 
 
 class _CachedLaunch(NamedTuple):
-    params: dict  # the launch's keyword arguments, held so their id in the key stays theirs
-    kernel: Any  # triton CompiledKernel
+    kernel: Any  # the JITFunction and
+    params: dict  # the launch's keyword arguments, held so that their ids in the key stay theirs
+    compiled: Any  # triton CompiledKernel
+    run: Any  # its driver launcher (compiled.run, a lazily set property: set once it has launched)
     constexpr_tail: Tuple  # the constexpr values after the positional arguments, in signature order
 
 
@@ -109,17 +111,10 @@ def _argument_key(args: tuple) -> list:
     """What Triton specializes a launch on, per positional argument, or something finer: a tensor's
     dtype and its address mod 16 (Triton: divisible by 16 or not), an int's value (Triton: equal
     to 1, divisible by 16, 32 or 64 bits), a float's type (Triton never specializes on its value)."""
-    key = []
-    for a in args:
-        kind = a.__class__
-        if kind is int or kind is bool or a is None:
-            key.append(a)
-        elif kind is float:
-            key.append(float)
-        else:  # a tensor (or Parameter)
-            key.append(a.dtype)
-            key.append(a.data_ptr() & 15)
-    return key
+    return [a if (kind := a.__class__) is int or kind is bool or a is None
+            else float if kind is float
+            else (a.dtype, a.data_ptr() & 15)  # a tensor (or Parameter)
+            for a in args]
 
 
 def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
@@ -148,16 +143,17 @@ def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
         return kernel[grid](*args, **params)
     active = driver.active
     device = active.get_current_device()
-    key = (kernel, id(params), device, *_argument_key(args))
+    # the kernel by id (a JITFunction hashes through a locked property); the entry holds it
+    key = (id(kernel), id(params), device, *_argument_key(args))
     cached = _CACHED.get(key)
     if cached is None:
         compiled = kernel[grid](*args, **params)
         _remember(key, kernel, params, args, compiled)
         return compiled
-    compiled = cached.kernel
+    compiled = cached.compiled
     n = len(grid)
-    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
-                 compiled.function, compiled.packed_metadata, None, None, None, *args, *cached.constexpr_tail)
+    cached.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+               compiled.function, compiled.packed_metadata, None, None, None, *args, *cached.constexpr_tail)
     return compiled
 
 
@@ -184,7 +180,7 @@ def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> None:
         return  # a defaulted argument: its value is Triton's to bind
     if len(_CACHED) >= LAUNCH_CACHE_ENTRIES:
         _CACHED.clear()
-    _CACHED[key] = _CachedLaunch(params, compiled, tuple(params[name] for name in names))
+    _CACHED[key] = _CachedLaunch(kernel, params, compiled, compiled.run, tuple(params[name] for name in names))
 
 
 def cached_launches() -> int:

@@ -617,12 +617,14 @@ def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.d
 
 
 def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
+    if x.stride(-1) == 1 == mc.stride(-1) == v.stride(-1) and not mc.stride(1) % PROTOTYPE_ALIGN \
+            and mc.shape[2] >= v.shape[0]:
+        return  # (asked on every launch)
     for name, t in (("x", x), ("mc", mc), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along its last axis, got strides {t.stride()}")
-    if mc.stride(1) % PROTOTYPE_ALIGN or mc.shape[2] < v.shape[0]:
-        raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
-                         f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
+    raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
+                     f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
 
 
 def attention_forward(

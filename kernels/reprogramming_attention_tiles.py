@@ -306,8 +306,10 @@ _TILE_OVERRIDES: Dict[tuple, tuple] = {}
 _softmax_override: Optional[Tuple[int, float]] = None
 #: select_config's memo: (arguments, interpreter flag) -> AttentionConfig or None
 _SELECTED: Dict[tuple, Optional[AttentionConfig]] = {}
-#: launch_params' memo: (AttentionConfig, interpreter flag) -> keyword arguments of the launch
-_LAUNCH_PARAMS: Dict[tuple, dict] = {}
+#: launch_params' memo: (id of an AttentionConfig, interpreter flag) -> (that config, the keyword
+#: arguments of its launch); by id, as a frozen dataclass hashes all its fields in Python per lookup
+_LAUNCH_PARAMS: Dict[tuple, Tuple[AttentionConfig, dict]] = {}
+_NOT_SELECTED = object()
 
 
 @contextlib.contextmanager
@@ -356,9 +358,10 @@ def select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: in
     """The configuration of one launch, or None where this GPU generation has no kernel for it.
     Looked up on every launch, so memoized (the interpreter flag changes the dot dtype: part of the key)."""
     key = (role, data_dtype, head_dim, d_model, bool(has_dropout), device, bool(allow_tf32), interpreting())
-    if key not in _SELECTED:
-        _SELECTED[key] = _select_config(role, data_dtype, head_dim, d_model, has_dropout, device, allow_tf32)
-    return _SELECTED[key]
+    cfg = _SELECTED.get(key, _NOT_SELECTED)
+    if cfg is _NOT_SELECTED:
+        cfg = _SELECTED[key] = _select_config(role, data_dtype, head_dim, d_model, has_dropout, device, allow_tf32)
+    return cfg
 
 
 def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
@@ -393,17 +396,18 @@ def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: i
 
 def launch_params(cfg: AttentionConfig) -> dict:
     """The keyword arguments of a launch with `cfg` (memoized: asked on every launch)."""
-    key = (cfg, interpreting())
-    params = _LAUNCH_PARAMS.get(key)
-    if params is None:
-        params = dict(cfg.constexprs())
-        if not interpreting():
-            params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
-            # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
-            # computed operands (P, dZ) as the bf16 tensor-core path does
-            params["ROUND_TO_BF16"] = True
-        _LAUNCH_PARAMS[key] = params
+    key = (id(cfg), interpreting())
+    entry = _LAUNCH_PARAMS.get(key)
+    if entry is not None and entry[0] is cfg:  # the entry holds its config, so its id stays its own
+        return entry[1]
+    params = dict(cfg.constexprs())
+    if not interpreting():
+        params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
+        # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
+        # computed operands (P, dZ) as the bf16 tensor-core path does
+        params["ROUND_TO_BF16"] = True
+    _LAUNCH_PARAMS[key] = (cfg, params)
     return params
 
 

@@ -24,6 +24,42 @@ def test_eager_env_wins_over_a_runnable_kernel(monkeypatch):
     assert dispatch.choose("demo_op", torch.device("cpu")) == "eager"
 
 
+@pytest.mark.parametrize("read_directly", [True, False], ids=["environ-dict", "environ-get"])
+def test_environment_switch_follows_every_change(monkeypatch, read_directly):
+    """An EnvironmentSwitch reads the variable as it is at each call: set, set again to the same
+    text, changed, removed; a bad value raises at every call (it is not remembered). Both ways of
+    reading: CPython's os.environ dict, and os.environ.get where that dict is not there."""
+    parsed = []
+
+    def parse(text):
+        if text == "bad":
+            raise ValueError("bad value")
+        parsed.append(text)
+        return (text or "unset").upper()
+
+    name = "TIMELLM_FAST_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    switch = dispatch.EnvironmentSwitch(name, parse)
+    if not read_directly:
+        monkeypatch.setattr(switch, "_data", None)
+        monkeypatch.setattr(switch, "_key", name)
+    assert switch.value() == "UNSET" and switch.value() == "UNSET"
+    monkeypatch.setenv(name, "on")
+    assert switch.value() == "ON" and switch.value() == "ON"
+    monkeypatch.setenv(name, "off")
+    assert switch.value() == "OFF"
+    os.environ[name] = "off"  # the same text again: still right
+    assert switch.value() == "OFF"
+    monkeypatch.setenv(name, "bad")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="bad value"):
+            switch.value()
+    monkeypatch.delenv(name)
+    assert switch.value() == "UNSET"
+    if read_directly:  # parsed once per stored value, not once per call
+        assert parsed == [None, "on", "off", "off", None]
+
+
 def test_cuda_fallback_logs_once_per_reason(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "triton_device_problem", lambda device: None)
     monkeypatch.setattr(dispatch, "_logged", set())

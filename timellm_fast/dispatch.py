@@ -55,11 +55,47 @@ def triton_import_error() -> Optional[str]:
     return TRITON_IMPORT_ERROR
 
 
-def requested_backend() -> str:
-    mode = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+class EnvironmentSwitch:
+    """An environment variable the op layer reads on every call, as its value is at that moment.
+
+    ``os.environ.get`` runs several Python-level calls (key encoding, the Mapping protocol): about
+    1 us, several inside a busy layer call, twice per call. Where CPython's os.environ keeps its
+    encoded dict (``os.environ._data``, which every assignment to os.environ updates) it is read
+    directly, and the parsed value is reused while the raw value is the same object (a new
+    assignment stores a new one; the one held here cannot be freed and its address reused).
+    """
+
+    def __init__(self, name: str, parse):
+        self.name = name
+        self._parse = parse  # str or None (unset) -> value; raises for a bad value (not remembered)
+        data = getattr(os.environ, "_data", None)
+        self._data = data if isinstance(data, dict) else None
+        self._key = os.environ.encodekey(name) if self._data is not None else name
+        self._seen = (object(), None)  # (raw value, parsed value), replaced as one
+
+    def value(self):
+        raw = self._data.get(self._key) if self._data is not None else os.environ.get(self.name)
+        seen_raw, parsed = self._seen
+        if raw is not seen_raw:
+            text = raw if raw is None or self._data is None else os.environ.decodevalue(raw)
+            parsed = self._parse(text)
+            self._seen = (raw, parsed)
+        return parsed
+
+
+def _parse_backend(text: Optional[str]) -> str:
+    mode = (text or "auto").strip().lower() or "auto"
     if mode not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={mode!r} is not one of {', '.join(_BACKENDS)}")
     return mode
+
+
+_BACKEND_SWITCH = EnvironmentSwitch(BACKEND_ENV, _parse_backend)
+_DIRECT_SWITCH = EnvironmentSwitch(DIRECT_ENV, lambda text: text != "0")
+
+
+def requested_backend() -> str:
+    return _BACKEND_SWITCH.value()
 
 
 def triton_device_problem(device: torch.device) -> Optional[str]:
@@ -123,7 +159,7 @@ def direct_launch(op: str, *tensors: torch.Tensor) -> bool:
     direct = (not torch.compiler.is_compiling()
               and not torch.jit.is_tracing()  # a trace must record the op, not run past it
               and not _custom_op_forced
-              and os.environ.get(DIRECT_ENV, "1") != "0"
+              and _DIRECT_SWITCH.value()
               and torch._C._len_torch_dispatch_stack() == 0
               and not torch._C._are_functorch_transforms_active()
               and _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors))
@@ -145,15 +181,9 @@ def custom_op_route() -> Iterator[None]:
         _custom_op_forced = saved
 
 
-_NOT_PROFILED = contextlib.nullcontext()
-
-
-def profiled(name: str):
-    """Names a direct-route launch in torch.profiler traces as its custom op would be named
-    (``timellm_fast::...``); a reusable no-op context while no profiler runs."""
-    if torch._C._autograd._profiler_enabled():
-        return torch.profiler.record_function(name)
-    return _NOT_PROFILED
+#: whether a torch.profiler is recording: then a direct-route launch is named in its trace as the
+#: custom op would be (``timellm_fast::...``, torch.profiler.record_function), else nothing is entered
+profiling = torch._C._autograd._profiler_enabled
 
 
 @contextlib.contextmanager

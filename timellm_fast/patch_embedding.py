@@ -125,29 +125,28 @@ def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
     torch.manual_seed reproduces it. On CUDA the draw is a device op, so a captured CUDA graph
     draws a fresh seed on every replay (torch advances graph-safe generators per replay) and the
     backward, replayed in the same graph, reads the forward's. Without dropout nothing is drawn,
-    so eval never advances the user's RNG stream.
+    so eval never advances the user's RNG stream: the seed argument is then never read by the
+    kernels, and is one cached zero per device, so an eval forward is one kernel launch, not a
+    memset and a launch. Not cached while torch.compile traces or a CUDA graph captures (a tensor
+    made there is a fake, or is filled only when the graph replays).
     """
     if dropout_p > 0:
         return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-    return _unused_seed(device if isinstance(device, torch.device) else torch.device(device))
-
-
-_UNUSED_SEEDS = {}
-
-
-def _unused_seed(device: torch.device) -> torch.Tensor:
-    """The seed argument of a call without dropout (never read by the kernels): one cached zero
-    per device, so an eval forward is one kernel launch, not a memset and a launch. Not cached
-    while torch.compile traces or a CUDA graph captures (a tensor made there is a fake, or is
-    filled only when the graph replays)."""
+    if device.__class__ is not torch.device:
+        device = torch.device(device)
     if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.zeros((1,), dtype=torch.int64, device=device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    seed = _UNUSED_SEEDS.get(device)
+    seed = _UNUSED_SEEDS.get(device)  # found at once for a tensor's own .device (indexed on CUDA)
     if seed is None:
-        seed = _UNUSED_SEEDS[device] = torch.zeros((1,), dtype=torch.int64, device=device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        seed = _UNUSED_SEEDS.get(device)
+        if seed is None:
+            seed = _UNUSED_SEEDS[device] = torch.zeros((1,), dtype=torch.int64, device=device)
     return seed
+
+
+_UNUSED_SEEDS: dict = {}
 
 
 def patch_embedding(

@@ -204,11 +204,11 @@ def core_from_keys(
 # * attention_core_op: the fused core alone, for inference on the cached prototype side and for
 #   the attention-core benchmarks.
 
-_TENSOR_INPUTS = 11  # target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo
+_TENSOR_INPUTS = 11  # target, source, value, wq, bq, wk, bk, wv, bv, wo, bo
 
 
 def _launch_layer_forward(
-    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    target: torch.Tensor,  # target: [..., DM], R rows (the layer's [B', L, DM]: reshaped here, out of autograd's sight)
     source: torch.Tensor, value: torch.Tensor,  # [S, d_llm] each
     wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
     wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,  # [H*E, d_llm], [H*E]
@@ -217,15 +217,15 @@ def _launch_layer_forward(
     seed: torch.Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
     allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [R, d_llm], then what the backward reuses: heads [R, H*E], lse [H, R] fp32, mc, v,
+    """(out [..., d_llm], then what the backward reuses: heads [R, H*E], lse [H, R] fp32, mc, v,
     query_side (wqb [H, E, W] factorized, Q [R, H*E] standard), key_side (PrototypeSide's; [0] standard))."""
-    H = n_heads
-    form = core_form(wq.shape[1], H, wq.shape[0] // H)
+    H, (HE, DM) = n_heads, wq.shape
+    form = core_form(DM, H, HE // H)
     mc, v, wqb, key_side = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form)
-    x = query_operand(target_rows, wq, bq, form)
+    x = query_operand(target.reshape(-1, DM), wq, bq, form)
     heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
-                                                form.d_model, dropout_p, seed, allow_tf32)
-    out = F.linear(heads, wo, bo)
+                                                DM, dropout_p, seed, allow_tf32)
+    out = F.linear(heads.view(target.shape[:-1] + (HE,)), wo, bo)
     if form.has_bias:
         return out, heads, lse, mc, v, wqb, key_side
     # the padded target of the factorized form is rebuilt by the backward; Q is kept (it may not
@@ -233,22 +233,23 @@ def _launch_layer_forward(
     return out, heads, lse, mc, v, x, lse.new_empty((0,))
 
 
-def _layer_forward_fake(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
+def _layer_forward_fake(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
                         allow_tf32, deterministic):
-    R, DM = target_rows.shape
+    DM = target.shape[-1]
+    R = math.prod(target.shape[:-1])
     S, d_llm = source.shape
     H, HE = n_heads, wq.shape[0]
     E = HE // H
     form = core_form(DM, H, E)
     W = form.d_logit + 1 if form.has_bias else E
     S_pad = S + (-S % attn_kernels.PROTOTYPE_ALIGN)
-    new = target_rows.new_empty
+    new = target.new_empty
     query_side = new((H, E, W)) if form.has_bias else new((R, HE))
     if form.has_bias:
         key_side = new((S, HE)) if projects_keys(form, E) else new((H, W, d_llm))
     else:
         key_side = new((0,), dtype=torch.float32)
-    return (new((R, wo.shape[0])), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
+    return (new(target.shape[:-1] + (wo.shape[0],)), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
             new((S, H, E)), query_side, key_side)
 
 
@@ -263,8 +264,8 @@ def _prototype_columns(dmc: torch.Tensor, num_protos: int) -> torch.Tensor:
 
 
 def _layer_chain_rule(
-    grad_out: torch.Tensor,  # grad_out: [R, d_llm]
-    target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
+    grad_out: torch.Tensor,  # grad_out: [..., d_llm], as the forward's out
+    target: torch.Tensor, source: torch.Tensor, value: torch.Tensor,  # the forward's inputs
     wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
     heads: torch.Tensor, lse: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,  # the forward's outputs
     query_side: torch.Tensor, key_side: torch.Tensor,
@@ -276,12 +277,14 @@ def _layer_chain_rule(
     GEMMs' own gradients are. Wq's and bq's gradients are strided views of one buffer (autograd
     accumulates them as they are; the custom op's form copies them)."""
     need_target, need_source, need_value, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs
-    R, DM = target_rows.shape
+    DM = target.shape[-1]
     S, d_llm = source.shape
     H, HE = n_heads, wk.shape[0]
     E = HE // H
     form = core_form(DM, H, E)
     dtype = heads.dtype
+    target_rows = target.reshape(-1, DM)  # [R, DM]
+    grad_out = grad_out.reshape(-1, d_llm)  # [R, d_llm]
     grads: List[Optional[torch.Tensor]] = [None] * _TENSOR_INPUTS
     if need_wo:
         grads[9] = grad_out.t().mm(heads)
@@ -300,10 +303,10 @@ def _layer_chain_rule(
             dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
         if need_x and form.has_bias:
             # the padding columns of x are not target's
-            grads[0] = _in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype)
+            grads[0] = _in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype).view(target.shape)
         elif need_x:  # dx is dQ
             dq = _in_dtype(dx, dtype)
-            grads[0] = dq.mm(wq) if need_target else None
+            grads[0] = dq.mm(wq).view(target.shape) if need_target else None
             grads[3] = dq.t().mm(target_rows) if need_wq else None
             grads[4] = dq.sum(0) if need_bq else None
         if need_protos:
@@ -349,7 +352,7 @@ def _layer_chain_rule(
 
 
 def _launch_layer_backward(
-    grad_out: torch.Tensor, target_rows: torch.Tensor, source: torch.Tensor, value: torch.Tensor,
+    grad_out: torch.Tensor, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor,
     wq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
     heads: torch.Tensor, lse: torch.Tensor, mc: torch.Tensor, v: torch.Tensor,
     query_side: torch.Tensor, key_side: torch.Tensor,
@@ -358,39 +361,41 @@ def _launch_layer_backward(
 ) -> List[torch.Tensor]:
     """_layer_chain_rule as a custom op returns it: a custom op's outputs may not alias one another
     (views are copied) or be missing (a fresh empty tensor for each gradient not needed)."""
-    grads = _layer_chain_rule(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v,
+    grads = _layer_chain_rule(grad_out, target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v,
                               query_side, key_side, n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
     return [t.contiguous() if t is not None else heads.new_empty((0,)) for t in grads]
 
 
-def _layer_backward_fake(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
+def _layer_backward_fake(grad_out, target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
                          n_heads, dropout_p, seed, allow_tf32, deterministic, needs):
-    shapes = (target_rows.shape, source.shape, value.shape, wq.shape, wq.shape[:1], wk.shape, wk.shape[:1],
+    shapes = (target.shape, source.shape, value.shape, wq.shape, wq.shape[:1], wk.shape, wk.shape[:1],
               wv.shape, wv.shape[:1], wo.shape, wo.shape[:1])
     return [heads.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
 
 
 def _save_layer(ctx, inputs, outputs):
-    target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic = inputs
+    target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic = inputs
     _, heads, lse, mc, v, query_side, key_side = outputs
     # heads and lse as the core's autograd kept them; mc, v, wqb and K or G are a few MB at most
-    ctx.save_for_backward(target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed)
+    ctx.save_for_backward(target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed)
     ctx.config = (n_heads, dropout_p, allow_tf32, deterministic)
 
 
 def _layer_gradients(ctx, run_backward, grad_out):
     if grad_out is None:  # the layer's output did not reach the loss
         return (None,) * 16
-    target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed = ctx.saved_tensors
+    target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed = ctx.saved_tensors
     n_heads, dropout_p, allow_tf32, deterministic = ctx.config
     needs = list(ctx.needs_input_grad[:_TENSOR_INPUTS])
-    grads = run_backward(grad_out, target_rows, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
+    grads = run_backward(grad_out, target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
                          n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
-    return tuple(t if need else None for t, need in zip(grads, needs)) + (None,) * 5
+    if not ctx.direct:  # the custom op's empty tensors for the gradients not needed
+        grads = [t if need else None for t, need in zip(grads, needs)]
+    return (*grads, None, None, None, None, None)
 
 
-#: reprogramming_op(target_rows, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
-#: allow_tf32, deterministic) -> out [R, d_llm] (the launcher's other outputs are residuals for the backward)
+#: reprogramming_op(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
+#: allow_tf32, deterministic) -> out [..., d_llm] for target [..., d_model] (the launcher's other outputs are residuals for the backward)
 reprogramming_op = TritonOp(
     OP_NAME, forward=_launch_layer_forward, forward_fake=_layer_forward_fake, backward=_launch_layer_backward,
     direct_backward=_layer_chain_rule, backward_fake=_layer_backward_fake, save=_save_layer, gradients=_layer_gradients,
@@ -520,17 +525,20 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
     """(the working dtype, whether autocast is on for target's device) after checking the inputs.
 
     The working dtype is the autocast dtype where autocast casts, as it would for nn.Linear
-    (float64 is left alone), else the inputs'. Shapes, dtypes and devices that plainly fit pass in one
-    expression (this runs on every call); anything else goes through the checks one by one, whose
-    errors name what is wrong."""
+    (float64 is left alone), else the inputs'. Inputs that plainly fit (one float dtype and one
+    device for all, the layer's widths) pass in one expression that reads each property once
+    (this runs on every call); anything else goes through the checks one by one, whose errors
+    name what is wrong."""
     Tensor = torch.Tensor
-    floats = validation.FLOAT_DTYPES
-    if not (isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor)
-            and target.dim() == 3 and source.dim() == 2 and value.dim() == 2 and target.shape[2] == layer.d_model
-            and source.shape[1] == layer.d_llm and value.shape[1] == layer.d_llm
-            and source.shape[0] == value.shape[0] > 0
-            and target.dtype in floats and source.dtype in floats and value.dtype in floats
-            and target.device == source.device == value.device == weight.device):
+    fits = False
+    if isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor):
+        t_shape, s_shape, v_shape = target.shape, source.shape, value.shape
+        dtype, device = target.dtype, target.device
+        fits = (len(t_shape) == 3 and len(s_shape) == 2 and len(v_shape) == 2 and t_shape[2] == layer.d_model
+                and s_shape[1] == layer.d_llm == v_shape[1] and s_shape[0] == v_shape[0] > 0
+                and dtype in validation.FLOAT_DTYPES and source.dtype == dtype == value.dtype == weight.dtype
+                and source.device == device == value.device == weight.device)
+    if not fits:
         validation.float_tensor("target", target, 3, "[B', L, d_model]")
         validation.float_tensor("source", source, 2, "[S, d_llm]")
         validation.float_tensor("value", value, 2, "[S, d_llm]")
@@ -549,16 +557,17 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
         validation.same_device("source", source, "target", target)
         validation.same_device("value", value, "target", target)
         validation.same_device("target", target, "the layer's weights", weight)
-    device_type = target.device.type
+        dtype, device = target.dtype, target.device
+    device_type = device.type
     autocast_on = torch.is_autocast_enabled(device_type)
-    if autocast_on and target.dtype != torch.float64:
+    if autocast_on and dtype != torch.float64:
         return torch.get_autocast_dtype(device_type), autocast_on  # autocast casts everything to one dtype
-    if not target.dtype == source.dtype == value.dtype == weight.dtype:
+    if not fits:
         for name, t in (("target", target), ("source", source), ("value", value)):
             if t.dtype != weight.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
                                 f"convert one of them (or run under torch.autocast)")
-    return target.dtype, autocast_on
+    return dtype, autocast_on
 
 
 class ReprogrammingLayer(nn.Module):
@@ -616,49 +625,51 @@ class ReprogrammingLayer(nn.Module):
         dropout_p = self.dropout.p if self.training else 0.0
         if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the usual value passes unconverted
             dropout_p = validation.dropout_prob("dropout.p", dropout_p)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (target, source, value) + params)
+        device = target.device
         reason = None
-        if dispatch.triton_import_error() is None:
-            reason = attn_kernels.unsupported_reason(dtype, self.d_keys, target.shape[2], source.shape[0],
-                                                     dropout_p > 0.0, target.device, self.allow_tf32)
-        path = dispatch.choose(OP_NAME, target.device, reason)
+        if attn_kernels is not None:  # without Triton, dispatch.choose gives its import error as the reason
+            reason = attn_kernels.unsupported_reason(dtype, self.d_keys, self.d_model, source.shape[0],
+                                                     dropout_p > 0.0, device, self.allow_tf32)
+        path = dispatch.choose(OP_NAME, device, reason)
         if autocast_on:  # the operands are cast here, once; what runs below must not cast them again
-            with torch.autocast(target.device.type, enabled=False):
-                return self._compute(path, target, source, value, params, dtype, dropout_p, needs_grad)
-        return self._compute(path, target, source, value, params, dtype, dropout_p, needs_grad)
+            with torch.autocast(device.type, enabled=False):
+                return self._compute(path, target, source, value, params, dtype, dropout_p)
+        return self._compute(path, target, source, value, params, dtype, dropout_p)
 
     def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: tuple,
-                 dtype: torch.dtype, dropout_p: float, needs_grad: bool) -> torch.Tensor:  # out: [B', L, d_llm]
+                 dtype: torch.dtype, dropout_p: float) -> torch.Tensor:  # out: [B', L, d_llm]
         """The layer on `path` with its operands in the working dtype."""
-        wq, bq, wk, bk, wv, bv, wo, bo = (_in_dtype(t, dtype) for t in params)
-        target_c, source_c = _in_dtype(target, dtype), _in_dtype(source, dtype)
-        value_c = source_c if value is source else _in_dtype(value, dtype)
-        H, E = self.n_heads, self.d_keys
-        Bp, L, DM = target.shape
-
-        def cached(compute, kind):
-            """compute() of the prototype side, reused under no-grad while its inputs are unchanged"""
-            if needs_grad:
-                return compute()
-            watched = (source, value) + params[:6]  # what the prototype side is computed from
-            return self._kv_cache.get(watched, (dtype, kind), compute)
-
+        if {t.dtype for t in (target, source, value) + params} == {dtype}:  # nothing to cast (no dispatcher calls)
+            wq, bq, wk, bk, wv, bv, wo, bo = params
+            target_c, source_c, value_c = target, source, value
+        else:
+            wq, bq, wk, bk, wv, bv, wo, bo = (_in_dtype(t, dtype) for t in params)
+            target_c, source_c = _in_dtype(target, dtype), _in_dtype(source, dtype)
+            value_c = source_c if value is source else _in_dtype(value, dtype)
+        H = self.n_heads
+        # in training the first test decides (target is an activation that requires grad)
+        needs_grad = torch.is_grad_enabled() and (target.requires_grad or source.requires_grad or value.requires_grad
+                                                  or any(t.requires_grad for t in params))
         if path == "triton":
-            rows = target_c.reshape(Bp * L, DM)
             deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
-            if needs_grad:
-                out = reprogramming_op(rows, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
-                                       draw_seed_tensor(dropout_p, target.device), self.allow_tf32, deterministic)
-            else:  # the prototype side, reused while its inputs are unchanged
-                form = core_form(DM, H, E)
-                side = cached(lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form), "triton")
-                heads_out = fused_core(query_operand(rows, wq, bq, form), side.mc, side.v, form, dropout_p,
-                                       self.allow_tf32, deterministic)  # [R, H*E]
-                out = F.linear(heads_out, wo, bo)
-            return out.view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
+            if needs_grad:  # the whole layer as one autograd node, [B', L, *] in and out
+                return reprogramming_op(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
+                                        draw_seed_tensor(dropout_p, target.device), self.allow_tf32, deterministic)
+            Bp, L, DM = target.shape
+            form = core_form(DM, H, self.d_keys)
+            side = self._kv_cache.get(  # the prototype side, reused while its inputs are unchanged
+                (source, value) + params[:6], (dtype, "triton"),
+                lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
+            heads_out = fused_core(query_operand(target_c.reshape(Bp * L, DM), wq, bq, form), side.mc, side.v, form,
+                                   dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
+            return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
         if dropout_p > 0:
             return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                            dropout_p=dropout_p, training=True)
-        kv = cached(lambda: project_key_value(source_c, value_c, wk, bk, wv, bv), "eager")
+
+        def key_value():  # kv: [S, 2·H·E]
+            return project_key_value(source_c, value_c, wk, bk, wv, bv)
+
+        kv = key_value() if needs_grad else self._kv_cache.get((source, value) + params[:6], (dtype, "eager"), key_value)
         return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
-                                       key_value=kv.split(H * E, dim=1))
+                                       key_value=kv.split(H * self.d_keys, dim=1))

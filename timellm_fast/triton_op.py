@@ -39,7 +39,8 @@ class TritonOp:
     save(ctx, inputs, outputs)           keeps on ctx what `gradients` needs
     gradients(ctx, run_backward, grad_result) -> one gradient (or None) per input;
                                          `run_backward(*args)` is the backward launcher on the
-                                         forward's route
+                                         forward's route (``ctx.direct``: whether it is the
+                                         direct one)
     differentiable: the number of leading inputs a gradient can flow to (tensors)
     residuals: whether the forward launcher returns residuals after its result (they never
                receive a gradient)
@@ -75,9 +76,14 @@ class TritonOp:
             return outputs[0] if self._residuals else outputs
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self._apply_direct(*inputs)
-        with dispatch.profiled(self.forward_name):  # nothing to differentiate: not even an autograd node
-            outputs = self.launch_forward(*inputs)
+        outputs = self._launch_direct_forward(*inputs)  # nothing to differentiate: not even an autograd node
         return outputs[0] if self._residuals else outputs
+
+    def _launch_direct_forward(self, *inputs):
+        if dispatch.profiling():  # named as the custom op would be
+            with torch.profiler.record_function(self.forward_name):
+                return self.launch_forward(*inputs)
+        return self.launch_forward(*inputs)
 
     def _setup_custom_op(self, ctx, inputs, output) -> None:  # torch.library passes `output` by name
         self._save(ctx, inputs, output)
@@ -92,8 +98,10 @@ class TritonOp:
         return self._gradients(ctx, run_backward, grad_result)
 
     def _direct_backward(self, *args):
-        with dispatch.profiled(self.backward_name):  # named as the custom op would be
-            return self.launch_direct_backward(*args)
+        if dispatch.profiling():
+            with torch.profiler.record_function(self.backward_name):
+                return self.launch_direct_backward(*args)
+        return self.launch_direct_backward(*args)
 
     def _direct_function(self) -> type:
         op = self
@@ -101,8 +109,7 @@ class TritonOp:
         def forward(ctx, *inputs):
             # forward takes ctx itself: a separate setup_context makes every apply bind its
             # arguments with inspect.signature (~50 us of host time)
-            with dispatch.profiled(op.forward_name):
-                outputs = op.launch_forward(*inputs)
+            outputs = op._launch_direct_forward(*inputs)
             op._save(ctx, inputs, outputs)
             ctx.direct = True
             return outputs[0] if op._residuals else outputs  # the residuals are saved, not returned
