@@ -75,7 +75,7 @@ Launch parameters come only from kernels/reprogramming_attention_tiles.py.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -85,8 +85,8 @@ from ._environment import interpreting
 from ._launch import cdiv, launch, store_dtype
 from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
                                             PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
-                                            is_factorized, launch_params, no_config_reason, override_softmax,
-                                            override_tiles, select_config)
+                                            LAUNCH_PLANS, is_factorized, launch_params, no_config_reason,
+                                            override_softmax, override_tiles, select_config)
 from .reprogramming_attention_tiles import aot_configs as tiles_aot_configs
 
 #: the prototype-stationary backward splits the rows into chunks until the grid has about this many programs
@@ -627,6 +627,46 @@ def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
                      f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
 
 
+#: launch plans are remembered for at most this many problems (a new row count is a new problem)
+LAUNCH_PLAN_ENTRIES = 1024
+
+
+def _launch_plan(key: tuple, make):
+    """The launch plan for `key` (everything a launch takes that its shapes, strides, dtypes and
+    flags fix: configurations, grids, scalar arguments, buffer shapes), made once per problem:
+    the launchers run on every call of the layer, and choosing all of it each time is Python the
+    small official shapes feel. The operand checks run when a plan is made (the key holds
+    every shape and stride they read)."""
+    plan = LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = make()
+        if len(LAUNCH_PLANS) >= LAUNCH_PLAN_ENTRIES:
+            LAUNCH_PLANS.clear()
+        LAUNCH_PLANS[key] = plan
+    return plan
+
+
+class _ForwardPlan(NamedTuple):
+    grid: Optional[Tuple[int, int]]  # None: no rows, nothing to launch (an empty grid is not launchable everywhere)
+    params: Optional[dict]
+    scalars: tuple  # the integer and float arguments between lse and dropout_p
+    philox_rows: int
+    out_shape: Tuple[int, int]  # [R, H*E]
+    lse_shape: Tuple[int, int]  # [H, R]
+    out_dtype: torch.dtype  # what the kernel writes (store_dtype)
+
+
+def _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32) -> _ForwardPlan:
+    _check_operands(x, mc, v)
+    R = x.shape[0]
+    S, H, E = v.shape
+    cfg = select_config("fwd", x.dtype, E, d_model, has_dropout, x.device, allow_tf32)
+    scalars = (R, S, d_logit, H, E, x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN,
+               mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias), LOG2E * scale)
+    return _ForwardPlan((cdiv(R, cfg.block_r), H) if R else None, launch_params(cfg), scalars,
+                        rows_per_philox_group(S), (R, H * E), (H, R), store_dtype(x.dtype))
+
+
 def attention_forward(
     x: torch.Tensor,  # x: [R, *], logit operand rows (target, or Q on the standard form)
     mc: torch.Tensor,  # mc: [H, W, S']: Y_hᵀ in rows [0, D), c_h in row D when has_bias
@@ -640,21 +680,19 @@ def attention_forward(
     seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
     allow_tf32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # out: [R, H*E] in x's dtype, lse: [H, R] fp32 (base 2)
-    _check_operands(x, mc, v)
-    R = x.shape[0]
-    S, H, E = v.shape
-    seed = _seed_tensor(seed, dropout_p, x.device)
-    cfg = select_config("fwd", x.dtype, E, d_model, dropout_p > 0.0, x.device, allow_tf32)
-    out_dtype = store_dtype(x.dtype)
-    out = torch.empty((R, H * E), dtype=out_dtype, device=x.device)
-    lse = torch.empty((H, R), dtype=torch.float32, device=x.device)
-    if R == 0:  # empty batch: nothing to launch (an empty grid is not launchable everywhere)
-        return out.to(x.dtype), lse
-    launch(attention_fwd_kernel, (cdiv(R, cfg.block_r), H), launch_params(cfg),
-        x, mc, v, out, lse, R, S, d_logit, H, E,
-        x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias),
-        LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S))
-    return (out if out_dtype == x.dtype else out.to(x.dtype)), lse  # .to() is a dispatcher call even as a no-op
+    device, dtype = x.device, x.dtype
+    has_dropout = dropout_p > 0.0
+    plan = _launch_plan(
+        ("fwd", x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), dtype, device, d_logit,
+         x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32, interpreting()),
+        lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
+    seed = _seed_tensor(seed, dropout_p, device)
+    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    if plan.grid is not None:
+        launch(attention_fwd_kernel, plan.grid, plan.params, x, mc, v, out, lse, *plan.scalars, float(dropout_p), seed,
+               plan.philox_rows)
+    return (out if plan.out_dtype == dtype else out.to(dtype)), lse  # .to() is a dispatcher call even as a no-op
 
 
 def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:
@@ -667,6 +705,61 @@ def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, bl
     chunks = max(1, -(-PROTOS_TARGET_PROGRAMS // (num_proto_blocks * n_heads)))
     rows = max(4 * block_r, -(-num_rows // chunks))
     return -(-rows // block_r) * block_r
+
+
+class _KernelLaunch(NamedTuple):
+    grid: Tuple[int, ...]
+    params: dict
+    scalars: tuple  # the integer and float arguments after the tensors (before the dropout arguments)
+
+
+class _BackwardPlan(NamedTuple):
+    shapes: tuple  # (R, S, H, E, W, S', dx columns)
+    atomic_dx: bool  # dx added by the prototype-stationary kernel with atomics (default mode)
+    delta: Optional[_KernelLaunch]  # None: no rows
+    protos: Optional[_KernelLaunch]  # None where the prototype side is not needed
+    protos_chunks: int  # partial sums of dmc and dv over row chunks (1: written directly)
+    rows: Optional[_KernelLaunch]  # the row-stationary dx (deterministic mode, or dx alone)
+    rows_dx_shape: tuple  # its buffer: [H, R, dx columns] (factorized, summed over heads) or [R, dx columns]
+    philox_rows: int
+
+
+def _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32, need_dx,
+                   need_protos, deterministic) -> _BackwardPlan:
+    _check_operands(x, mc, v)
+    R = x.shape[0]
+    S, H, E = v.shape
+    _, W, S_pad = mc.shape
+    dev, dt = x.device, x.dtype
+    dx_cols = x.shape[1]
+    shapes = (R, S, H, E, W, S_pad, dx_cols)
+    atomic_dx = need_dx and need_protos and not deterministic
+    philox_rows = rows_per_philox_group(S)
+    if R == 0:
+        return _BackwardPlan(shapes, atomic_dx, None, None, 1, None, (), philox_rows)
+    common = (int(has_bias), LOG2E * scale, scale)
+    operand_strides = (x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
+                       v.stride(0), v.stride(1), dx_cols)
+    delta_cfg = select_config("bwd_delta", dt, E, d_model, False, dev, allow_tf32)
+    delta = _KernelLaunch((cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg), (R, H, E, dx_cols, int(atomic_dx)))
+    protos, chunks = None, 1
+    if need_protos:
+        cfg = select_config("bwd_protos", dt, E, d_model, has_dropout, dev, allow_tf32)
+        proto_blocks = cdiv(S, cfg.block_s)
+        rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
+        chunks = cdiv(R, rows_per_chunk)
+        protos = _KernelLaunch((proto_blocks, H, chunks), launch_params(cfg),
+                               (R, S, d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *common, int(atomic_dx)))
+    rows, rows_dx_shape = None, ()
+    if need_dx and not atomic_dx:
+        cfg = select_config("bwd_rows", dt, E, d_model, has_dropout, dev, allow_tf32)
+        if x_head_stride == 0:  # factorized: every head adds into the same target columns
+            rows_dx_shape, head_stride = (H, R, dx_cols), R * dx_cols
+        else:  # standard: head h owns columns h·E + [0, E) of dQ
+            rows_dx_shape, head_stride = (R, dx_cols), x_head_stride
+        rows = _KernelLaunch((cdiv(R, cfg.block_r), H), launch_params(cfg),
+                             (R, S, d_logit, H, E, *operand_strides, head_stride, *common))
+    return _BackwardPlan(shapes, atomic_dx, delta, protos, chunks, rows, rows_dx_shape, philox_rows)
 
 
 def attention_backward(
@@ -690,60 +783,48 @@ def attention_backward(
     Default mode: the prototype-stationary kernel forms every element once and adds dx with atomics.
     deterministic: dx from the row-stationary kernel instead (fixed reduction order everywhere).
     """
-    _check_operands(x, mc, v)
-    R = x.shape[0]
-    S, H, E = v.shape
-    _, W, S_pad = mc.shape
     dev = x.device
+    has_dropout = dropout_p > 0.0
+    plan = _launch_plan(
+        ("bwd", x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), x.dtype, dev, d_logit,
+         x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32, need_dx, need_protos, deterministic,
+         interpreting()),
+        lambda: _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
+                               need_dx, need_protos, deterministic))
+    R, S, H, E, W, S_pad, dx_cols = plan.shapes
     seed = _seed_tensor(seed, dropout_p, dev)
+    f32 = torch.float32
+    if plan.delta is None:  # empty batch: dx is empty and the prototype side is a sum over no rows
+        return (torch.zeros((0, dx_cols), dtype=f32, device=dev) if need_dx else None,
+                torch.zeros((H, W, S_pad), dtype=f32, device=dev) if need_protos else None,
+                torch.zeros((S, H, E), dtype=f32, device=dev) if need_protos else None)
     # .contiguous() is a dispatcher call even when it returns its input
     grad = grad if grad.is_contiguous() else grad.contiguous()
     out = out if out.is_contiguous() else out.contiguous()
-    dx_cols = x.shape[1]
-    if R == 0:  # empty batch: dx is empty and the prototype side is a sum over no rows
-        return (torch.zeros((0, dx_cols), dtype=torch.float32, device=dev) if need_dx else None,
-                torch.zeros((H, W, S_pad), dtype=torch.float32, device=dev) if need_protos else None,
-                torch.zeros((S, H, E), dtype=torch.float32, device=dev) if need_protos else None)
-    atomic_dx = need_dx and need_protos and not deterministic
-    common = (LOG2E * scale, scale)
-    philox = (float(dropout_p), seed, rows_per_philox_group(S))
+    philox = (float(dropout_p), seed, plan.philox_rows)
 
-    delta_cfg = select_config("bwd_delta", x.dtype, E, d_model, False, dev, allow_tf32)
-    delta = torch.empty((H, R), dtype=torch.float32, device=dev)
-    dx = torch.empty((R, dx_cols), dtype=torch.float32, device=dev) if atomic_dx else None
-    launch(attention_bwd_delta_kernel, (cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg),
-        out, grad, delta, dx if atomic_dx else delta, R, H, E, dx_cols, int(atomic_dx))
+    atomic_dx = plan.atomic_dx
+    delta = torch.empty((H, R), dtype=f32, device=dev)
+    dx = torch.empty((R, dx_cols), dtype=f32, device=dev) if atomic_dx else None  # zeroed by the delta kernel
+    launch(attention_bwd_delta_kernel, plan.delta.grid, plan.delta.params,
+           out, grad, delta, dx if atomic_dx else delta, *plan.delta.scalars)
 
     dmc = dv = None
-    if need_protos:
-        cfg = select_config("bwd_protos", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)
-        proto_blocks = cdiv(S, cfg.block_s)
-        rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
-        n_chunks = cdiv(R, rows_per_chunk)
+    if plan.protos is not None:
         # one chunk: the kernel writes the result itself (same layout, no chunk axis to reduce or index)
-        chunk_axis = (n_chunks,) if n_chunks > 1 else ()
-        dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=torch.float32, device=dev)  # [(C,) H, W, S']
-        dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=torch.float32, device=dev)  # [(C,) S, H, E]
-        launch(attention_bwd_protos_kernel, (proto_blocks, H, n_chunks), launch_params(cfg),
-            x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
-            R, S, d_logit, H, E, W, S_pad,
-            x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols,
-            rows_per_chunk, int(has_bias), *common, int(atomic_dx), *philox)
-        dmc = dmc_partial.sum(0) if n_chunks > 1 else dmc_partial
-        dv = dv_partial.sum(0) if n_chunks > 1 else dv_partial
+        chunk_axis = (plan.protos_chunks,) if plan.protos_chunks > 1 else ()
+        dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=f32, device=dev)  # [(C,) H, W, S']
+        dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=f32, device=dev)  # [(C,) S, H, E]
+        launch(attention_bwd_protos_kernel, plan.protos.grid, plan.protos.params,
+               x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
+               *plan.protos.scalars, *philox)
+        dmc = dmc_partial.sum(0) if chunk_axis else dmc_partial
+        dv = dv_partial.sum(0) if chunk_axis else dv_partial
 
-    if need_dx and not atomic_dx:
-        cfg = select_config("bwd_rows", x.dtype, E, d_model, dropout_p > 0.0, dev, allow_tf32)
-        if x_head_stride == 0:  # factorized: every head adds into the same target columns
-            dx_heads = torch.empty((H, R, dx_cols), dtype=torch.float32, device=dev)
-            head_stride = R * dx_cols
-        else:  # standard: head h owns columns h·E + [0, E) of dQ
-            dx_heads = torch.empty((R, dx_cols), dtype=torch.float32, device=dev)
-            head_stride = x_head_stride
-        launch(attention_bwd_rows_kernel, (cdiv(R, cfg.block_r), H), launch_params(cfg),
-            x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E,
-            x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), dx_cols, head_stride,
-            int(has_bias), *common, *philox)
+    if plan.rows is not None:
+        dx_heads = torch.empty(plan.rows_dx_shape, dtype=f32, device=dev)
+        launch(attention_bwd_rows_kernel, plan.rows.grid, plan.rows.params,
+               x, mc, v, grad, lse, delta, dx_heads, *plan.rows.scalars, *philox)
         dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
     return dx, dmc, dv
 

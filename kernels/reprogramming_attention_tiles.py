@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -309,6 +309,17 @@ _SELECTED: Dict[tuple, Optional[AttentionConfig]] = {}
 #: launch_params' memo: (id of an AttentionConfig, interpreter flag) -> (that config, the keyword
 #: arguments of its launch); by id, as a frozen dataclass hashes all its fields in Python per lookup
 _LAUNCH_PARAMS: Dict[tuple, Tuple[AttentionConfig, dict]] = {}
+#: the launchers' memo of per-problem launch plans (kernels/reprogramming_attention.py), which hold
+#: configurations: forgotten with them
+LAUNCH_PLANS: Dict[tuple, Any] = {}
+
+
+def _forget_selections(launch_params_too: bool = False) -> None:
+    """Empties the memos that would serve configurations selected before a change of the tiles."""
+    _SELECTED.clear()
+    LAUNCH_PLANS.clear()
+    if launch_params_too:
+        _LAUNCH_PARAMS.clear()
 _NOT_SELECTED = object()
 
 
@@ -324,14 +335,13 @@ def override_tiles(overrides: Dict[tuple, tuple]):
             raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
     saved = dict(_TILE_OVERRIDES)
     _TILE_OVERRIDES.update(overrides)
-    _SELECTED.clear()  # the memo must not serve the tiles from before
+    _forget_selections()  # the memos must not serve the tiles from before
     try:
         yield
     finally:
         _TILE_OVERRIDES.clear()
         _TILE_OVERRIDES.update(saved)
-        _SELECTED.clear()
-        _LAUNCH_PARAMS.clear()
+        _forget_selections(launch_params_too=True)
 
 
 @contextlib.contextmanager
@@ -344,13 +354,12 @@ def override_softmax(poly_eighths: int, rescale_threshold: float):
                          f"got {poly_eighths}, {rescale_threshold}")
     saved = _softmax_override
     _softmax_override = (int(poly_eighths), float(rescale_threshold))
-    _SELECTED.clear()
+    _forget_selections()
     try:
         yield
     finally:
         _softmax_override = saved
-        _SELECTED.clear()
-        _LAUNCH_PARAMS.clear()
+        _forget_selections(launch_params_too=True)
 
 
 def select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,

@@ -63,11 +63,24 @@ class CoreForm(NamedTuple):
     d_model: int
 
 
+_CORE_FORMS: dict = {}
+
+
 def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
-    scale = 1.0 / math.sqrt(head_dim)
-    if attn_kernels.is_factorized(d_model, head_dim):
-        return CoreForm(attn_kernels.block_d_for(d_model, head_dim), 0, True, scale, d_model)
-    return CoreForm(head_dim, head_dim, False, scale, d_model)
+    """The core's form for these widths (memoized: asked forward and backward on every call;
+    not for the symbolic widths of a trace, which do not hash)."""
+    key = (d_model, n_heads, head_dim)
+    symbolic = not (d_model.__class__ is n_heads.__class__ is head_dim.__class__ is int)
+    form = None if symbolic else _CORE_FORMS.get(key)
+    if form is None:
+        scale = 1.0 / math.sqrt(head_dim)
+        if attn_kernels.is_factorized(d_model, head_dim):
+            form = CoreForm(attn_kernels.block_d_for(d_model, head_dim), 0, True, scale, d_model)
+        else:
+            form = CoreForm(head_dim, head_dim, False, scale, d_model)
+        if not symbolic:
+            _CORE_FORMS[key] = form
+    return form
 
 
 def projects_keys(form: CoreForm, head_dim: int) -> bool:
