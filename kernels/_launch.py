@@ -98,7 +98,7 @@ LAUNCH_CACHE_ENTRIES = 4096
 
 class _CachedLaunch(NamedTuple):
     kernel: Any  # the JITFunction and
-    params: dict  # the launch's keyword arguments, held so that their ids in the key stay theirs
+    params: dict  # the launch's keyword arguments, both held so that their ids in the key stay theirs
     compiled: Any  # triton CompiledKernel
     run: Any  # its driver launcher (compiled.run, a lazily set property: set once it has launched)
     constexpr_tail: Tuple  # the constexpr values after the positional arguments, in signature order
