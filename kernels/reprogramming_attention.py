@@ -617,18 +617,23 @@ def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.d
 
 
 def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
-    if x.stride(-1) == 1 == mc.stride(-1) == v.stride(-1) and not mc.stride(1) % PROTOTYPE_ALIGN \
-            and mc.shape[2] >= v.shape[0]:
-        return  # (asked on every launch)
     for name, t in (("x", x), ("mc", mc), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along its last axis, got strides {t.stride()}")
-    raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
-                     f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
+    if mc.stride(1) % PROTOTYPE_ALIGN or mc.shape[2] < v.shape[0]:
+        raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
+                         f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
 
 
 #: launch plans are remembered for at most this many problems (a new row count is a new problem)
 LAUNCH_PLAN_ENTRIES = 1024
+
+
+def _problem_key(role: str, x, mc, v, *flags) -> tuple:
+    """What fixes a launch plan: the operands' shapes, strides, dtype and device, the launcher's
+    flags, the interpreter switch."""
+    return (role, x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), x.dtype, x.device, *flags,
+            interpreting())
 
 
 def _launch_plan(key: tuple, make):
@@ -648,7 +653,7 @@ def _launch_plan(key: tuple, make):
 
 class _ForwardPlan(NamedTuple):
     grid: Optional[Tuple[int, int]]  # None: no rows, nothing to launch (an empty grid is not launchable everywhere)
-    params: Optional[dict]
+    params: dict
     scalars: tuple  # the integer and float arguments between lse and dropout_p
     philox_rows: int
     out_shape: Tuple[int, int]  # [R, H*E]
@@ -683,8 +688,7 @@ def attention_forward(
     device, dtype = x.device, x.dtype
     has_dropout = dropout_p > 0.0
     plan = _launch_plan(
-        ("fwd", x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), dtype, device, d_logit,
-         x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32, interpreting()),
+        _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32),
         lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
     seed = _seed_tensor(seed, dropout_p, device)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=device)
@@ -717,8 +721,7 @@ class _BackwardPlan(NamedTuple):
     shapes: tuple  # (R, S, H, E, W, S', dx columns)
     atomic_dx: bool  # dx added by the prototype-stationary kernel with atomics (default mode)
     delta: Optional[_KernelLaunch]  # None: no rows
-    protos: Optional[_KernelLaunch]  # None where the prototype side is not needed
-    protos_chunks: int  # partial sums of dmc and dv over row chunks (1: written directly)
+    protos: Optional[_KernelLaunch]  # None where the prototype side is not needed; grid[2]: its row chunks
     rows: Optional[_KernelLaunch]  # the row-stationary dx (deterministic mode, or dx alone)
     rows_dx_shape: tuple  # its buffer: [H, R, dx columns] (factorized, summed over heads) or [R, dx columns]
     philox_rows: int
@@ -736,13 +739,13 @@ def _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, h
     atomic_dx = need_dx and need_protos and not deterministic
     philox_rows = rows_per_philox_group(S)
     if R == 0:
-        return _BackwardPlan(shapes, atomic_dx, None, None, 1, None, (), philox_rows)
+        return _BackwardPlan(shapes, atomic_dx, None, None, None, (), philox_rows)
     common = (int(has_bias), LOG2E * scale, scale)
     operand_strides = (x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
                        v.stride(0), v.stride(1), dx_cols)
     delta_cfg = select_config("bwd_delta", dt, E, d_model, False, dev, allow_tf32)
     delta = _KernelLaunch((cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg), (R, H, E, dx_cols, int(atomic_dx)))
-    protos, chunks = None, 1
+    protos = None
     if need_protos:
         cfg = select_config("bwd_protos", dt, E, d_model, has_dropout, dev, allow_tf32)
         proto_blocks = cdiv(S, cfg.block_s)
@@ -759,7 +762,7 @@ def _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, h
             rows_dx_shape, head_stride = (R, dx_cols), x_head_stride
         rows = _KernelLaunch((cdiv(R, cfg.block_r), H), launch_params(cfg),
                              (R, S, d_logit, H, E, *operand_strides, head_stride, *common))
-    return _BackwardPlan(shapes, atomic_dx, delta, protos, chunks, rows, rows_dx_shape, philox_rows)
+    return _BackwardPlan(shapes, atomic_dx, delta, protos, rows, rows_dx_shape, philox_rows)
 
 
 def attention_backward(
@@ -786,9 +789,8 @@ def attention_backward(
     dev = x.device
     has_dropout = dropout_p > 0.0
     plan = _launch_plan(
-        ("bwd", x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), x.dtype, dev, d_logit,
-         x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32, need_dx, need_protos, deterministic,
-         interpreting()),
+        _problem_key("bwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
+                     need_dx, need_protos, deterministic),
         lambda: _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
                                need_dx, need_protos, deterministic))
     R, S, H, E, W, S_pad, dx_cols = plan.shapes
@@ -812,7 +814,8 @@ def attention_backward(
     dmc = dv = None
     if plan.protos is not None:
         # one chunk: the kernel writes the result itself (same layout, no chunk axis to reduce or index)
-        chunk_axis = (plan.protos_chunks,) if plan.protos_chunks > 1 else ()
+        chunks = plan.protos.grid[2]  # partial sums of dmc and dv over row chunks
+        chunk_axis = (chunks,) if chunks > 1 else ()
         dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=f32, device=dev)  # [(C,) H, W, S']
         dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=f32, device=dev)  # [(C,) S, H, E]
         launch(attention_bwd_protos_kernel, plan.protos.grid, plan.protos.params,

@@ -320,7 +320,9 @@ def _forget_selections(launch_params_too: bool = False) -> None:
     LAUNCH_PLANS.clear()
     if launch_params_too:
         _LAUNCH_PARAMS.clear()
-_NOT_SELECTED = object()
+
+
+_NOT_SELECTED = object()  # select_config's memo holds None for "no kernel"
 
 
 @contextlib.contextmanager
