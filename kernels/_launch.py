@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, NamedTuple, Tuple
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton.language as tl
@@ -105,6 +105,8 @@ class _CachedLaunch(NamedTuple):
 
 
 _CACHED: dict = {}
+#: counts clear_launch_cache calls: a PlannedLaunch's remembered entry is valid only in its generation
+_generation = 0
 
 
 def _argument_key(args: tuple) -> list:
@@ -137,10 +139,21 @@ def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
     (``TRITON_DEBUG``, ``knobs``) count as they were at a specialization's first launch.
     Returns the CompiledKernel (None under the interpreter).
     """
-    runtime = knobs.runtime
-    if (interpreting() or not launch_cache_enabled or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks
-            or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls):
+    if not _cache_applies(kernel):
         return kernel[grid](*args, **params)
+    return _launch_cached(kernel, grid, params, args)[0]
+
+
+def _cache_applies(kernel) -> bool:
+    """Whether a launch of `kernel` may go through the cache (launch's docstring says when not)."""
+    runtime = knobs.runtime
+    return not (interpreting() or not launch_cache_enabled or not isinstance(kernel, JITFunction)
+                or kernel.pre_run_hooks or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+
+
+def _launch_cached(kernel, grid: Tuple[int, ...], params: dict, args: tuple):
+    """launch() where the cache applies: (the CompiledKernel, its cache entry, None where the
+    launch could not be remembered, and the device it is for)."""
     active = driver.active
     device = active.get_current_device()
     # the kernel by id (a JITFunction hashes through a locked property); the entry holds it
@@ -148,13 +161,54 @@ def launch(kernel, grid: Tuple[int, ...], params: dict, *args):
     cached = _CACHED.get(key)
     if cached is None:
         compiled = kernel[grid](*args, **params)
-        _remember(key, kernel, params, args, compiled)
-        return compiled
+        return compiled, _remember(key, kernel, params, args, compiled), device
+    _start(cached, grid, active.get_current_stream(device), args)
+    return cached.compiled, cached, device
+
+
+def _start(cached: "_CachedLaunch", grid: Tuple[int, ...], stream, args: tuple) -> None:
+    """The compiled kernel's own launcher, with the arguments as JITFunction.run passes them."""
     compiled = cached.compiled
     n = len(grid)
-    cached.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+    cached.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
                compiled.function, compiled.packed_metadata, None, None, None, *args, *cached.constexpr_tail)
-    return compiled
+
+
+class PlannedLaunch:
+    """One kernel launch of a launch plan, started with ``planned(kernel, aligned, *args)``.
+
+    A plan fixes the grid, the params, every argument that is not a tensor, and the dtypes of
+    the tensors (its key holds them). Of what Triton specializes a launch on, only the tensors'
+    addresses can then differ between calls, and the caller says in `aligned` whether every tensor
+    argument sits at an address divisible by 16 (what PyTorch's allocators hand out). An aligned
+    launch then starts the compiled kernel remembered here from the first aligned launch of the
+    same kernel on the same current device, without :func:`launch`'s per-argument key (about 3 us
+    of host time per launch). Anything else, and whatever :func:`launch` would not cache, goes
+    through :func:`launch`.
+    """
+    __slots__ = ("grid", "params", "scalars", "_aligned_entry", "_aligned_device", "_aligned_generation")
+
+    def __init__(self, grid: Tuple[int, ...], params: dict, scalars: tuple):
+        self.grid, self.params = grid, params
+        self.scalars = scalars  # the plan's integer and float arguments, for the caller to pass
+        # the cache entry of the first aligned launch, its device, and the cache's generation then
+        # (clear_launch_cache forgets it here too: a recording driver's kernels must not outlive it)
+        self._aligned_entry = self._aligned_device = self._aligned_generation = None
+
+    def __call__(self, kernel, aligned: bool, *args):
+        if not _cache_applies(kernel):
+            return kernel[self.grid](*args, **self.params)
+        entry = self._aligned_entry
+        if aligned and entry is not None and entry.kernel is kernel and self._aligned_generation == _generation:
+            active = driver.active
+            device = active.get_current_device()
+            if device == self._aligned_device:
+                _start(entry, self.grid, active.get_current_stream(device), args)
+                return entry.compiled
+        compiled, entry, device = _launch_cached(kernel, self.grid, self.params, args)
+        if aligned and entry is not None:
+            self._aligned_entry, self._aligned_device, self._aligned_generation = entry, device, _generation
+        return compiled
 
 
 _INTERNED_PARAMS: dict = {}
@@ -170,17 +224,19 @@ def interned_params(**params) -> dict:
     return interned
 
 
-def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> None:
+def _remember(key: tuple, kernel, params: dict, args: tuple, compiled) -> Optional["_CachedLaunch"]:
     """Caches what JITFunction.run just compiled and launched for `key`, when the positional
-    arguments and `params` cover the signature exactly (else every launch stays on Triton's path)."""
+    arguments and `params` cover the signature exactly (else every launch stays on Triton's path);
+    returns the entry, or None."""
     if compiled is None:  # nothing compiled (Triton's warm-up/async modes)
-        return
+        return None
     names = kernel.arg_names[len(args):]
     if any(name not in params for name in names):
-        return  # a defaulted argument: its value is Triton's to bind
+        return None  # a defaulted argument: its value is Triton's to bind
     if len(_CACHED) >= LAUNCH_CACHE_ENTRIES:
         _CACHED.clear()
-    _CACHED[key] = _CachedLaunch(kernel, params, compiled, compiled.run, tuple(params[name] for name in names))
+    entry = _CACHED[key] = _CachedLaunch(kernel, params, compiled, compiled.run, tuple(params[name] for name in names))
+    return entry
 
 
 def cached_launches() -> int:
@@ -202,5 +258,8 @@ def tritons_own_launch_path() -> Iterator[None]:
 
 
 def clear_launch_cache() -> None:
-    """Forgets every cached compiled kernel (their next launches go through Triton's path again)."""
+    """Forgets every cached compiled kernel, the ones PlannedLaunch remembers included (their next
+    launches go through Triton's path again)."""
+    global _generation
     _CACHED.clear()
+    _generation += 1

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ._environment import interpreting
-from ._launch import cdiv, launch, store_dtype
+from ._launch import PlannedLaunch, cdiv, launch, store_dtype
 from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
                                             PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
                                             LAUNCH_PLANS, is_factorized, launch_params, no_config_reason,
@@ -630,10 +630,11 @@ LAUNCH_PLAN_ENTRIES = 1024
 
 
 def _problem_key(role: str, x, mc, v, *flags) -> tuple:
-    """What fixes a launch plan: the operands' shapes, strides, dtype and device, the launcher's
-    flags, the interpreter switch."""
-    return (role, x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), x.dtype, x.device, *flags,
-            interpreting())
+    """What fixes a launch plan: the operands' shapes, strides, dtypes and device, the launcher's
+    flags (the dtypes of its other tensor arguments among them: a PlannedLaunch relies on the key
+    holding every argument's dtype), the interpreter switch."""
+    return (role, x.shape, x.stride(), mc.shape, mc.stride(), v.shape, v.stride(), x.dtype, mc.dtype, v.dtype,
+            x.device, *flags, interpreting())
 
 
 def _launch_plan(key: tuple, make):
@@ -652,9 +653,9 @@ def _launch_plan(key: tuple, make):
 
 
 class _ForwardPlan(NamedTuple):
-    grid: Optional[Tuple[int, int]]  # None: no rows, nothing to launch (an empty grid is not launchable everywhere)
-    params: dict
-    scalars: tuple  # the integer and float arguments between lse and dropout_p
+    # None: no rows, nothing to launch (an empty grid is not launchable everywhere); its scalars are
+    # the integer and float arguments between lse and dropout_p
+    kernel: Optional[PlannedLaunch]
     philox_rows: int
     out_shape: Tuple[int, int]  # [R, H*E]
     lse_shape: Tuple[int, int]  # [H, R]
@@ -668,8 +669,8 @@ def _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, ha
     cfg = select_config("fwd", x.dtype, E, d_model, has_dropout, x.device, allow_tf32)
     scalars = (R, S, d_logit, H, E, x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN,
                mc.stride(1) // PROTOTYPE_ALIGN, v.stride(0), v.stride(1), int(has_bias), LOG2E * scale)
-    return _ForwardPlan((cdiv(R, cfg.block_r), H) if R else None, launch_params(cfg), scalars,
-                        rows_per_philox_group(S), (R, H * E), (H, R), store_dtype(x.dtype))
+    kernel = PlannedLaunch((cdiv(R, cfg.block_r), H), launch_params(cfg), scalars) if R else None
+    return _ForwardPlan(kernel, rows_per_philox_group(S), (R, H * E), (H, R), store_dtype(x.dtype))
 
 
 def attention_forward(
@@ -687,14 +688,18 @@ def attention_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # out: [R, H*E] in x's dtype, lse: [H, R] fp32 (base 2)
     device, dtype = x.device, x.dtype
     has_dropout = dropout_p > 0.0
-    plan = _launch_plan(
-        _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32),
-        lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
     seed = _seed_tensor(seed, dropout_p, device)
+    plan = _launch_plan(
+        _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
+                     seed.dtype),
+        lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
-    if plan.grid is not None:
-        launch(attention_fwd_kernel, plan.grid, plan.params, x, mc, v, out, lse, *plan.scalars, float(dropout_p), seed,
+    kernel = plan.kernel
+    if kernel is not None:
+        aligned = not (x.data_ptr() | mc.data_ptr() | v.data_ptr() | out.data_ptr() | lse.data_ptr()
+                       | seed.data_ptr()) & 15  # every tensor argument below
+        kernel(attention_fwd_kernel, aligned, x, mc, v, out, lse, *kernel.scalars, float(dropout_p), seed,
                plan.philox_rows)
     return (out if plan.out_dtype == dtype else out.to(dtype)), lse  # .to() is a dispatcher call even as a no-op
 
@@ -711,18 +716,13 @@ def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, bl
     return -(-rows // block_r) * block_r
 
 
-class _KernelLaunch(NamedTuple):
-    grid: Tuple[int, ...]
-    params: dict
-    scalars: tuple  # the integer and float arguments after the tensors (before the dropout arguments)
-
-
 class _BackwardPlan(NamedTuple):
     shapes: tuple  # (R, S, H, E, W, S', dx columns)
     atomic_dx: bool  # dx added by the prototype-stationary kernel with atomics (default mode)
-    delta: Optional[_KernelLaunch]  # None: no rows
-    protos: Optional[_KernelLaunch]  # None where the prototype side is not needed; grid[2]: its row chunks
-    rows: Optional[_KernelLaunch]  # the row-stationary dx (deterministic mode, or dx alone)
+    # each kernel's scalars: its integer and float arguments after the tensors (before the dropout arguments)
+    delta: Optional[PlannedLaunch]  # None: no rows
+    protos: Optional[PlannedLaunch]  # None where the prototype side is not needed; grid[2]: its row chunks
+    rows: Optional[PlannedLaunch]  # the row-stationary dx (deterministic mode, or dx alone)
     rows_dx_shape: tuple  # its buffer: [H, R, dx columns] (factorized, summed over heads) or [R, dx columns]
     philox_rows: int
 
@@ -744,14 +744,14 @@ def _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, h
     operand_strides = (x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
                        v.stride(0), v.stride(1), dx_cols)
     delta_cfg = select_config("bwd_delta", dt, E, d_model, False, dev, allow_tf32)
-    delta = _KernelLaunch((cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg), (R, H, E, dx_cols, int(atomic_dx)))
+    delta = PlannedLaunch((cdiv(R, delta_cfg.block_r),), launch_params(delta_cfg), (R, H, E, dx_cols, int(atomic_dx)))
     protos = None
     if need_protos:
         cfg = select_config("bwd_protos", dt, E, d_model, has_dropout, dev, allow_tf32)
         proto_blocks = cdiv(S, cfg.block_s)
         rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
         chunks = cdiv(R, rows_per_chunk)
-        protos = _KernelLaunch((proto_blocks, H, chunks), launch_params(cfg),
+        protos = PlannedLaunch((proto_blocks, H, chunks), launch_params(cfg),
                                (R, S, d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *common, int(atomic_dx)))
     rows, rows_dx_shape = None, ()
     if need_dx and not atomic_dx:
@@ -760,7 +760,7 @@ def _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, h
             rows_dx_shape, head_stride = (H, R, dx_cols), R * dx_cols
         else:  # standard: head h owns columns h·E + [0, E) of dQ
             rows_dx_shape, head_stride = (R, dx_cols), x_head_stride
-        rows = _KernelLaunch((cdiv(R, cfg.block_r), H), launch_params(cfg),
+        rows = PlannedLaunch((cdiv(R, cfg.block_r), H), launch_params(cfg),
                              (R, S, d_logit, H, E, *operand_strides, head_stride, *common))
     return _BackwardPlan(shapes, atomic_dx, delta, protos, rows, rows_dx_shape, philox_rows)
 
@@ -788,13 +788,13 @@ def attention_backward(
     """
     dev = x.device
     has_dropout = dropout_p > 0.0
+    seed = _seed_tensor(seed, dropout_p, dev)
     plan = _launch_plan(
         _problem_key("bwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
-                     need_dx, need_protos, deterministic),
+                     need_dx, need_protos, deterministic, out.dtype, grad.dtype, lse.dtype, seed.dtype),
         lambda: _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
                                need_dx, need_protos, deterministic))
     R, S, H, E, W, S_pad, dx_cols = plan.shapes
-    seed = _seed_tensor(seed, dropout_p, dev)
     f32 = torch.float32
     if plan.delta is None:  # empty batch: dx is empty and the prototype side is a sum over no rows
         return (torch.zeros((0, dx_cols), dtype=f32, device=dev) if need_dx else None,
@@ -807,9 +807,13 @@ def attention_backward(
 
     atomic_dx = plan.atomic_dx
     delta = torch.empty((H, R), dtype=f32, device=dev)
-    dx = torch.empty((R, dx_cols), dtype=f32, device=dev) if atomic_dx else None  # zeroed by the delta kernel
-    launch(attention_bwd_delta_kernel, plan.delta.grid, plan.delta.params,
-           out, grad, delta, dx if atomic_dx else delta, *plan.delta.scalars)
+    dx = torch.empty((R, dx_cols), dtype=f32, device=dev) if atomic_dx else delta  # zeroed by the delta kernel
+    # the addresses of every tensor the launches below pass, OR-ed: 16-byte aligned where its low bits are 0
+    addresses = (x.data_ptr() | mc.data_ptr() | v.data_ptr() | out.data_ptr() | grad.data_ptr() | lse.data_ptr()
+                 | seed.data_ptr() | delta.data_ptr() | dx.data_ptr())
+    plan.delta(attention_bwd_delta_kernel, not addresses & 15, out, grad, delta, dx, *plan.delta.scalars)
+    if not atomic_dx:
+        dx = None
 
     dmc = dv = None
     if plan.protos is not None:
@@ -818,16 +822,16 @@ def attention_backward(
         chunk_axis = (chunks,) if chunks > 1 else ()
         dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=f32, device=dev)  # [(C,) H, W, S']
         dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=f32, device=dev)  # [(C,) S, H, E]
-        launch(attention_bwd_protos_kernel, plan.protos.grid, plan.protos.params,
-               x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
-               *plan.protos.scalars, *philox)
+        plan.protos(attention_bwd_protos_kernel, not (addresses | dmc_partial.data_ptr() | dv_partial.data_ptr()) & 15,
+                    x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
+                    *plan.protos.scalars, *philox)
         dmc = dmc_partial.sum(0) if chunk_axis else dmc_partial
         dv = dv_partial.sum(0) if chunk_axis else dv_partial
 
     if plan.rows is not None:
         dx_heads = torch.empty(plan.rows_dx_shape, dtype=f32, device=dev)
-        launch(attention_bwd_rows_kernel, plan.rows.grid, plan.rows.params,
-               x, mc, v, grad, lse, delta, dx_heads, *plan.rows.scalars, *philox)
+        plan.rows(attention_bwd_rows_kernel, not (addresses | dx_heads.data_ptr()) & 15,
+                  x, mc, v, grad, lse, delta, dx_heads, *plan.rows.scalars, *philox)
         dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
     return dx, dmc, dv
 
