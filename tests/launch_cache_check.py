@@ -95,6 +95,7 @@ def check(name, make_step, recorder) -> dict:
         step()  # what Triton's own path launches for these arguments
     theirs = list(recorder.launches)
     recorder.launches.clear()
+    _launch.clear_launch_cache()  # the entries counted below are this case's
     step()  # first with the cache: Triton's path again, remembered
     entries = _launch.cached_launches()
     recorder.launches.clear()
@@ -105,6 +106,11 @@ def check(name, make_step, recorder) -> dict:
         problems.append(f"the repeat added cache entries ({entries} -> {_launch.cached_launches()})")
     if len(ours) != len(theirs) or not ours:
         problems.append(f"{len(ours)} launches from the cache, {len(theirs)} by Triton")
+    _launch.clear_launch_cache()
+    step()  # cleared: nothing may start from a kernel remembered before (a launch plan's included)
+    if _launch.cached_launches() != entries:
+        problems.append(f"after clear_launch_cache the step remembered {_launch.cached_launches()} entries, "
+                        f"not {entries}: some launch bypassed the cleared cache")
     for i, (mine, triton) in enumerate(zip(ours, theirs)):
         where = f"launch {i} ({mine.kernel.__name__})"
         if mine.kernel is not triton.kernel or mine.function != triton.function or mine.grid != triton.grid:

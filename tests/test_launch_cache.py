@@ -5,7 +5,8 @@ No GPU is needed: tests/launch_cache_check.py runs the op layer in a child proce
 recording driver (kernels/recording_driver.py), which compiles the kernels for sm_90 and records
 each launch at the driver's launcher. For every launch it compares the cached path with
 Triton's JITFunction.run on the same arguments: the same CompiledKernel, the same grid, the
-same arguments in signature order; and a repeat must be served from the cache. The cases cover
+same arguments in signature order; a repeat must be served from the cache (a launch plan's
+remembered kernel included), and after clear_launch_cache nothing may be. The cases cover
 what Triton specializes on: dtypes, alignment (operands at odd offsets), integers equal to 1
 (one row), both attention forms, dropout, the deterministic backward and the patch embedding.
 What only a GPU proves: that the launcher, given those same arguments, runs the kernel (it is
