@@ -693,8 +693,9 @@ def attention_forward(
         _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
                      seed.dtype),
         lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
-    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=device)
-    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    # sizes as separate arguments: PyTorch's argument parser takes them about 0.5 us faster than a tuple
+    out = torch.empty(*plan.out_shape, dtype=plan.out_dtype, device=device)
+    lse = torch.empty(*plan.lse_shape, dtype=torch.float32, device=device)
     kernel = plan.kernel
     if kernel is not None:
         aligned = not (x.data_ptr() | mc.data_ptr() | v.data_ptr() | out.data_ptr() | lse.data_ptr()
@@ -806,8 +807,8 @@ def attention_backward(
     philox = (float(dropout_p), seed, plan.philox_rows)
 
     atomic_dx = plan.atomic_dx
-    delta = torch.empty((H, R), dtype=f32, device=dev)
-    dx = torch.empty((R, dx_cols), dtype=f32, device=dev) if atomic_dx else delta  # zeroed by the delta kernel
+    delta = torch.empty(H, R, dtype=f32, device=dev)  # sizes as separate arguments, as in attention_forward
+    dx = torch.empty(R, dx_cols, dtype=f32, device=dev) if atomic_dx else delta  # zeroed by the delta kernel
     # the addresses of every tensor the launches below pass, OR-ed: 16-byte aligned where its low bits are 0
     addresses = (x.data_ptr() | mc.data_ptr() | v.data_ptr() | out.data_ptr() | grad.data_ptr() | lse.data_ptr()
                  | seed.data_ptr() | delta.data_ptr() | dx.data_ptr())
@@ -820,8 +821,8 @@ def attention_backward(
         # one chunk: the kernel writes the result itself (same layout, no chunk axis to reduce or index)
         chunks = plan.protos.grid[2]  # partial sums of dmc and dv over row chunks
         chunk_axis = (chunks,) if chunks > 1 else ()
-        dmc_partial = torch.empty(chunk_axis + (H, W, S_pad), dtype=f32, device=dev)  # [(C,) H, W, S']
-        dv_partial = torch.empty(chunk_axis + (S, H, E), dtype=f32, device=dev)  # [(C,) S, H, E]
+        dmc_partial = torch.empty(*chunk_axis, H, W, S_pad, dtype=f32, device=dev)  # [(C,) H, W, S']
+        dv_partial = torch.empty(*chunk_axis, S, H, E, dtype=f32, device=dev)  # [(C,) S, H, E]
         plan.protos(attention_bwd_protos_kernel, not (addresses | dmc_partial.data_ptr() | dv_partial.data_ptr()) & 15,
                     x, mc, v, grad, lse, delta, dmc_partial, dv_partial, dx if atomic_dx else dmc_partial,
                     *plan.protos.scalars, *philox)
@@ -829,7 +830,7 @@ def attention_backward(
         dv = dv_partial.sum(0) if chunk_axis else dv_partial
 
     if plan.rows is not None:
-        dx_heads = torch.empty(plan.rows_dx_shape, dtype=f32, device=dev)
+        dx_heads = torch.empty(*plan.rows_dx_shape, dtype=f32, device=dev)
         plan.rows(attention_bwd_rows_kernel, not (addresses | dx_heads.data_ptr()) & 15,
                   x, mc, v, grad, lse, delta, dx_heads, *plan.rows.scalars, *philox)
         dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads

@@ -238,7 +238,9 @@ def _launch_layer_forward(
     x = query_operand(target.reshape(-1, DM), wq, bq, form)
     heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
                                                 DM, dropout_p, seed, allow_tf32)
-    out = F.linear(heads.view(target.shape[:-1] + (HE,)), wo, bo)
+    # the 2-D linear and a view of its result, sizes as separate arguments: each part is the
+    # cheaper spelling (a 3-D linear folds its input first; a Size + tuple is built in Python)
+    out = F.linear(heads, wo, bo).view(*target.shape[:-1], wo.shape[0])
     if form.has_bias:
         return out, heads, lse, mc, v, wqb, key_side
     # the padded target of the factorized form is rebuilt by the backward; Q is kept (it may not
@@ -316,10 +318,10 @@ def _layer_chain_rule(
             dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
         if need_x and form.has_bias:
             # the padding columns of x are not target's
-            grads[0] = _in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype).view(target.shape)
+            grads[0] = _in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype).view_as(target)
         elif need_x:  # dx is dQ
             dq = _in_dtype(dx, dtype)
-            grads[0] = dq.mm(wq).view(target.shape) if need_target else None
+            grads[0] = dq.mm(wq).view_as(target) if need_target else None
             grads[3] = dq.t().mm(target_rows) if need_wq else None
             grads[4] = dq.sum(0) if need_bq else None
         if need_protos:
