@@ -637,7 +637,10 @@ class ReprogrammingLayer(nn.Module):
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
         params = projection_tensors(self)
         dtype, autocast_on = check_inputs(self, target, source, value, params[0])
-        dropout_p = self.dropout.p if self.training else 0.0
+        dropout_p = 0.0
+        if self.training:  # read from _modules, as projection_tensors reads the projections
+            dropout = self._modules.get("dropout")
+            dropout_p = (dropout if dropout is not None else self.dropout).p
         if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the usual value passes unconverted
             dropout_p = validation.dropout_prob("dropout.p", dropout_p)
         device = target.device
@@ -654,8 +657,9 @@ class ReprogrammingLayer(nn.Module):
     def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: tuple,
                  dtype: torch.dtype, dropout_p: float) -> torch.Tensor:  # out: [B', L, d_llm]
         """The layer on `path` with its operands in the working dtype."""
-        if {t.dtype for t in (target, source, value) + params} == {dtype}:  # nothing to cast (no dispatcher calls)
-            wq, bq, wk, bk, wv, bv, wo, bo = params
+        wq, bq, wk, bk, wv, bv, wo, bo = params
+        if (dtype == target.dtype == source.dtype == value.dtype == wq.dtype == bq.dtype == wk.dtype == bk.dtype
+                == wv.dtype == bv.dtype == wo.dtype == bo.dtype):  # nothing to cast (no dispatcher calls)
             target_c, source_c, value_c = target, source, value
         else:
             wq, bq, wk, bk, wv, bv, wo, bo = (_in_dtype(t, dtype) for t in params)

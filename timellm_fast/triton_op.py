@@ -74,7 +74,8 @@ class TritonOp:
         if not dispatch.direct_launch(self.name, *tensors):
             outputs = self.forward_op(*inputs)
             return outputs[0] if self._residuals else outputs
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # in training the first input (an activation) decides, without a generator
+        if torch.is_grad_enabled() and (tensors[0].requires_grad or any(t.requires_grad for t in tensors)):
             return self._apply_direct(*inputs)
         outputs = self._launch_direct_forward(*inputs)  # nothing to differentiate: not even an autograd node
         return outputs[0] if self._residuals else outputs
