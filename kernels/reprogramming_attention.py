@@ -637,18 +637,18 @@ def _problem_key(role: str, x, mc, v, *flags) -> tuple:
             x.device, *flags, interpreting())
 
 
-def _launch_plan(key: tuple, make):
-    """The launch plan for `key` (everything a launch takes that its shapes, strides, dtypes and
-    flags fix: configurations, grids, scalar arguments, buffer shapes), made once per problem:
-    the launchers run on every call of the layer, and choosing all of it each time is Python the
-    small official shapes feel. The operand checks run when a plan is made (the key holds
-    every shape and stride they read)."""
-    plan = LAUNCH_PLANS.get(key)
-    if plan is None:
-        plan = make()
-        if len(LAUNCH_PLANS) >= LAUNCH_PLAN_ENTRIES:
-            LAUNCH_PLANS.clear()
-        LAUNCH_PLANS[key] = plan
+def _remember_plan(key: tuple, plan):
+    """Keeps `plan` as the launch plan for `key` and returns it.
+
+    A plan is everything a launch takes that its shapes, strides, dtypes and flags fix
+    (configurations, grids, scalar arguments, buffer shapes), made once per problem: the launchers
+    run on every call of the layer, and choosing all of it each time is Python the small official
+    shapes feel. The operand checks run when a plan is made (the key holds every shape and stride
+    they read). The launchers look a plan up in LAUNCH_PLANS themselves and come here only to
+    make one (a maker passed in would be a closure built on every call)."""
+    if len(LAUNCH_PLANS) >= LAUNCH_PLAN_ENTRIES:
+        LAUNCH_PLANS.clear()
+    LAUNCH_PLANS[key] = plan
     return plan
 
 
@@ -689,10 +689,12 @@ def attention_forward(
     device, dtype = x.device, x.dtype
     has_dropout = dropout_p > 0.0
     seed = _seed_tensor(seed, dropout_p, device)
-    plan = _launch_plan(
-        _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
-                     seed.dtype),
-        lambda: _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32))
+    key = _problem_key("fwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
+                       seed.dtype)
+    plan = LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _forward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model,
+                                                 has_dropout, allow_tf32))
     # sizes as separate arguments: PyTorch's argument parser takes them about 0.5 us faster than a tuple
     out = torch.empty(*plan.out_shape, dtype=plan.out_dtype, device=device)
     lse = torch.empty(*plan.lse_shape, dtype=torch.float32, device=device)
@@ -790,11 +792,12 @@ def attention_backward(
     dev = x.device
     has_dropout = dropout_p > 0.0
     seed = _seed_tensor(seed, dropout_p, dev)
-    plan = _launch_plan(
-        _problem_key("bwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
-                     need_dx, need_protos, deterministic, out.dtype, grad.dtype, lse.dtype, seed.dtype),
-        lambda: _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
-                               need_dx, need_protos, deterministic))
+    key = _problem_key("bwd", x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, has_dropout, allow_tf32,
+                       need_dx, need_protos, deterministic, out.dtype, grad.dtype, lse.dtype, seed.dtype)
+    plan = LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _backward_plan(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model,
+                                                  has_dropout, allow_tf32, need_dx, need_protos, deterministic))
     R, S, H, E, W, S_pad, dx_cols = plan.shapes
     f32 = torch.float32
     if plan.delta is None:  # empty batch: dx is empty and the prototype side is a sum over no rows
