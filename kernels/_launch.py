@@ -182,8 +182,8 @@ class PlannedLaunch:
     addresses can then differ between calls, and the caller says in `aligned` whether every tensor
     argument sits at an address divisible by 16 (what PyTorch's allocators hand out). An aligned
     launch then starts the compiled kernel remembered here from the first aligned launch of the
-    same kernel on the same current device, without :func:`launch`'s per-argument key (about 3 us
-    of host time per launch). Anything else, and whatever :func:`launch` would not cache, goes
+    same kernel on the same current device, without :func:`launch`'s per-argument key (a Python
+    pass over every argument on every launch). Anything else, and whatever :func:`launch` would not cache, goes
     through :func:`launch`.
     """
     __slots__ = ("grid", "params", "scalars", "_aligned_entry", "_aligned_device", "_aligned_generation")
