@@ -183,8 +183,8 @@ class PlannedLaunch:
     argument sits at an address divisible by 16 (what PyTorch's allocators hand out). An aligned
     launch then starts the compiled kernel remembered here from the first aligned launch of the
     same kernel on the same current device, without :func:`launch`'s per-argument key (a Python
-    pass over every argument on every launch). Anything else, and whatever :func:`launch` would not cache, goes
-    through :func:`launch`.
+    pass over every argument on every launch). Anything else, and whatever :func:`launch` would
+    not cache, goes through :func:`launch`.
     """
     __slots__ = ("grid", "params", "scalars", "_aligned_entry", "_aligned_device", "_aligned_generation")
 

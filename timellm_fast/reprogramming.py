@@ -519,6 +519,13 @@ def fused_attention(
 _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
 
 
+def _submodule(layer: nn.Module, name: str) -> nn.Module:
+    """layer.<name>, read from the layer's _modules: nn.Module.__getattr__ is a Python call per
+    attribute, on every call of the layer. A name missing there is looked up the usual way."""
+    module = layer._modules.get(name)
+    return module if module is not None else getattr(layer, name)
+
+
 def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk, wv, bv, wo, bo)
     """The four projections' weights and biases, as attribute access gives them, read from the
     modules' own dicts: twelve nn.Module.__getattr__ calls cost about 9 us, more than a kernel
@@ -526,9 +533,7 @@ def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk
     looked up the usual way."""
     tensors = []
     for name in _PROJECTIONS:
-        module = layer._modules.get(name)
-        if module is None:
-            module = getattr(layer, name)
+        module = _submodule(layer, name)
         own = module._parameters
         weight, bias = own.get("weight"), own.get("bias")
         tensors.append(weight if weight is not None else module.weight)
@@ -637,10 +642,7 @@ class ReprogrammingLayer(nn.Module):
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
         params = projection_tensors(self)
         dtype, autocast_on = check_inputs(self, target, source, value, params[0])
-        dropout_p = 0.0
-        if self.training:  # read from _modules, as projection_tensors reads the projections
-            dropout = self._modules.get("dropout")
-            dropout_p = (dropout if dropout is not None else self.dropout).p
+        dropout_p = _submodule(self, "dropout").p if self.training else 0.0
         if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the usual value passes unconverted
             dropout_p = validation.dropout_prob("dropout.p", dropout_p)
         device = target.device
