@@ -85,7 +85,7 @@ from ._environment import interpreting
 from ._launch import PlannedLaunch, cdiv, launch, store_dtype
 from .reprogramming_attention_tiles import (BLOCK_E_CHOICES, MAX_BLOCK_R, MAX_HEAD_DIM, MIN_HEAD_DIM,
                                             PROTOTYPE_ALIGN, AttentionConfig, arch_class, block_d_for, block_e_for,
-                                            LAUNCH_PLANS, is_factorized, launch_params, no_config_reason,
+                                            LAUNCH_PLANS, is_factorized, keys_first, launch_params, no_config_reason,
                                             override_softmax, override_tiles, select_config)
 from .reprogramming_attention_tiles import aot_configs as tiles_aot_configs
 
@@ -100,7 +100,8 @@ _ALIGN = tl.constexpr(PROTOTYPE_ALIGN)
 
 __all__ = ["BLOCK_E_CHOICES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "PROTOTYPE_ALIGN", "AttentionConfig",
            "attention_forward", "attention_backward", "block_d_for", "block_e_for", "dropout_keep_mask",
-           "is_factorized", "override_softmax", "override_tiles", "select_config", "unsupported_reason"]
+           "is_factorized", "keys_first", "override_softmax", "override_tiles", "prototype_logits", "select_config",
+           "unsupported_reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,6 +553,53 @@ def dropout_keep_mask_kernel(
         tl.store(ptrs, keep.to(tl.int8), mask=r_mask[:, None] & (offs_s < S)[None, :])
 
 
+@triton.jit
+def prototype_logits_kernel(
+    wq_ptr,  # wq: [H*E, DM], the query projection's weight (unit stride along DM)
+    bq_ptr,  # bq: [H*E], its bias
+    k_ptr,  # k: [S, H*E], the projected keys (unit stride along H*E)
+    mc_ptr,  # mc: [H, BLOCK_D + 1, S'] contiguous, written here
+    wqb_ptr,  # wqb: [H*E, BLOCK_D + 1] contiguous, written here
+    S, S_pad, E, DM, stride_wq, stride_k_s,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The factorized form's mc from projected keys: for head h, rows [0, BLOCK_D) of mc_h hold
+    Y_hᵀ = Wq_hᵀ·K_hᵀ (zero rows past d_model), row BLOCK_D holds c_h = K_h·bq_h, and the alignment
+    columns S..S' are zeros, all written in one pass (2·E·(d_model + 1) FLOPs per prototype and
+    head). The same numbers as the batched GEMM of wqb_hᵀ = [Wq_h | 0 | bq_h]ᵀ by K_hᵀ, without a
+    concatenation before it or a pad after it: at the small shapes each of those is a dispatcher
+    call and a launch. Products of the data dtype accumulate in fp32 and are rounded once, as
+    cuBLAS does. The first program of each head also writes wqb_h, the operand
+    the backward multiplies by (d K_hᵀ = wqb_h·dmc_h), so nothing concatenates it either way."""
+    head = tl.program_id(1)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    e_mask = offs_e < E
+    rows = head * E + offs_e  # head h's rows of wq and bq, its columns of k
+    k_t = tl.load(k_ptr + offs_s.to(tl.int64)[None, :] * stride_k_s + rows[:, None],
+                  mask=e_mask[:, None] & (offs_s < S)[None, :], other=0.0)  # [BLOCK_E, BLOCK_S]; 0 past S
+    wq_t = tl.load(wq_ptr + rows[None, :] * stride_wq + offs_d[:, None],
+                   mask=(offs_d < DM)[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_D, BLOCK_E]; 0 past DM
+    bq = tl.load(bq_ptr + rows, mask=e_mask, other=0.0)  # [BLOCK_E]
+    y_t = tl.dot(wq_t.to(DOT_DTYPE), k_t.to(DOT_DTYPE), input_precision=INPUT_PRECISION)  # [BLOCK_D, BLOCK_S] fp32
+    c = tl.sum(k_t.to(tl.float32) * bq.to(tl.float32)[:, None], axis=0)  # [BLOCK_S]
+    mc_head = mc_ptr + head * (BLOCK_D + 1) * S_pad
+    s_mask = offs_s < S_pad
+    tl.store(mc_head + offs_d[:, None] * S_pad + offs_s[None, :], y_t.to(mc_ptr.dtype.element_ty),
+             mask=s_mask[None, :])
+    tl.store(mc_head + BLOCK_D * S_pad + offs_s, c.to(mc_ptr.dtype.element_ty), mask=s_mask)
+    if tl.program_id(0) == 0:  # wqb_h's rows, the values as they are (no rounding)
+        # read again, row-major [BLOCK_E, BLOCK_D], once mc is written: storing wq_t from the dot's
+        # operand layout keeps it live across the dot, which spills the fp32 build at BLOCK_E = 64
+        wq_rows = tl.load(wq_ptr + rows[:, None] * stride_wq + offs_d[None, :],
+                          mask=e_mask[:, None] & (offs_d < DM)[None, :], other=0.0)
+        wqb_rows = wqb_ptr + rows * (BLOCK_D + 1)
+        tl.store(wqb_rows[:, None] + offs_d[None, :], wq_rows, mask=e_mask[:, None])
+        tl.store(wqb_rows + BLOCK_D, bq, mask=e_mask)
+
+
 #: role -> kernel, what the tile table's configurations launch
 KERNELS = {
     "fwd": attention_fwd_kernel,
@@ -559,6 +607,7 @@ KERNELS = {
     "bwd_protos": attention_bwd_protos_kernel,
     "bwd_rows": attention_bwd_rows_kernel,
     "dropout_mask": dropout_keep_mask_kernel,
+    "prototype_logits": prototype_logits_kernel,
 }
 
 
@@ -602,7 +651,10 @@ def _unsupported_reason(data_dtype, head_dim, d_model, num_protos, has_dropout, 
         gpu = device.type == "cuda" and not interpreting()
         if gpu and allow_tf32 and data_dtype == torch.float32:
             return "allow_tf32: TF32 runs eager (PyTorch's SDPA runs fp32 on tensor cores); the kernels are IEEE fp32"
-        for role in ("fwd", "bwd_protos", "bwd_rows"):
+        roles = ("fwd", "bwd_protos", "bwd_rows")
+        if keys_first(d_model, head_dim):
+            roles += ("prototype_logits",)  # the factorized mc from projected keys
+        for role in roles:
             if select_config(role, data_dtype, head_dim, d_model, has_dropout, device) is None:
                 return no_config_reason(data_dtype, head_dim, d_model, arch_class(device) if gpu else 80)
     return None
@@ -705,6 +757,58 @@ def attention_forward(
         kernel(attention_fwd_kernel, aligned, x, mc, v, out, lse, *kernel.scalars, float(dropout_p), seed,
                plan.philox_rows)
     return (out if plan.out_dtype == dtype else out.to(dtype)), lse  # .to() is a dispatcher call even as a no-op
+
+
+class _PrototypeLogitsPlan(NamedTuple):
+    kernel: PlannedLaunch
+    mc_shape: Tuple[int, int, int]  # [H, BLOCK_D + 1, S']
+    mc_dtype: torch.dtype  # what the kernel writes (store_dtype)
+    wqb_shape: Tuple[int, int]  # [H*E, BLOCK_D + 1]
+
+
+def _prototype_logits_plan(wq, bq, k, n_heads) -> _PrototypeLogitsPlan:
+    (HE, DM), (S, k_cols) = wq.shape, k.shape
+    E = HE // n_heads
+    if wq.dtype != bq.dtype or wq.dtype != k.dtype:
+        raise ValueError(f"wq, bq and k must share a dtype, got {wq.dtype}, {bq.dtype}, {k.dtype}")
+    if k_cols != HE or HE % n_heads or bq.shape != (HE,):
+        raise ValueError(f"k [S, H*E] and bq [H*E] must match wq [H*E, d_model] with H={n_heads}, got k "
+                         f"{tuple(k.shape)}, bq {tuple(bq.shape)}, wq {tuple(wq.shape)}")
+    if wq.stride(1) != 1 or k.stride(1) != 1 or bq.stride(0) != 1:
+        raise ValueError(f"wq, k and bq must have unit stride along their last axis, got strides {wq.stride()}, "
+                         f"{k.stride()}, {bq.stride()}")
+    cfg = select_config("prototype_logits", k.dtype, E, DM, False, k.device)
+    if cfg is None or not keys_first(DM, E):
+        raise ValueError(f"no prototype-logits kernel for d_model={DM}, d_keys={E}, {k.dtype} (the factorized "
+                         f"form forms mc from K where d_keys <= BLOCK_D + 1: keys_first)")
+    S_pad = S + (-S % PROTOTYPE_ALIGN)
+    # one program per head at least: without prototypes the first still writes wqb
+    kernel = PlannedLaunch((max(cdiv(S_pad, cfg.block_s), 1), n_heads), launch_params(cfg),
+                           (S, S_pad, E, DM, wq.stride(0), k.stride(0)))
+    return _PrototypeLogitsPlan(kernel, (n_heads, cfg.block_d + 1, S_pad), store_dtype(k.dtype), (HE, cfg.block_d + 1))
+
+
+def prototype_logits(
+    wq: torch.Tensor,  # wq: [H*E, DM], the query projection's weight
+    bq: torch.Tensor,  # bq: [H*E], its bias
+    k: torch.Tensor,  # k: [S, H*E], the projected keys
+    n_heads: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # mc: [H, BLOCK_D + 1, S'] (S' = S rounded up to PROTOTYPE_ALIGN), wqb
+    """The factorized form's prototype side from projected keys (prototype_logits_kernel), in k's
+    dtype: mc, attention_forward's operand, whose rows [0, BLOCK_D) of mc_h are (K_h·Wq_h)ᵀ with
+    zero rows past d_model, row BLOCK_D (K_h·bq_h)ᵀ, the alignment columns zeros; and wqb
+    [H*E, BLOCK_D + 1], row h·E + e [Wq | zeros up to BLOCK_D | bq], of which mc_h = wqb_hᵀ·K_hᵀ.
+    Not differentiable (the layer's backward differentiates it)."""
+    key = ("prototype_logits", wq.shape, wq.stride(), k.shape, k.stride(), bq.shape, bq.stride(), wq.dtype, bq.dtype,
+           k.dtype, k.device, n_heads, interpreting())
+    plan = LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _prototype_logits_plan(wq, bq, k, n_heads))
+    mc = torch.empty(*plan.mc_shape, dtype=plan.mc_dtype, device=k.device)
+    wqb = torch.empty(*plan.wqb_shape, dtype=k.dtype, device=k.device)
+    aligned = not (wq.data_ptr() | bq.data_ptr() | k.data_ptr() | mc.data_ptr() | wqb.data_ptr()) & 15
+    plan.kernel(prototype_logits_kernel, aligned, wq, bq, k, mc, wqb, *plan.kernel.scalars)
+    return (mc if plan.mc_dtype == k.dtype else mc.to(k.dtype)), wqb
 
 
 def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:

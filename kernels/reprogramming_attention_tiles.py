@@ -8,7 +8,8 @@ Triton CI checks, so nothing dispatch can launch is unproven (SPEC §6). Under T
 
 Roles: "fwd" (attention_fwd_kernel), "bwd_protos" and "bwd_rows" (the backward's prototype- and
 row-stationary kernels; dropout is a run-time value there, so one build serves training with and
-without it), "bwd_delta" and "dropout_mask" (fixed small tiles).
+without it), "bwd_delta", "dropout_mask" and "prototype_logits" (the factorized mc from projected
+keys; fixed small tiles).
 """
 from __future__ import annotations
 
@@ -160,6 +161,13 @@ SOFTMAX_BY_BLOCK_E = {32: (0, 0.0), 64: (0, 8.0), 128: (0, 8.0)}
 #: of the dropout-mask debug kernel
 DELTA_TILE = (64, 32, 4)
 DROPOUT_MASK_TILE = (64, 64, 4)
+#: (BLOCK_S, num_warps) of prototype_logits_kernel, for every (BLOCK_D, BLOCK_E) of
+#: KEYS_FIRST_BLOCK_PAIRS: the factorized form forms mc from the projected keys where E <= BLOCK_D + 1
+#: (keys_first), so at most 33 wide heads, BLOCK_E <= 64. A few MFLOP
+#: per layer call: one wave of small programs, whatever the dot path
+PROTOTYPE_LOGITS_TILE = (32, 4)
+KEYS_FIRST_BLOCK_PAIRS = tuple(sorted({(d, max(BLOCK_E_CHOICES[0], next_pow2(e)))
+                                       for d in FACTORIZED_BLOCK_D for e in range(MIN_HEAD_DIM, d + 2)}))
 
 
 def regime(dot: torch.dtype, precision: str) -> str:
@@ -212,6 +220,9 @@ class AttentionConfig:
             return {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s}
         if self.role == "bwd_delta":
             return {"BLOCK_R": self.block_r, "BLOCK_E": self.block_e, "BLOCK_X": 32}
+        if self.role == "prototype_logits":
+            return {"BLOCK_S": self.block_s, "BLOCK_D": self.block_d, "BLOCK_E": self.block_e,
+                    "DOT_DTYPE": TL_DTYPE[self.dot_dtype], "INPUT_PRECISION": self.input_precision}
         params = {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s, "BLOCK_D": self.block_d,
                   "BLOCK_E": self.block_e, "DOT_DTYPE": TL_DTYPE[self.dot_dtype],
                   "INPUT_PRECISION": self.input_precision, "POLY_EIGHTHS": self.poly_eighths,
@@ -238,6 +249,15 @@ def block_d_for(d_model: int, head_dim: int) -> int:
             if d_model <= width and (width, block_e) in BLOCK_PAIRS:
                 return width
     return block_e
+
+
+def keys_first(d_model: int, head_dim: int) -> bool:
+    """Factorized: whether mc is formed from the projected keys (mc_h = [Wq_h | 0 | bq_h]ᵀ·K_hᵀ,
+    prototype_logits_kernel) rather than from G_h = [Wq_h | 0 | bq_h]ᵀ·Wk_h without K. The K
+    projection costs S·d_llm·H·E multiply-adds, G's route S·d_llm·H·W: where E <= W = BLOCK_D + 1
+    projecting K is no more work, and it is one GEMM fewer in each direction (the small shapes
+    are host-bound: every op counts)."""
+    return is_factorized(d_model, head_dim) and head_dim <= block_d_for(d_model, head_dim) + 1
 
 
 def mma_work_budget(role: str, block_d: int, block_e: int, with_dx: bool = True) -> int:
@@ -283,6 +303,12 @@ def config_table() -> Dict[tuple, AttentionConfig]:
                     softmax = (0, 0.0) if data_dtype == torch.float32 else SOFTMAX_BY_BLOCK_E[block_e]
                     table[key] = AttentionConfig(role, arch, data_dtype, dot, precision, block_d, block_e,
                                                  bool(dropout), *tile, *softmax)
+            for block_d, block_e in KEYS_FIRST_BLOCK_PAIRS:
+                if arch == 75 and block_e > TURING_MAX_BLOCK_E:
+                    continue
+                table[("prototype_logits", arch, data_dtype, dot, precision, block_d, block_e, False)] = \
+                    AttentionConfig("prototype_logits", arch, data_dtype, dot, precision, block_d, block_e, False, 0,
+                                    PROTOTYPE_LOGITS_TILE[0], PROTOTYPE_LOGITS_TILE[1], 1)
             table[("bwd_delta", arch, data_dtype)] = AttentionConfig(
                 "bwd_delta", arch, data_dtype, data_dtype, "ieee", 0, DELTA_TILE[1], False, DELTA_TILE[0], 0,
                 DELTA_TILE[2], 1)
@@ -433,6 +459,7 @@ _FP32_POINTERS = {
     "bwd_protos": ("lse_ptr", "delta_ptr", "dmc_ptr", "dv_ptr", "dx_ptr"),
     "bwd_rows": ("lse_ptr", "delta_ptr", "dx_ptr"),
     "dropout_mask": (),
+    "prototype_logits": (),
 }
 _FLOAT_SCALARS = ("qk_scale", "grad_scale", "dropout_p")
 #: integer arguments that SPEC §2 shapes make multiples of 16 (so the JIT specializes them there):

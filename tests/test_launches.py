@@ -67,37 +67,39 @@ def test_reprogramming_inference_is_the_core_and_the_output_gemm(monkeypatch):
     assert ops == ["timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
 
 
-# (d_model, the device operations of the training forward's launcher): the factorized prototype side
-# at E = 32 from the projected K where d_model = 32 (W = 33 >= E: V's GEMM, the padded query weight,
-# K's GEMM, mc = wqbᵀ·Kᵀ), from G where d_model = 16 (W = 17: V's GEMM, the padded query weight,
-# G and its bias by two small bmm, mc's GEMM); then the attention (a Triton launch, not an aten
-# operation) and the output GEMM
+# (d_model, the device operations of the training forward's launcher, its Triton launches): the
+# factorized prototype side at E = 32 from the projected K where d_model = 32 (W = 33 >= E: V's
+# GEMM, K's GEMM, then mc from Wq, bq and K in one Triton launch), from G where d_model = 16 (W = 17:
+# V's GEMM, the padded query weight, G and its bias by two small bmm, mc's GEMM); then the attention
+# (a Triton launch, not an aten operation) and the output GEMM
 FORWARD_LAUNCHER_OPS = [
-    (32, ["aten.addmm", "aten.cat", "aten.addmm", "aten.bmm", "aten.addmm"]),
-    (16, ["aten.addmm", "aten.cat", "aten.bmm", "aten.bmm", "aten.addmm", "aten.addmm"]),
+    (32, ["aten.addmm", "aten.addmm", "aten.addmm"], ["prototype_logits", "attention"]),
+    (16, ["aten.addmm", "aten.cat", "aten.bmm", "aten.bmm", "aten.addmm", "aten.addmm"], ["attention"]),
 ]
 
 
 @requires_triton
-@pytest.mark.parametrize("d_model,expected", FORWARD_LAUNCHER_OPS, ids=["from-keys", "from-g"])
-def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_gemms(d_model, expected, monkeypatch):
+@pytest.mark.parametrize("d_model,expected,kernels", FORWARD_LAUNCHER_OPS, ids=["from-keys", "from-g"])
+def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_gemms(d_model, expected, kernels,
+                                                                                 monkeypatch):
     layer = ReprogrammingLayer(d_model, 8, 32, 96, 0.1).to(DEVICE).eval()
     target = torch.randn(4, 64, d_model, device=DEVICE, requires_grad=True)
     protos = torch.randn(104, 96, device=DEVICE)
     layer(target, protos, protos)  # the seed placeholder
     assert compute_ops(lambda: layer(target, protos, protos)) == ["timellm_fast.reprogramming_attention_fwd"]
-    # inside the op (its launcher, as both routes run it); the attention kernel counted, not run
-    # (under the interpreter its own tensor operations would be in the log)
+    # inside the op (its launcher, as both routes run it); the kernels counted, not run (under the
+    # interpreter their own tensor operations would be in the log)
     launches = []
-    monkeypatch.setattr(attn_kernels, "attention_fwd_kernel",
-                        type("NoLaunch", (), {"__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
+    for name, attr in (("prototype_logits", "prototype_logits_kernel"), ("attention", "attention_fwd_kernel")):
+        monkeypatch.setattr(attn_kernels, attr, type("NoLaunch", (), {
+            "__getitem__": lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
     weights = [t.detach() for m in (layer.query_projection, layer.key_projection, layer.value_projection,
                                     layer.out_projection) for t in (m.weight, m.bias)]
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     ops = compute_ops(lambda: reprogramming_op.launch_forward(target.detach().view(-1, d_model), protos, protos, *weights, 8,
                                                               0.0, seed, False, False))
     assert ops == expected, ops
-    assert len(launches) == 1
+    assert launches == kernels, launches
 
 
 @requires_triton

@@ -15,7 +15,7 @@ import torch
 from helpers import DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
 from timellm_fast import dispatch
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
-from timellm_fast.reprogramming import ReprogrammingLayer, core_form, draw_seed_tensor, projects_keys
+from timellm_fast.reprogramming import ReprogrammingLayer, core_from_keys, draw_seed_tensor, factorized_query_side
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 from timellm_fast.kernels import _environment
 from timellm_fast.kernels import reprogramming_attention as kern
@@ -138,12 +138,56 @@ def test_fused_matches_oracle(shape, dtype, mode, backend):
     check_fused_against_oracle(shape, dtype, deterministic=mode == "deterministic")
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d_model,n_heads,d_keys,protos", [(16, 2, 16, 13), (8, 3, 17, 40), (32, 2, 33, 1000),
+                                                           (20, 4, 32, 7)])
+def test_prototype_logits_kernel_is_the_batched_gemm_of_the_padded_query_weight(dtype, d_model, n_heads, d_keys,
+                                                                                protos):
+    """The training forward's mc from K (one kernel) is the inference cache's (the batched GEMM of
+    wqb_hᵀ = [Wq_h | 0 | bq_h]ᵀ by K_hᵀ, core_from_keys) to one rounding of the data dtype, with zero
+    alignment columns, on K read through strides (a column slice of [K | V]); the wqb it writes
+    for the backward is the concatenation, bit for bit; every factorized BLOCK_D, BLOCK_E <= 64,
+    S padded and not."""
+    g = torch.Generator().manual_seed(1)
+    HE = n_heads * d_keys
+    wq, bq = torch.randn(HE, d_model, generator=g), torch.randn(HE, generator=g)
+    kv = torch.randn(protos, 2 * HE, generator=g)
+    assert kern.keys_first(d_model, d_keys)
+    _, oracle, _, _ = core_from_keys(torch.zeros(1, d_model, dtype=torch.float64), wq.double(), bq.double(),
+                                     kv.double(), n_heads)  # the GEMM in float64 on the same values
+    wq, bq, kv = (t.to(DEVICE, dtype) for t in (wq, bq, kv))
+    _, gemm, _, _ = core_from_keys(torch.zeros(1, d_model, device=DEVICE, dtype=dtype), wq, bq, kv, n_heads)
+    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads)
+    block_d = kern.block_d_for(d_model, d_keys)
+    padded_protos = protos + (-protos % kern.PROTOTYPE_ALIGN)
+    assert mc.dtype == dtype and mc.shape == gemm.shape == (n_heads, block_d + 1, padded_protos)
+    assert torch.equal(wqb, factorized_query_side(wq, bq, block_d))
+    assert torch.equal(mc[:, :, protos:], torch.zeros_like(mc[:, :, protos:]))
+    # the oracle's values in dtype, and the GEMM's own error: the kernel's may be as large
+    rounding = (oracle.to(dtype).double() - oracle).abs().max().item() + 1e-6
+    assert max_abs_err(mc.double().cpu(), oracle) <= max(2 * rounding, 1.5 * max_abs_err(gemm.double().cpu(), oracle))
+
+
+@requires_triton
+def test_prototype_logits_rejects_what_it_has_no_kernel_for():
+    wq, bq, k = (torch.randn(*shape, device=DEVICE) for shape in ((64, 16), (64,), (10, 64)))
+    with pytest.raises(ValueError, match="share a dtype"):
+        kern.prototype_logits(wq, bq.double(), k, 2)
+    with pytest.raises(ValueError, match="must match"):
+        kern.prototype_logits(wq, bq, k[:, :48], 2)
+    with pytest.raises(ValueError, match="unit stride"):
+        kern.prototype_logits(wq.t().contiguous().t(), bq, k, 2)
+    with pytest.raises(ValueError, match="keys_first"):  # d_keys 32 > BLOCK_D + 1 = 17: mc comes from G there
+        kern.prototype_logits(wq, bq, k, 2)
+
+
 def test_shapes_cover_both_forms_and_every_factorized_block_width():
     """...and both routes to the factorized prototype side: from the projected K (E <= BLOCK_D + 1) and
     from G without K (E wider), each of them on shapes where source is value and where it is not."""
     forms = {(kern.is_factorized(s[3], s[5]), kern.block_d_for(s[3], s[5])) for s in SHAPES}
     assert {(True, 16), (True, 32), (False, 32), (False, 64)} <= forms, forms
-    routes = {(projects_keys(core_form(s[3], s[4], s[5]), s[5]), s[8]) for s in SHAPES if kern.is_factorized(s[3], s[5])}
+    routes = {(kern.keys_first(s[3], s[5]), s[8]) for s in SHAPES if kern.is_factorized(s[3], s[5])}
     assert routes == {(True, True), (True, False), (False, True), (False, False)}, routes
 
 

@@ -83,14 +83,6 @@ def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
     return form
 
 
-def projects_keys(form: CoreForm, head_dim: int) -> bool:
-    """Factorized: whether mc is formed from the projected keys (mc_h = wqb_hᵀ·K_hᵀ) rather than from
-    G_h = wqb_hᵀ·Wk_h (prototype_operands). The K projection costs S·d_llm·H·E multiply-adds, G's route
-    S·d_llm·H·W: where E <= W = BLOCK_D + 1 projecting K is no more work, and it is one GEMM fewer
-    in each direction (the small shapes are host-bound: every op counts)."""
-    return form.has_bias and head_dim <= form.d_logit + 1
-
-
 _ZEROS: dict = {}
 
 
@@ -108,16 +100,15 @@ def _zeros(like: torch.Tensor, shape: tuple) -> torch.Tensor:
     return zeros
 
 
-def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, n_heads: int, block_d: int) -> torch.Tensor:
-    """wqb: [H, E, BLOCK_D + 1], per head [Wq_h (d_model columns) | zeros up to BLOCK_D | bq_h], so that
-    wqb_hᵀ·K_hᵀ is head h's block of the factorized mc operand: rows Y_hᵀ = (K_h·Wq_h)ᵀ, zero rows for the
-    padding of d_model, and c_hᵀ = (K_h·bq_h)ᵀ."""
+def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, block_d: int) -> torch.Tensor:
+    """wqb: [H*E, BLOCK_D + 1], row h·E + e [Wq (d_model columns) | zeros up to BLOCK_D | bq], so that
+    with wqb_h its rows of head h (wqb.view(H, E, W)[h]), wqb_hᵀ·K_hᵀ is head h's block of the factorized
+    mc operand: rows Y_hᵀ = (K_h·Wq_h)ᵀ, zero rows for the padding of d_model, and c_hᵀ = (K_h·bq_h)ᵀ.
+    Kept 2-D: its head-split views are made where they are used (each view is a dispatcher call)."""
     HE, DM = wq.shape
-    H, E = n_heads, HE // n_heads
-    pieces = [wq.view(H, E, DM), bq.view(H, E, 1)]
     if block_d > DM:
-        pieces.insert(1, _zeros(wq, (H, E, block_d - DM)))
-    return torch.cat(pieces, 2)
+        return torch.cat([wq, _zeros(wq, (HE, block_d - DM)), bq.view(HE, 1)], 1)
+    return torch.cat([wq, bq.view(HE, 1)], 1)
 
 
 def _align_prototypes(mc: torch.Tensor) -> torch.Tensor:
@@ -130,41 +121,67 @@ class PrototypeSide(NamedTuple):
     """The core's prototype-side operands (shared by every row) and what their backward reuses."""
     mc: torch.Tensor  # mc: [H, W, S'], the prototype side of the logits (factorized) or Kᵀ (standard)
     v: torch.Tensor  # v: [S, H, E]
-    wqb: Optional[torch.Tensor]  # wqb: [H, E, W] (factorized_query_side); None on the standard form
-    # key_side: what mc was formed from on the factorized form, K [S, H*E] (projects_keys)
+    wqb: Optional[torch.Tensor]  # wqb: [H*E, W] (factorized_query_side); None on the standard form
+    # key_side: what mc was formed from on the factorized form, K [S, H*E] (attn_kernels.keys_first)
     # or G [H, W, d_llm] with G_h = wqb_hᵀ·Wk_h; None on the standard form
     key_side: Optional[torch.Tensor]
 
 
-def mc_from_keys(wqb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # mc: [H, W, S]
+def heads_of_query_side(wqb: torch.Tensor, n_heads: int) -> torch.Tensor:  # wqbᵀ per head: [H, W, E]
+    """wqb [H*E, W] (contiguous) as the per-head transposes wqb_hᵀ, in one call (a view and a transpose are two)."""
+    HE, W = wqb.shape
+    E = HE // n_heads
+    return wqb.as_strided((n_heads, W, E), (E * W, 1, W))
+
+
+def keys_transposed(k: torch.Tensor, n_heads: int) -> torch.Tensor:  # Kᵀ per head: [H, E, S]
+    """k [S, H*E] as K_hᵀ per head, in one call where its columns are unit-strided (a view and a
+    permute are two)."""
+    S, HE = k.shape
+    E = HE // n_heads
+    if k.stride(1) == 1:
+        return k.as_strided((n_heads, E, S), (E, 1, k.stride(0)))
+    return k.reshape(S, n_heads, E).permute(1, 2, 0)
+
+
+def mc_from_keys(wqb: torch.Tensor, k: torch.Tensor, n_heads: int) -> torch.Tensor:  # mc: [H, W, S]
     """The factorized mc from projected keys k [S, H*E]: mc_h = wqb_hᵀ·K_hᵀ, one batched GEMM of
     2·S·E·H·W FLOPs that writes the kernels' transposed layout."""
-    H, E, _ = wqb.shape
-    return torch.bmm(wqb.transpose(1, 2), k.view(k.shape[0], H, E).permute(1, 2, 0))
+    return torch.bmm(heads_of_query_side(wqb, n_heads), keys_transposed(k, n_heads))
 
 
 def prototype_operands(
     source: torch.Tensor, value: torch.Tensor,  # [S, d_llm] each
     wq: torch.Tensor, bq: torch.Tensor, wk: torch.Tensor, bk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
-    n_heads: int, form: CoreForm,
+    n_heads: int, form: CoreForm, keys_kernel: bool = False,
 ) -> PrototypeSide:
     """The prototype side (cached at inference by the layer).
 
-    Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (projects_keys) or, where E > BLOCK_D + 1, as
+    Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (attn_kernels.keys_first) or, where E > BLOCK_D + 1, as
     G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h without forming K: 2·S·d_llm·H·(BLOCK_D + 1)
     FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3), one GEMM whose output is already the
-    kernels' transposed layout. Standard: mc = Kᵀ."""
+    kernels' transposed layout. Standard: mc = Kᵀ.
+
+    keys_kernel: mc and wqb from K by attn_kernels.prototype_logits, one launch (the layer op's
+    forward launcher, which runs in training on every call); else by the concatenation and the
+    batched GEMM mc_from_keys (the inference cache, built once per prototype set, which
+    torch.compile traces)."""
     S, d_llm = source.shape
     H, E = n_heads, wk.shape[0] // n_heads
     v = F.linear(value, wv, bv).view(S, H, E)
     if not form.has_bias:
         return PrototypeSide(_align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v,
                              None, None)
-    wqb = factorized_query_side(wq, bq, H, form.d_logit)  # [H, E, W]
-    if projects_keys(form, E):
+    keys_first = attn_kernels.keys_first(form.d_model, E)
+    if keys_first:
         k = F.linear(source, wk, bk)  # K: [S, H*E]
-        return PrototypeSide(_align_prototypes(mc_from_keys(wqb, k)), v, wqb, k)
-    wqb_t = wqb.transpose(1, 2)  # [H, W, E]
+        if keys_kernel:
+            mc, wqb = attn_kernels.prototype_logits(wq, bq, k, H)
+            return PrototypeSide(mc, v, wqb, k)
+    wqb = factorized_query_side(wq, bq, form.d_logit)  # [H*E, W]
+    if keys_first:
+        return PrototypeSide(_align_prototypes(mc_from_keys(wqb, k, H)), v, wqb, k)
+    wqb_t = heads_of_query_side(wqb, H)  # [H, W, E]
     g = torch.bmm(wqb_t, wk.view(H, E, d_llm))  # [H, W, d_llm]
     g_bias = torch.bmm(wqb_t, bk.view(H, E, 1))  # [H, W, 1]
     W = g.shape[1]
@@ -200,7 +217,7 @@ def core_from_keys(
     form = core_form(DM, H, E)
     v = kv[:, HE:].view(S, H, E)
     if form.has_bias:
-        mc = mc_from_keys(factorized_query_side(wq, bq, H, form.d_logit), kv[:, :HE])  # [H, W, S]
+        mc = mc_from_keys(factorized_query_side(wq, bq, form.d_logit), kv[:, :HE], H)  # [H, W, S]
     else:
         mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
     return query_operand(target_rows, wq, bq, form), _align_prototypes(mc), v, form
@@ -231,10 +248,10 @@ def _launch_layer_forward(
     allow_tf32: bool, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [..., d_llm], then what the backward reuses: heads [R, H*E], lse [H, R] fp32, mc, v,
-    query_side (wqb [H, E, W] factorized, Q [R, H*E] standard), key_side (PrototypeSide's; [0] standard))."""
+    query_side (wqb [H*E, W] factorized, Q [R, H*E] standard), key_side (PrototypeSide's; [0] standard))."""
     H, (HE, DM) = n_heads, wq.shape
     form = core_form(DM, H, HE // H)
-    mc, v, wqb, key_side = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form)
+    mc, v, wqb, key_side = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form, True)
     x = query_operand(target.reshape(-1, DM), wq, bq, form)
     heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
                                                 DM, dropout_p, seed, allow_tf32)
@@ -259,11 +276,11 @@ def _layer_forward_fake(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n
     W = form.d_logit + 1 if form.has_bias else E
     S_pad = S + (-S % attn_kernels.PROTOTYPE_ALIGN)
     new = target.new_empty
-    query_side = new((H, E, W)) if form.has_bias else new((R, HE))
     if form.has_bias:
-        key_side = new((S, HE)) if projects_keys(form, E) else new((H, W, d_llm))
+        query_side = new((HE, W))
+        key_side = new((S, HE)) if attn_kernels.keys_first(DM, E) else new((H, W, d_llm))
     else:
-        key_side = new((0,), dtype=torch.float32)
+        query_side, key_side = new((R, HE)), new((0,), dtype=torch.float32)
     return (new(target.shape[:-1] + (wo.shape[0],)), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
             new((S, H, E)), query_side, key_side)
 
@@ -331,20 +348,20 @@ def _layer_chain_rule(
             grads[8] = dv.sum(0) if need_bv else None
         dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
         dwqb = None  # d wqb_h: [H, E, W] (factorized, where Wq or bq needs a gradient)
-        wqb = query_side  # [H, E, W] on the factorized form
         if need_key:
             dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
-        if need_key and projects_keys(form, E):
+        if need_key and attn_kernels.keys_first(DM, E):
             # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_h = K_hᵀ·dmc_hᵀ
             if need_k:
-                dkt = torch.bmm(wqb, dmc).view(HE, S)
+                dkt = torch.bmm(query_side.view(H, E, query_side.shape[1]), dmc).view(HE, S)
             if need_query_weights:
-                dwqb = torch.bmm(key_side.view(S, H, E).permute(1, 2, 0), dmc.transpose(1, 2))
+                dwqb = torch.bmm(keys_transposed(key_side, H), dmc.transpose(1, 2))
         elif need_key and form.has_bias:
             W = mc.shape[1]
             dmc = dmc.reshape(H * W, S)  # [H*W, S]
             grads[1] = dmc.t().mm(key_side.view(H * W, d_llm)) if need_source else None
             if need_wk or need_bk or need_query_weights:
+                wqb = query_side.view(H, E, W)  # [H, E, W]
                 dg = dmc.mm(source).view(H, W, d_llm)  # [H, W, d_llm]
                 dg_bias = dmc.sum(1).view(H, W, 1)  # [H, W, 1]
                 grads[5] = torch.bmm(wqb, dg).view(HE, d_llm) if need_wk else None
@@ -528,17 +545,17 @@ def _submodule(layer: nn.Module, name: str) -> nn.Module:
 
 def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk, wv, bv, wo, bo)
     """The four projections' weights and biases, as attribute access gives them, read from the
-    modules' own dicts: twelve nn.Module.__getattr__ calls cost about 9 us, more than a kernel
-    launch. A name missing there (a parametrization's property, a plain tensor attribute) is
-    looked up the usual way."""
-    tensors = []
-    for name in _PROJECTIONS:
-        module = _submodule(layer, name)
-        own = module._parameters
-        weight, bias = own.get("weight"), own.get("bias")
-        tensors.append(weight if weight is not None else module.weight)
-        tensors.append(bias if bias is not None else module.bias)
-    return tuple(tensors)
+    modules' own dicts: twelve nn.Module.__getattr__ calls cost more than a kernel launch, and this
+    runs on every call, so the usual layout is read in one expression without a loop. Anything
+    else (a name missing from a dict: a parametrization's property, a plain tensor attribute, a
+    replaced submodule) is looked up the usual way."""
+    modules = layer._modules
+    try:  # a None entry is a parameter registered as None, which attribute access gives too
+        q, k, v, o = (modules["query_projection"]._parameters, modules["key_projection"]._parameters,
+                      modules["value_projection"]._parameters, modules["out_projection"]._parameters)
+        return q["weight"], q["bias"], k["weight"], k["bias"], v["weight"], v["bias"], o["weight"], o["bias"]
+    except (KeyError, AttributeError):
+        return tuple(getattr(_submodule(layer, name), attr) for name in _PROJECTIONS for attr in ("weight", "bias"))
 
 
 def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> Tuple[torch.dtype, bool]:
