@@ -100,8 +100,8 @@ _ALIGN = tl.constexpr(PROTOTYPE_ALIGN)
 
 __all__ = ["BLOCK_E_CHOICES", "MAX_HEAD_DIM", "MIN_HEAD_DIM", "PROTOTYPE_ALIGN", "AttentionConfig",
            "attention_forward", "attention_backward", "block_d_for", "block_e_for", "dropout_keep_mask",
-           "is_factorized", "keys_first", "override_softmax", "override_tiles", "prototype_logits", "select_config",
-           "unsupported_reason"]
+           "is_factorized", "keys_first", "override_softmax", "override_tiles", "prototype_logits",
+           "prototype_logits_backward", "select_config", "unsupported_reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +600,57 @@ def prototype_logits_kernel(
         tl.store(wqb_rows + BLOCK_D, bq, mask=e_mask)
 
 
+@triton.jit
+def prototype_logits_bwd_kernel(
+    dmc_ptr,  # dmc: [H, BLOCK_D + 1, S'] fp32, mc's gradient (attention_backward's)
+    wqb_ptr,  # wqb: [H*E, BLOCK_D + 1], prototype_logits' (unit stride along its last axis)
+    k_ptr,  # k: [S, H*E], the projected keys (unit stride along H*E)
+    dkt_ptr,  # dkt: [H*E, S] contiguous, d Kᵀ, written here
+    dwq_ptr,  # dwq: [H*E, DM] contiguous, Wq's gradient, written here
+    dbq_ptr,  # dbq: [H*E], bq's gradient, written here
+    dbk_ptr,  # dbk: [H*E], bk's gradient (Σ_s d Kᵀ), written here
+    S, E, DM, stride_dmc_h, stride_dmc_w, stride_wqb, stride_k_s,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TO_BF16: tl.constexpr,
+):
+    """prototype_logits_kernel's backward, one program per head: from mc_h = wqb_hᵀ·K_hᵀ,
+    d K_hᵀ = wqb_h·dmc_h and d wqb_h = K_hᵀ·dmc_hᵀ, whose columns [0, d_model) are d Wq_h and whose
+    column BLOCK_D is d bq_h; and d bk_h = Σ_s d K_hᵀ. The program walks the prototypes once and
+    sums d wqb_h and d bk_h in registers in a fixed order (no atomics: the same bits every run).
+    dmc is rounded to the data dtype first, as the batched GEMMs of the same products take it."""
+    head = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    e_mask = offs_e < E
+    rows = head * E + offs_e  # head h's rows of wqb and d Kᵀ, its columns of k
+    wqb_rows = wqb_ptr + rows[:, None] * stride_wqb
+    wq_h = tl.load(wqb_rows + offs_d[None, :], mask=e_mask[:, None], other=0.0).to(DOT_DTYPE)  # [BLOCK_E, BLOCK_D]
+    bq_h = tl.load(wqb_ptr + rows * stride_wqb + BLOCK_D, mask=e_mask, other=0.0).to(tl.float32)  # [BLOCK_E]
+    dmc_head = dmc_ptr + head * stride_dmc_h
+    dwq = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    dbq = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    dbk = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for s_start in range(0, S, BLOCK_S):
+        offs_s = s_start + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < S
+        dmc_y = _dot_operand(tl.load(dmc_head + offs_d[:, None] * stride_dmc_w + offs_s[None, :],
+                                     mask=s_mask[None, :], other=0.0), DOT_DTYPE, ROUND_TO_BF16)  # [BLOCK_D, BLOCK_S]
+        dmc_c = _dot_operand(tl.load(dmc_head + BLOCK_D * stride_dmc_w + offs_s, mask=s_mask, other=0.0),
+                             DOT_DTYPE, ROUND_TO_BF16).to(tl.float32)  # [BLOCK_S]
+        k_t = tl.load(k_ptr + offs_s.to(tl.int64)[None, :] * stride_k_s + rows[:, None],
+                      mask=e_mask[:, None] & s_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_S]
+        dkt = tl.dot(wq_h, dmc_y, input_precision=INPUT_PRECISION) + bq_h[:, None] * dmc_c[None, :]
+        tl.store(dkt_ptr + rows.to(tl.int64)[:, None] * S + offs_s[None, :], dkt.to(dkt_ptr.dtype.element_ty),
+                 mask=e_mask[:, None] & s_mask[None, :])
+        dbk += tl.sum(dkt, axis=1)
+        dwq += tl.dot(k_t.to(DOT_DTYPE), tl.trans(dmc_y), input_precision=INPUT_PRECISION)
+        dbq += tl.sum(k_t.to(tl.float32) * dmc_c[None, :], axis=1)
+    tl.store(dwq_ptr + rows[:, None] * DM + offs_d[None, :], dwq.to(dwq_ptr.dtype.element_ty),
+             mask=e_mask[:, None] & (offs_d < DM)[None, :])
+    tl.store(dbq_ptr + rows, dbq.to(dbq_ptr.dtype.element_ty), mask=e_mask)
+    tl.store(dbk_ptr + rows, dbk.to(dbk_ptr.dtype.element_ty), mask=e_mask)
+
+
 #: role -> kernel, what the tile table's configurations launch
 KERNELS = {
     "fwd": attention_fwd_kernel,
@@ -608,6 +659,7 @@ KERNELS = {
     "bwd_rows": attention_bwd_rows_kernel,
     "dropout_mask": dropout_keep_mask_kernel,
     "prototype_logits": prototype_logits_kernel,
+    "prototype_logits_bwd": prototype_logits_bwd_kernel,
 }
 
 
@@ -653,7 +705,7 @@ def _unsupported_reason(data_dtype, head_dim, d_model, num_protos, has_dropout, 
             return "allow_tf32: TF32 runs eager (PyTorch's SDPA runs fp32 on tensor cores); the kernels are IEEE fp32"
         roles = ("fwd", "bwd_protos", "bwd_rows")
         if keys_first(d_model, head_dim):
-            roles += ("prototype_logits",)  # the factorized mc from projected keys
+            roles += ("prototype_logits", "prototype_logits_bwd")  # the factorized mc from projected keys
         for role in roles:
             if select_config(role, data_dtype, head_dim, d_model, has_dropout, device) is None:
                 return no_config_reason(data_dtype, head_dim, d_model, arch_class(device) if gpu else 80)
@@ -809,6 +861,60 @@ def prototype_logits(
     aligned = not (wq.data_ptr() | bq.data_ptr() | k.data_ptr() | mc.data_ptr() | wqb.data_ptr()) & 15
     plan.kernel(prototype_logits_kernel, aligned, wq, bq, k, mc, wqb, *plan.kernel.scalars)
     return (mc if plan.mc_dtype == k.dtype else mc.to(k.dtype)), wqb
+
+
+class _PrototypeLogitsBackwardPlan(NamedTuple):
+    kernel: PlannedLaunch
+    dkt_shape: Tuple[int, int]  # [H*E, S]
+    dwq_shape: Tuple[int, int]  # [H*E, DM]
+    out_dtype: torch.dtype  # what the kernel writes (store_dtype)
+
+
+def _prototype_logits_backward_plan(dmc, wqb, k, n_heads, d_model) -> _PrototypeLogitsBackwardPlan:
+    (HE, W), (S, k_cols) = wqb.shape, k.shape
+    E = HE // n_heads
+    if dmc.dtype != torch.float32 or wqb.dtype != k.dtype:
+        raise ValueError(f"dmc must be float32 and wqb share k's dtype, got {dmc.dtype}, {wqb.dtype}, {k.dtype}")
+    if k_cols != HE or HE % n_heads or dmc.shape[:2] != (n_heads, W) or dmc.shape[2] < S:
+        raise ValueError(f"dmc [H, W, S'] and k [S, H*E] must match wqb [H*E, W] with H={n_heads}, got dmc "
+                         f"{tuple(dmc.shape)}, k {tuple(k.shape)}, wqb {tuple(wqb.shape)}")
+    if dmc.stride(2) != 1 or wqb.stride(1) != 1 or k.stride(1) != 1:
+        raise ValueError(f"dmc, wqb and k must have unit stride along their last axis, got strides {dmc.stride()}, "
+                         f"{wqb.stride()}, {k.stride()}")
+    cfg = select_config("prototype_logits_bwd", k.dtype, E, d_model, False, k.device)
+    if cfg is None or not keys_first(d_model, E) or W != cfg.block_d + 1:
+        raise ValueError(f"no prototype-logits backward for d_model={d_model}, d_keys={E}, W={W}, {k.dtype} "
+                         f"(keys_first shapes only)")
+    kernel = PlannedLaunch((n_heads,), launch_params(cfg),
+                           (S, E, d_model, dmc.stride(0), dmc.stride(1), wqb.stride(0), k.stride(0)))
+    return _PrototypeLogitsBackwardPlan(kernel, (HE, S), (HE, d_model), store_dtype(k.dtype))
+
+
+def prototype_logits_backward(
+    dmc: torch.Tensor,  # dmc: [H, BLOCK_D + 1, S'] fp32, attention_backward's
+    wqb: torch.Tensor,  # wqb: [H*E, BLOCK_D + 1], prototype_logits'
+    k: torch.Tensor,  # k: [S, H*E], the projected keys prototype_logits read
+    n_heads: int, d_model: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # dkt [H*E, S], dwq [H*E, DM], dbq, dbk [H*E]
+    """The gradients prototype_logits' mc passes on, in k's dtype (prototype_logits_bwd_kernel):
+    d Kᵀ, Wq's and bq's, and bk's (Σ_s d Kᵀ: K = source·Wkᵀ + bk). dmc's alignment columns are
+    not read."""
+    key = ("prototype_logits_bwd", dmc.shape, dmc.stride(), wqb.shape, wqb.stride(), k.shape, k.stride(), dmc.dtype,
+           wqb.dtype, k.dtype, k.device, n_heads, d_model, interpreting())
+    plan = LAUNCH_PLANS.get(key)
+    if plan is None:
+        plan = _remember_plan(key, _prototype_logits_backward_plan(dmc, wqb, k, n_heads, d_model))
+    dev, out_dtype = k.device, plan.out_dtype
+    dkt = torch.empty(*plan.dkt_shape, dtype=out_dtype, device=dev)
+    dwq = torch.empty(*plan.dwq_shape, dtype=out_dtype, device=dev)
+    dbq = torch.empty(plan.dwq_shape[0], dtype=out_dtype, device=dev)
+    dbk = torch.empty(plan.dwq_shape[0], dtype=out_dtype, device=dev)
+    aligned = not (dmc.data_ptr() | wqb.data_ptr() | k.data_ptr() | dkt.data_ptr() | dwq.data_ptr() | dbq.data_ptr()
+                   | dbk.data_ptr()) & 15
+    plan.kernel(prototype_logits_bwd_kernel, aligned, dmc, wqb, k, dkt, dwq, dbq, dbk, *plan.kernel.scalars)
+    if out_dtype != k.dtype:  # the interpreter's bf16, rounded by torch (store_dtype)
+        return dkt.to(k.dtype), dwq.to(k.dtype), dbq.to(k.dtype), dbk.to(k.dtype)
+    return dkt, dwq, dbq, dbk
 
 
 def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:

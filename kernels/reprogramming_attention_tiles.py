@@ -4,12 +4,13 @@ A launch is chosen by what it computes and where it runs: (role, data dtype, dot
 BLOCK_E, dropout, GPU generation). `config_table()` holds every configuration a launcher can choose
 on a GPU, and tests/test_aot.py compiles each one ahead of time for its GPU generation under every
 Triton CI checks, so nothing dispatch can launch is unproven (SPEC §6). Under Triton's interpreter
-(the CPU test suite) a launch takes the sm_80 entry of its regime, with fp32 dots for bf16 data.
+(the CPU test suite) a launch takes the sm_80 entry of its regime, with fp32 dots for bf16 data
+(and the prototype-logits kernels a wider BLOCK_S: INTERPRETER_PROTOTYPE_BLOCK_S).
 
 Roles: "fwd" (attention_fwd_kernel), "bwd_protos" and "bwd_rows" (the backward's prototype- and
 row-stationary kernels; dropout is a run-time value there, so one build serves training with and
-without it), "bwd_delta", "dropout_mask" and "prototype_logits" (the factorized mc from projected
-keys; fixed small tiles).
+without it), "bwd_delta", "dropout_mask", and "prototype_logits" and "prototype_logits_bwd" (the
+factorized mc from projected keys and its backward; fixed small tiles).
 """
 from __future__ import annotations
 
@@ -166,6 +167,12 @@ DROPOUT_MASK_TILE = (64, 64, 4)
 #: (keys_first), so at most 33 wide heads, BLOCK_E <= 64. A few MFLOP
 #: per layer call: one wave of small programs, whatever the dot path
 PROTOTYPE_LOGITS_TILE = (32, 4)
+#: (BLOCK_S, num_warps) of prototype_logits_bwd_kernel (one program per head walks the prototypes)
+PROTOTYPE_LOGITS_BWD_TILE = (32, 4)
+#: their BLOCK_S under the interpreter, which runs every op of a program in numpy, one Python call
+#: per op and block, and has no registers to spill: a few wide blocks instead of many narrow ones
+#: (the CPU suite runs these kernels on every training step, at S = 1000)
+INTERPRETER_PROTOTYPE_BLOCK_S = 256
 KEYS_FIRST_BLOCK_PAIRS = tuple(sorted({(d, max(BLOCK_E_CHOICES[0], next_pow2(e)))
                                        for d in FACTORIZED_BLOCK_D for e in range(MIN_HEAD_DIM, d + 2)}))
 
@@ -223,6 +230,10 @@ class AttentionConfig:
         if self.role == "prototype_logits":
             return {"BLOCK_S": self.block_s, "BLOCK_D": self.block_d, "BLOCK_E": self.block_e,
                     "DOT_DTYPE": TL_DTYPE[self.dot_dtype], "INPUT_PRECISION": self.input_precision}
+        if self.role == "prototype_logits_bwd":
+            return {"BLOCK_S": self.block_s, "BLOCK_D": self.block_d, "BLOCK_E": self.block_e,
+                    "DOT_DTYPE": TL_DTYPE[self.dot_dtype], "INPUT_PRECISION": self.input_precision,
+                    "ROUND_TO_BF16": False}  # set under the interpreter by launch_params
         params = {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s, "BLOCK_D": self.block_d,
                   "BLOCK_E": self.block_e, "DOT_DTYPE": TL_DTYPE[self.dot_dtype],
                   "INPUT_PRECISION": self.input_precision, "POLY_EIGHTHS": self.poly_eighths,
@@ -306,9 +317,10 @@ def config_table() -> Dict[tuple, AttentionConfig]:
             for block_d, block_e in KEYS_FIRST_BLOCK_PAIRS:
                 if arch == 75 and block_e > TURING_MAX_BLOCK_E:
                     continue
-                table[("prototype_logits", arch, data_dtype, dot, precision, block_d, block_e, False)] = \
-                    AttentionConfig("prototype_logits", arch, data_dtype, dot, precision, block_d, block_e, False, 0,
-                                    PROTOTYPE_LOGITS_TILE[0], PROTOTYPE_LOGITS_TILE[1], 1)
+                for role, tile in (("prototype_logits", PROTOTYPE_LOGITS_TILE),
+                                   ("prototype_logits_bwd", PROTOTYPE_LOGITS_BWD_TILE)):
+                    table[(role, arch, data_dtype, dot, precision, block_d, block_e, False)] = AttentionConfig(
+                        role, arch, data_dtype, dot, precision, block_d, block_e, False, 0, tile[0], tile[1], 1)
             table[("bwd_delta", arch, data_dtype)] = AttentionConfig(
                 "bwd_delta", arch, data_dtype, data_dtype, "ieee", 0, DELTA_TILE[1], False, DELTA_TILE[0], 0,
                 DELTA_TILE[2], 1)
@@ -427,7 +439,8 @@ def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: i
     if cfg is None or gpu:
         return cfg
     # interpreter: bf16 runs on fp32 dots there (kernels/_launch.dot_dtype), tiles as on sm_80
-    return dataclasses.replace(cfg, arch=INTERPRETER,
+    block_s = INTERPRETER_PROTOTYPE_BLOCK_S if role in ("prototype_logits", "prototype_logits_bwd") else cfg.block_s
+    return dataclasses.replace(cfg, arch=INTERPRETER, block_s=block_s,
                                dot_dtype=torch.float32 if cfg.dot_dtype == torch.bfloat16 else cfg.dot_dtype)
 
 
@@ -460,6 +473,7 @@ _FP32_POINTERS = {
     "bwd_rows": ("lse_ptr", "delta_ptr", "dx_ptr"),
     "dropout_mask": (),
     "prototype_logits": (),
+    "prototype_logits_bwd": ("dmc_ptr",),
 }
 _FLOAT_SCALARS = ("qk_scale", "grad_scale", "dropout_p")
 #: integer arguments that SPEC §2 shapes make multiples of 16 (so the JIT specializes them there):

@@ -27,7 +27,8 @@ def test_every_kernel_file_contributes_configs():
              for cfg in report.all_configs()}
     assert {"patch_window_fwd", "patch_window_dweight", "patch_dweight_reduce", "patch_window_dx",
             "patch_conv_gemm", "patch_fold", "attention_fwd_kernel", "attention_bwd_delta_kernel",
-            "attention_bwd_protos_kernel", "attention_bwd_rows_kernel", "prototype_logits_kernel"} <= names
+            "attention_bwd_protos_kernel", "attention_bwd_rows_kernel", "prototype_logits_kernel",
+            "prototype_logits_bwd_kernel"} <= names
     for cfg in report.all_configs():  # a config nobody can dispatch to would be dead weight
         assert set(cfg.get("archs", report.ARCHS)) & set(report.ARCHS), cfg["name"]
 

@@ -103,6 +103,25 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
 
 
 @requires_triton
+@pytest.mark.parametrize("d_model,from_keys", [(32, True), (16, False)], ids=["from-keys", "from-g"])
+def test_training_step_forms_and_differentiates_mc_from_keys_in_one_launch_each_way(d_model, from_keys, monkeypatch):
+    """At E = 32 the factorized prototype side comes from K where W = d_model padded + 1 >= E: one
+    prototype_logits launch forward, one prototype_logits_bwd launch backward; from G neither."""
+    layer = ReprogrammingLayer(d_model, 8, 32, 96, 0.0).to(DEVICE).train()
+    target = torch.randn(2, 16, d_model, device=DEVICE, requires_grad=True)
+    protos = torch.randn(100, 96, device=DEVICE, requires_grad=True)
+    counters = {}
+    for name in ("prototype_logits_kernel", "prototype_logits_bwd_kernel", "attention_fwd_kernel"):
+        counters[name] = LaunchCounter(getattr(attn_kernels, name))
+        monkeypatch.setattr(attn_kernels, name, counters[name])
+    layer(target, protos, protos).sum().backward()
+    assert {name: c.launches for name, c in counters.items()} == {
+        "prototype_logits_kernel": int(from_keys), "prototype_logits_bwd_kernel": int(from_keys),
+        "attention_fwd_kernel": 1}
+    assert all(p.grad is not None for p in layer.parameters()) and protos.grad is not None
+
+
+@requires_triton
 def test_training_steps_launch_no_fills_and_one_op_each_way():
     """Forward + backward in training: each layer is one op each way, and nothing around them
     but the dropout seed and the accumulation into existing .grad tensors (no zero-filled

@@ -170,6 +170,42 @@ def test_prototype_logits_kernel_is_the_batched_gemm_of_the_padded_query_weight(
 
 
 @requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d_model,n_heads,d_keys,protos", [(16, 2, 16, 13), (8, 3, 17, 40), (32, 2, 33, 1000),
+                                                           (20, 4, 32, 7)])
+def test_prototype_logits_backward_is_autograd_of_the_batched_gemm(dtype, d_model, n_heads, d_keys, protos):
+    """d Kᵀ, d Wq, d bq and d bk (Σ_s d Kᵀ) from the kernel against autograd through the batched
+    GEMM route (core_from_keys) in float64, on dmc rounded to the data dtype as the kernel takes
+    it: each within the larger of twice the oracle's own rounding to the dtype, 1.5x the error of
+    autograd through the same GEMMs in the dtype, and two units in the last place of its largest
+    value (the sums over 1000 prototypes run in another order than PyTorch's)."""
+    g = torch.Generator().manual_seed(2)
+    HE = n_heads * d_keys
+    leaves = (torch.randn(HE, d_model, generator=g), torch.randn(HE, generator=g), torch.randn(protos, 2 * HE, generator=g))
+    wq, bq, kv = (t.to(DEVICE, dtype) for t in leaves)
+    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads)
+    dmc = torch.randn(mc.shape, generator=g).to(DEVICE)
+    dmc[:, :, protos:] = float("nan")  # the alignment columns are not read
+
+    def gemm_grads(dt):  # (dK^T, dWq, dbq, dbk) by autograd through core_from_keys in dt
+        w, b, pairs = (t.detach().to(dt).requires_grad_() for t in (wq, bq, kv))
+        _, mc_dt, _, _ = core_from_keys(torch.zeros(1, d_model, device=DEVICE, dtype=dt), w, b, pairs, n_heads)
+        mc_dt.backward(dmc.nan_to_num(0.0).to(dtype).to(dt))  # mc_dt has the alignment columns too
+        dk = pairs.grad[:, :HE]
+        return dk.t(), w.grad, b.grad, dk.sum(0)
+
+    oracle = [t.cpu() for t in gemm_grads(torch.float64)]
+    same_dtype = gemm_grads(dtype)
+    got = kern.prototype_logits_backward(dmc, wqb, kv[:, :HE], n_heads, d_model)
+    for name, k_grad, o, ref in zip(("dKt", "dWq", "dbq", "dbk"), got, oracle, same_dtype):
+        assert k_grad.dtype == dtype and k_grad.shape == o.shape, (name, k_grad.dtype, k_grad.shape)
+        rounding = (o.to(dtype).double() - o).abs().max().item() + 1e-6
+        ulps = 2 * torch.finfo(dtype).eps * o.abs().max().item()
+        err = max_abs_err(k_grad.cpu(), o)
+        assert err <= max(2 * rounding, 1.5 * max_abs_err(ref.cpu(), o), ulps), (name, err, rounding)
+
+
+@requires_triton
 def test_prototype_logits_rejects_what_it_has_no_kernel_for():
     wq, bq, k = (torch.randn(*shape, device=DEVICE) for shape in ((64, 16), (64,), (10, 64)))
     with pytest.raises(ValueError, match="share a dtype"):
@@ -180,6 +216,13 @@ def test_prototype_logits_rejects_what_it_has_no_kernel_for():
         kern.prototype_logits(wq.t().contiguous().t(), bq, k, 2)
     with pytest.raises(ValueError, match="keys_first"):  # d_keys 32 > BLOCK_D + 1 = 17: mc comes from G there
         kern.prototype_logits(wq, bq, k, 2)
+    mc, wqb = kern.prototype_logits(wq, bq, k, 4)  # d_keys 16
+    with pytest.raises(ValueError, match="float32"):
+        kern.prototype_logits_backward(mc.double(), wqb, k, 4, 16)
+    with pytest.raises(ValueError, match="must match"):
+        kern.prototype_logits_backward(mc[:, :, :8], wqb, k, 4, 16)
+    with pytest.raises(ValueError, match="keys_first"):
+        kern.prototype_logits_backward(mc, wqb, k, 4, 24)
 
 
 def test_shapes_cover_both_forms_and_every_factorized_block_width():

@@ -348,15 +348,20 @@ def _layer_chain_rule(
             grads[8] = dv.sum(0) if need_bv else None
         dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
         dwqb = None  # d wqb_h: [H, E, W] (factorized, where Wq or bq needs a gradient)
+        if need_key and attn_kernels.keys_first(DM, E):
+            # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h, d wqb_h = K_hᵀ·dmc_hᵀ and d bk = Σ_s d Kᵀ in one
+            # launch, from the core's fp32 dmc (the kernel rounds it to the data dtype)
+            dkt, dwq, dbq, dbk = attn_kernels.prototype_logits_backward(dmc, query_side, key_side, H, DM)
+            grads[3] = dwq if need_wq else None
+            grads[4] = dbq if need_bq else None
+            if need_k:
+                grads[1] = dkt.t().mm(wk) if need_source else None
+                grads[5] = dkt.mm(source) if need_wk else None
+                grads[6] = dbk if need_bk else None
+            return grads
         if need_key:
             dmc = _in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
-        if need_key and attn_kernels.keys_first(DM, E):
-            # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h and d wqb_h = K_hᵀ·dmc_hᵀ
-            if need_k:
-                dkt = torch.bmm(query_side.view(H, E, query_side.shape[1]), dmc).view(HE, S)
-            if need_query_weights:
-                dwqb = torch.bmm(keys_transposed(key_side, H), dmc.transpose(1, 2))
-        elif need_key and form.has_bias:
+        if need_key and form.has_bias:
             W = mc.shape[1]
             dmc = dmc.reshape(H * W, S)  # [H*W, S]
             grads[1] = dmc.t().mm(key_side.view(H * W, d_llm)) if need_source else None
