@@ -720,10 +720,14 @@ def _seed_tensor(seed: Optional[torch.Tensor], dropout_p: float, device: torch.d
     return seed
 
 
-def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("x", x), ("mc", mc), ("v", v)):
+def _require_unit_last_stride(**operands: torch.Tensor) -> None:
+    for name, t in operands.items():
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along its last axis, got strides {t.stride()}")
+
+
+def _check_operands(x: torch.Tensor, mc: torch.Tensor, v: torch.Tensor) -> None:
+    _require_unit_last_stride(x=x, mc=mc, v=v)
     if mc.stride(1) % PROTOTYPE_ALIGN or mc.shape[2] < v.shape[0]:
         raise ValueError(f"mc [H, W, S'] must span the S={v.shape[0]} prototypes with a row stride that is a "
                          f"multiple of {PROTOTYPE_ALIGN}, got shape {tuple(mc.shape)} strides {mc.stride()}")
@@ -826,9 +830,7 @@ def _prototype_logits_plan(wq, bq, k, n_heads) -> _PrototypeLogitsPlan:
     if k_cols != HE or HE % n_heads or bq.shape != (HE,):
         raise ValueError(f"k [S, H*E] and bq [H*E] must match wq [H*E, d_model] with H={n_heads}, got k "
                          f"{tuple(k.shape)}, bq {tuple(bq.shape)}, wq {tuple(wq.shape)}")
-    if wq.stride(1) != 1 or k.stride(1) != 1 or bq.stride(0) != 1:
-        raise ValueError(f"wq, k and bq must have unit stride along their last axis, got strides {wq.stride()}, "
-                         f"{k.stride()}, {bq.stride()}")
+    _require_unit_last_stride(wq=wq, bq=bq, k=k)
     cfg = select_config("prototype_logits", k.dtype, E, DM, False, k.device)
     if cfg is None or not keys_first(DM, E):
         raise ValueError(f"no prototype-logits kernel for d_model={DM}, d_keys={E}, {k.dtype} (the factorized "
@@ -878,9 +880,7 @@ def _prototype_logits_backward_plan(dmc, wqb, k, n_heads, d_model) -> _Prototype
     if k_cols != HE or HE % n_heads or dmc.shape[:2] != (n_heads, W) or dmc.shape[2] < S:
         raise ValueError(f"dmc [H, W, S'] and k [S, H*E] must match wqb [H*E, W] with H={n_heads}, got dmc "
                          f"{tuple(dmc.shape)}, k {tuple(k.shape)}, wqb {tuple(wqb.shape)}")
-    if dmc.stride(2) != 1 or wqb.stride(1) != 1 or k.stride(1) != 1:
-        raise ValueError(f"dmc, wqb and k must have unit stride along their last axis, got strides {dmc.stride()}, "
-                         f"{wqb.stride()}, {k.stride()}")
+    _require_unit_last_stride(dmc=dmc, wqb=wqb, k=k)
     cfg = select_config("prototype_logits_bwd", k.dtype, E, d_model, False, k.device)
     if cfg is None or not keys_first(d_model, E) or W != cfg.block_d + 1:
         raise ValueError(f"no prototype-logits backward for d_model={d_model}, d_keys={E}, W={W}, {k.dtype} "
