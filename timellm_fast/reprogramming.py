@@ -306,8 +306,9 @@ def _layer_chain_rule(
 ) -> List[Optional[torch.Tensor]]:  # one gradient per tensor input, in the working dtype; None where not needed
     """The layer's chain rule around the core's backward kernels (the GEMMs autograd would run,
     without its graph). The core's fp32 gradients are rounded to the working dtype first, as the
-    GEMMs' own gradients are. Wq's and bq's gradients are strided views of one buffer (autograd
-    accumulates them as they are; the custom op's form copies them)."""
+    GEMMs' own gradients are. On G's route Wq's and bq's gradients are strided views of one buffer
+    (autograd accumulates them as they are; the custom op's form copies them); from K they come
+    contiguous from prototype_logits_backward."""
     need_target, need_source, need_value, need_wq, need_bq, need_wk, need_bk, need_wv, need_bv, need_wo, need_bo = needs
     DM = target.shape[-1]
     S, d_llm = source.shape
