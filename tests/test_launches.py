@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import DEVICE, LaunchCounter, requires_triton
-from timellm_fast import PatchEmbedding, ReprogrammingLayer
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, reuse_prototypes
 from timellm_fast.kernels import patch_embedding as pe_kernels
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
 from timellm_fast.reprogramming import reprogramming_op
@@ -58,12 +58,19 @@ def test_reprogramming_inference_is_the_core_and_the_output_gemm(monkeypatch):
     target = torch.randn(4, 64, 32, device=DEVICE)
     protos = torch.randn(104, 96, device=DEVICE)  # a multiple of 8, as Time-LLM's 1000: mc needs no padding
     with torch.no_grad():
-        layer(target, protos, protos)  # fills the prototype-side cache and the seed placeholder
-        counter = LaunchCounter(attn_kernels.attention_fwd_kernel)
-        monkeypatch.setattr(attn_kernels, "attention_fwd_kernel", counter)
+        # outside a reuse block the prototype side is formed on every call (V's and K's GEMMs and
+        # the factorized mc: the padded query weight and its batched GEMM), then the core and the
+        # output GEMM
         ops = compute_ops(lambda: layer(target, protos, protos))
+        assert ops == ["aten.addmm", "aten.addmm", "aten.cat", "aten.bmm",
+                       "timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
+        with reuse_prototypes():
+            layer(target, protos, protos)  # forms the prototype side of this block
+            counter = LaunchCounter(attn_kernels.attention_fwd_kernel)
+            monkeypatch.setattr(attn_kernels, "attention_fwd_kernel", counter)
+            ops = compute_ops(lambda: layer(target, protos, protos))
     assert counter.launches == 1
-    # the cached prototype side is reused: the attention core, then the output GEMM
+    # the reused prototype side: the attention core, then the output GEMM
     assert ops == ["timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
 
 

@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import inspect
 import logging
 import os
+import threading
 from typing import Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+from torch.nn.modules import module as _module_hooks
 
 from .kernels._environment import TRITON_IMPORT_ERROR, device_capability, interpreting
 
@@ -48,6 +53,62 @@ route_counts: "collections.Counter[tuple[str, str]]" = collections.Counter()
 #: the tensor types the direct route accepts (subclasses may have their own dispatch rules)
 _PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _is_functorch_wrapper = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def plain(module, cls: type) -> bool:
+    """Whether calling `module` computes exactly ``cls.forward`` on its own attributes, with nothing
+    else attached: an instance of `cls` or of a subclass that overrides neither ``forward`` nor
+    ``__call__`` (a parametrization's subclass qualifies; an adapter or FSDP2's wrapper class does
+    not), without forward / backward hooks or pre-hooks of its own (hook-based weight_norm and
+    spectral_norm, FSDP2 and DeepSpeed register them) and without an instance-level ``forward``.
+    The fused paths compute the layers' submodules this way only where this holds for each of them
+    (and no global module hook is registered: :func:`global_module_hooks`); asked on every call,
+    as hooks can be added at any time."""
+    kind = module.__class__
+    return ((kind is cls or (isinstance(module, cls) and kind.forward is cls.forward
+                             and kind.__call__ is cls.__call__))
+            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                     or module._backward_pre_hooks)
+            and "forward" not in module.__dict__)
+
+
+def global_module_hooks() -> bool:
+    """Whether a global module hook is registered (torch.nn.modules.module.register_module_*_hook):
+    it fires on every submodule call, so the fused paths, which make none, do not apply."""
+    hooks = _module_hooks
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def transform_active() -> bool:
+    """Whether forward-mode AD (a dual level: torch.autograd.forward_ad, torch.func.jvp / jacfwd)
+    or a torch.func transform (grad, vjp, jacrev, vmap) is active. The Triton ops have neither a
+    forward-mode derivative nor batching rules: under these the layers compute through PyTorch's
+    own ops, as Time-LLM's layers do. (Asked outside torch.compile's tracing only: a compiled graph
+    holds the ops as they are.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+#: Triton's interpreter keeps the state of the program it runs in module globals, so two threads
+#: running kernels at once corrupt each other's (InterpreterError): interpreted launchers run one at
+#: a time. Compiled kernels need no lock (a launch is queued on a stream).
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def one_interpreted_launch_at_a_time(launcher):
+    """`launcher` itself where kernels are compiled; under Triton's interpreter, `launcher` holding
+    the interpreter's lock (the same signature, for torch.library's schema inference)."""
+    if not interpreting():
+        return launcher
+
+    @functools.wraps(launcher)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    locked.__signature__ = inspect.signature(launcher, eval_str=True)  # annotations of the launcher's module
+    return locked
 
 
 def triton_import_error() -> Optional[str]:

@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dispatch, validation
-from .cache import TensorCache
+from .cache import reused
 from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both ops
-from .reference import reprogramming_reference, reprogramming_sdpa_fold
+from .reference import (attention_core_reference, attention_materialized, attention_sdpa_folded,
+                        reprogramming_reference, reprogramming_sdpa_fold)
 from .triton_op import TritonOp
 
 if dispatch.triton_import_error() is None:
@@ -83,23 +84,6 @@ def core_form(d_model: int, n_heads: int, head_dim: int) -> CoreForm:
     return form
 
 
-_ZEROS: dict = {}
-
-
-def _zeros(like: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A zero tensor for padding operands: cached per (shape, dtype, device), except while
-    torch.compile traces or a CUDA graph captures (a tensor made there is a fake, or is filled only
-    when the graph replays)."""
-    device = like.device
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return like.new_zeros(shape)
-    key = (shape, like.dtype, device)
-    zeros = _ZEROS.get(key)
-    if zeros is None:
-        zeros = _ZEROS[key] = like.new_zeros(shape)
-    return zeros
-
-
 def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, block_d: int) -> torch.Tensor:
     """wqb: [H*E, BLOCK_D + 1], row h·E + e [Wq (d_model columns) | zeros up to BLOCK_D | bq], so that
     with wqb_h its rows of head h (wqb.view(H, E, W)[h]), wqb_hᵀ·K_hᵀ is head h's block of the factorized
@@ -107,7 +91,7 @@ def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, block_d: int) -> t
     Kept 2-D: its head-split views are made where they are used (each view is a dispatcher call)."""
     HE, DM = wq.shape
     if block_d > DM:
-        return torch.cat([wq, _zeros(wq, (HE, block_d - DM)), bq.view(HE, 1)], 1)
+        return torch.cat([wq, wq.new_zeros((HE, block_d - DM)), bq.view(HE, 1)], 1)
     return torch.cat([wq, bq.view(HE, 1)], 1)
 
 
@@ -414,17 +398,44 @@ def _layer_backward_fake(grad_out, target, source, value, wq, wk, bk, wv, wo, he
 def _save_layer(ctx, inputs, outputs):
     target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic = inputs
     _, heads, lse, mc, v, query_side, key_side = outputs
-    # heads and lse as the core's autograd kept them; mc, v, wqb and K or G are a few MB at most
-    ctx.save_for_backward(target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed)
+    # heads and lse as the core's autograd kept them; mc, v, wqb and K or G are a few MB at most; the
+    # biases only for a backward that builds a graph (_differentiable_layer_gradients)
+    ctx.save_for_backward(target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed,
+                          bq, bv, bo)
     ctx.config = (n_heads, dropout_p, allow_tf32, deterministic)
+
+
+def _dropout_keep(num_rows: int, num_protos: int, n_heads: int, dropout_p: float,
+                  seed: torch.Tensor) -> Optional[torch.Tensor]:  # keep: [H, R, S] bool, or None without dropout
+    """The kernels' attention dropout mask for this seed, made explicit."""
+    if dropout_p <= 0.0:
+        return None
+    return attn_kernels.dropout_keep_mask(num_rows, num_protos, n_heads, dropout_p, int(seed.item()), seed.device)
+
+
+def _differentiable_layer_gradients(ctx, grad_out, needs):
+    """The layer's gradients as differentiable functions of its inputs and grad_out, for a backward
+    that builds a graph (create_graph=True: gradient penalties, Hessian-vector products): the layer
+    recomputed by the eager reference, with the kernels' dropout mask made explicit, and
+    differentiated by autograd. First-order values are the kernels' to rounding."""
+    target, source, value, wq, wk, bk, wv, wo, _, _, _, _, _, _, seed, bq, bv, bo = ctx.saved_tensors
+    n_heads, dropout_p, _, _ = ctx.config
+    inputs = (target, source, value, wq, bq, wk, bk, wv, bv, wo, bo)
+    keep = _dropout_keep(target.numel() // target.shape[-1], source.shape[0], n_heads, dropout_p, seed)
+    out = reprogramming_reference(*inputs, n_heads, dropout_p, keep=keep)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 def _layer_gradients(ctx, run_backward, grad_out):
     if grad_out is None:  # the layer's output did not reach the loss
         return (None,) * 16
-    target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed = ctx.saved_tensors
-    n_heads, dropout_p, allow_tf32, deterministic = ctx.config
     needs = list(ctx.needs_input_grad[:_TENSOR_INPUTS])
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        return (*_differentiable_layer_gradients(ctx, grad_out, needs), None, None, None, None, None)
+    target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side, seed, _, _, _ = ctx.saved_tensors
+    n_heads, dropout_p, allow_tf32, deterministic = ctx.config
     grads = run_backward(grad_out, target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side,
                          n_heads, dropout_p, seed, allow_tf32, deterministic, needs)
     if not ctx.direct:  # the custom op's empty tensors for the gradients not needed
@@ -500,6 +511,13 @@ def _core_gradients(ctx, run_backward, grad_heads):
     d_logit, x_head_stride, has_bias, scale, d_model, dropout_p = ctx.config
     allow_tf32, deterministic = ctx.flags
     need_x, need_mc, need_v = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # backward(create_graph=True): recomputed by the reference, as for the layer
+        keep = _dropout_keep(x.shape[0], v.shape[0], v.shape[1], dropout_p, seed)
+        heads = attention_core_reference(x, mc, v, d_logit, bool(has_bias), scale, dropout_p, keep)
+        wanted = [t for t, need in ((x, need_x), (mc, need_mc), (v, need_v)) if need]
+        grads = iter(torch.autograd.grad(heads.to(heads_out.dtype), wanted, grad_heads, create_graph=True,
+                                         allow_unused=True))
+        return tuple(next(grads) if need else None for need in (need_x, need_mc, need_v)) + (None,) * 9
     dx, dmc, dv = run_backward(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale,
                                d_model, dropout_p, seed, allow_tf32, deterministic, need_x,
                                need_mc or need_v)  # fp32
@@ -542,26 +560,36 @@ def fused_attention(
 _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
 
 
-def _submodule(layer: nn.Module, name: str) -> nn.Module:
-    """layer.<name>, read from the layer's _modules: nn.Module.__getattr__ is a Python call per
-    attribute, on every call of the layer. A name missing there is looked up the usual way."""
-    module = layer._modules.get(name)
-    return module if module is not None else getattr(layer, name)
+def _weight_and_bias(linear: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) as attribute access gives them; read from the parameter dict where they are
+    plain parameters (nn.Module.__getattr__ is a Python call each, on every call of the layer), else
+    (a parametrization's property) the usual way."""
+    params = linear._parameters
+    weight = params.get("weight")
+    if weight is None:
+        weight = linear.weight
+    return weight, (params["bias"] if "bias" in params else linear.bias)
 
 
-def projection_tensors(layer: "ReprogrammingLayer") -> tuple:  # (wq, bq, wk, bk, wv, bv, wo, bo)
-    """The four projections' weights and biases, as attribute access gives them, read from the
-    modules' own dicts: twelve nn.Module.__getattr__ calls cost more than a kernel launch, and this
-    runs on every call, so the usual layout is read in one expression without a loop. Anything
-    else (a name missing from a dict: a parametrization's property, a plain tensor attribute, a
-    replaced submodule) is looked up the usual way."""
+def fused_parameters(layer: "ReprogrammingLayer") -> Optional[tuple]:
+    """(wq, bq, wk, bk, wv, bv, wo, bo, dropout) where the fused layer computes what the original's
+    submodule calls compute: each projection a plain nn.Linear with bias (dispatch.plain) of the
+    layer's shapes, the dropout a plain nn.Dropout, no global module hook; else None (the layer
+    then computes through its submodules). Asked on every call: hooks can come at any time."""
     modules = layer._modules
-    try:  # a None entry is a parameter registered as None, which attribute access gives too
-        q, k, v, o = (modules["query_projection"]._parameters, modules["key_projection"]._parameters,
-                      modules["value_projection"]._parameters, modules["out_projection"]._parameters)
-        return q["weight"], q["bias"], k["weight"], k["bias"], v["weight"], v["bias"], o["weight"], o["bias"]
-    except (KeyError, AttributeError):
-        return tuple(getattr(_submodule(layer, name), attr) for name in _PROJECTIONS for attr in ("weight", "bias"))
+    q, k, v, o = (modules.get(name) for name in _PROJECTIONS)
+    dropout = modules.get("dropout")
+    plain, Linear = dispatch.plain, nn.Linear
+    if not (plain(q, Linear) and plain(k, Linear) and plain(v, Linear) and plain(o, Linear)
+            and plain(dropout, nn.Dropout)) or dispatch.global_module_hooks():
+        return None
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = _weight_and_bias(q), _weight_and_bias(k), _weight_and_bias(v), \
+        _weight_and_bias(o)
+    HE = layer.n_heads * layer.d_keys
+    if (bq is None or bk is None or bv is None or bo is None or wq.shape != (HE, layer.d_model)
+            or wk.shape != (HE, layer.d_llm) or wv.shape != (HE, layer.d_llm) or wo.shape != (layer.d_llm, HE)):
+        return None  # another structure than the constructor's: the submodules know what they compute
+    return wq, bq, wk, bk, wv, bv, wo, bo, dropout
 
 
 def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> Tuple[torch.dtype, bool]:
@@ -602,7 +630,7 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
         validation.same_device("target", target, "the layer's weights", weight)
         dtype, device = target.dtype, target.device
     device_type = device.type
-    autocast_on = torch.is_autocast_enabled(device_type)
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast_on and dtype != torch.float64:
         return torch.get_autocast_dtype(device_type), autocast_on  # autocast casts everything to one dtype
     if not fits:
@@ -613,32 +641,46 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
     return dtype, autocast_on
 
 
+def standard_form(n_heads: int, head_dim: int) -> CoreForm:
+    """The core's standard form for E = head_dim: x = Q [R, H*E], mc = Kᵀ, E-wide logit dots. What
+    the layer runs on Q, K, V from its submodules' calls. (Its d_model, which selects the
+    configuration, is any value the factorized form does not take: BLOCK_D is then BLOCK_E.)"""
+    return CoreForm(head_dim, head_dim, False, 1.0 / math.sqrt(head_dim), head_dim + 1)
+
+
 class ReprogrammingLayer(nn.Module):
     """Drop-in for Time-LLM's ReprogrammingLayer: same constructor, submodules and state-dict keys.
+
+    Where its submodules are plain (fused_parameters: nn.Linear projections with bias, an
+    nn.Dropout, no hooks or overridden forwards) the whole layer is one fused op whose attention
+    dropout follows the ``dropout`` module's ``p`` and ``training``. Anything else (hooks,
+    hook-based weight_norm / spectral_norm, adapters, FSDP2 or DeepSpeed wrappers, another
+    dropout module) computes through the submodules' own calls, as the original does, with the
+    fused attention core on Q, K, V where it is exact; forward-mode AD and torch.func transforms
+    run the original's math.
 
     The fused kernels compute fp32 inputs with IEEE fp32 dot products; `allow_tf32=True` sends fp32
     on a GPU to PyTorch's SDPA instead, which runs fp32 on tensor cores. `deterministic=True` makes the fused backward
     bitwise reproducible (fixed-order reductions instead of fp32 atomics, at 8·D + 6·E instead of
     6·D + 4·E MMA FLOPs per element); it is also on whenever
-    ``torch.use_deterministic_algorithms(True)`` is. ``kv_cache_hits`` / ``kv_cache_misses`` count how
-    often the no-grad path reused the prototype-side projections.
+    ``torch.use_deterministic_algorithms(True)`` is. Inside a :func:`timellm_fast.reuse_prototypes`
+    block the prototype side is computed once and reused while it needs no autograd graph.
     """
 
     def __init__(self, d_model, n_heads, d_keys=None, d_llm=None, attention_dropout=0.1, *, allow_tf32=False,
                  deterministic=False):
         super().__init__()
-        validation.positive_int("d_model", d_model)
-        validation.positive_int("n_heads", n_heads)
+        d_model = validation.positive_int("d_model", d_model)
+        n_heads = validation.positive_int("n_heads", n_heads)
         if d_llm is None:
             raise ValueError("d_llm (the LLM's embedding width, e.g. 768 or 4096) is required")
-        validation.positive_int("d_llm", d_llm)
-        if d_keys is None:
+        d_llm = validation.positive_int("d_llm", d_llm)
+        if d_keys is None or (not isinstance(d_keys, bool) and d_keys == 0):  # Time-LLM: d_keys or d_model // n_heads
             d_keys = d_model // n_heads
             if d_keys <= 0:
                 raise ValueError(f"d_keys defaults to d_model // n_heads = {d_model} // {n_heads} = 0; "
                                  f"pass d_keys explicitly")
-        validation.positive_int("d_keys", d_keys)
-        validation.dropout_prob("attention_dropout", attention_dropout)
+        d_keys = validation.positive_int("d_keys", d_keys)
         self.d_model, self.d_keys, self.d_llm = d_model, d_keys, d_llm
         self.n_heads = n_heads
         self.allow_tf32 = bool(allow_tf32)
@@ -647,27 +689,25 @@ class ReprogrammingLayer(nn.Module):
         self.key_projection = nn.Linear(d_llm, d_keys * n_heads)
         self.value_projection = nn.Linear(d_llm, d_keys * n_heads)
         self.out_projection = nn.Linear(d_keys * n_heads, d_llm)
-        self.dropout = nn.Dropout(attention_dropout)
-        self._kv_cache = TensorCache()  # prototype-side projections, reused when no autograd graph is needed
-
-    @property
-    def kv_cache_hits(self) -> int:
-        return self._kv_cache.hits
-
-    @property
-    def kv_cache_misses(self) -> int:
-        return self._kv_cache.misses
+        self.dropout = nn.Dropout(validation.dropout_prob("attention_dropout", attention_dropout))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, d_keys={self.d_keys}, d_llm={self.d_llm}"
 
     def forward(self, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
-        params = projection_tensors(self)
+        fused = fused_parameters(self)
+        if fused is None:
+            return self._forward_through_submodules(target, source, value)
+        *params, dropout = fused
+        if params[0].is_meta and isinstance(target, torch.Tensor) and target.is_meta:  # shapes only: the original's ops
+            return self._forward_through_submodules(target, source, value)
         dtype, autocast_on = check_inputs(self, target, source, value, params[0])
-        dropout_p = _submodule(self, "dropout").p if self.training else 0.0
+        dropout_p = dropout.p if dropout.training else 0.0
         if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the usual value passes unconverted
             dropout_p = validation.dropout_prob("dropout.p", dropout_p)
+        if dropout_p >= 1.0 or dispatch.transform_active():  # everything dropped / no kernel rule for it
+            return self._forward_through_submodules(target, source, value)
         device = target.device
         reason = None
         if attn_kernels is not None:  # without Triton, dispatch.choose gives its import error as the reason
@@ -679,9 +719,9 @@ class ReprogrammingLayer(nn.Module):
                 return self._compute(path, target, source, value, params, dtype, dropout_p)
         return self._compute(path, target, source, value, params, dtype, dropout_p)
 
-    def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: tuple,
+    def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: list,
                  dtype: torch.dtype, dropout_p: float) -> torch.Tensor:  # out: [B', L, d_llm]
-        """The layer on `path` with its operands in the working dtype."""
+        """The fused layer on `path` with its operands in the working dtype."""
         wq, bq, wk, bk, wv, bv, wo, bo = params
         if (dtype == target.dtype == source.dtype == value.dtype == wq.dtype == bq.dtype == wk.dtype == bk.dtype
                 == wv.dtype == bv.dtype == wo.dtype == bo.dtype):  # nothing to cast (no dispatcher calls)
@@ -701,19 +741,70 @@ class ReprogrammingLayer(nn.Module):
                                         draw_seed_tensor(dropout_p, target.device), self.allow_tf32, deterministic)
             Bp, L, DM = target.shape
             form = core_form(DM, H, self.d_keys)
-            side = self._kv_cache.get(  # the prototype side, reused while its inputs are unchanged
-                (source, value) + params[:6], (dtype, "triton"),
-                lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
+            side = reused(self, (source, value) + tuple(params[:6]), (dtype, "triton"),
+                          lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
             heads_out = fused_core(query_operand(target_c.reshape(Bp * L, DM), wq, bq, form), side.mc, side.v, form,
                                    dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
             return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
-        if dropout_p > 0:
+        if dropout_p > 0 or (needs_grad and target.device.type == "cpu"):
+            # the materialized form: dropout acts on A; on a CPU in training PyTorch's fused SDPA has
+            # no double backward, which Time-LLM's einsum form has
             return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                            dropout_p=dropout_p, training=True)
 
         def key_value():  # kv: [S, 2·H·E]
             return project_key_value(source_c, value_c, wk, bk, wv, bv)
 
-        kv = key_value() if needs_grad else self._kv_cache.get((source, value) + params[:6], (dtype, "eager"), key_value)
+        kv = key_value() if needs_grad else reused(self, (source, value) + tuple(params[:6]), (dtype, "eager"),
+                                                   key_value)
         return reprogramming_sdpa_fold(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                        key_value=kv.split(H * self.d_keys, dim=1))
+
+    def _forward_through_submodules(self, target: torch.Tensor, source: torch.Tensor,
+                                    value: torch.Tensor) -> torch.Tensor:
+        """Time-LLM's forward, submodule call for submodule call (what hooks, adapters, sharded
+        parameters and transforms see), with the fused attention core where it is exact."""
+        q = self.query_projection(target)  # [B', L, H*E]
+        k = self.key_projection(source)  # [S, H*E]
+        v = self.value_projection(value)  # [S, H*E]
+        return self.out_projection(self._attention(q, k, v))
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [B', L, H*E]
+        """softmax(Q·Kᵀ/√E) with the layer's dropout module, ·V, per head: the fused core (standard
+        form) or SDPA where the dropout module is plain and its p < 1, else Time-LLM's einsum form
+        calling the dropout module on A (also under forward AD, torch.func transforms, on the meta
+        device and for operands of different dtypes, where only PyTorch's own ops apply)."""
+        H, dropout = self.n_heads, self.dropout
+        plain_dropout = dispatch.plain(dropout, nn.Dropout) and not dispatch.global_module_hooks()
+        dropout_p = float(dropout.p) if plain_dropout and dropout.training else 0.0
+        literal = None  # why only Time-LLM's einsum form applies
+        if not plain_dropout:
+            literal = "the dropout module has hooks or its own forward: it is called on the attention matrix"
+        elif not 0.0 <= dropout_p < 1.0:
+            literal = f"attention dropout p={dropout_p} drops everything"
+        elif q.is_meta:
+            literal = "the meta device"
+        elif dispatch.transform_active():
+            literal = "forward-mode AD or a torch.func transform is active (the kernels have no rule for it)"
+        elif (q.dim() != 3 or k.dim() != 2 or v.dim() != 2 or not q.dtype == k.dtype == v.dtype or q.shape[-1] % H
+              or not q.shape[-1] == k.shape[-1] == v.shape[-1] or k.shape[0] != v.shape[0]):
+            literal = "the projections' outputs are not one dtype and shape"
+        if literal is not None:
+            dispatch.choose(OP_NAME, q.device, literal)  # recorded as eager; TIMELLM_FAST_BACKEND=triton raises
+            return attention_materialized(q, k, v, H, dropout=dropout)
+        Bp, L, HE = q.shape
+        S, E = k.shape[0], HE // H
+        reason = None
+        if attn_kernels is not None:
+            reason = attn_kernels.unsupported_reason(q.dtype, E, E + 1, S, dropout_p > 0.0, q.device, self.allow_tf32)
+        if dispatch.choose(OP_NAME, q.device, reason) == "triton":
+            deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+            form = standard_form(H, E)
+            mc = _align_prototypes(k.t().contiguous().view(H, E, S))  # Kᵀ per head: [H, E, S']
+            heads = fused_core(q.reshape(Bp * L, HE).contiguous(), mc, v.reshape(S, H, E), form, dropout_p,
+                               self.allow_tf32, deterministic)  # [R, H*E]
+            return heads.view(Bp, L, HE)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if dropout_p > 0 or (needs_grad and q.device.type == "cpu"):  # as in _compute
+            return attention_materialized(q, k, v, H, dropout=dropout)
+        return attention_sdpa_folded(q.reshape(Bp * L, HE), k, v, H).view(Bp, L, HE)

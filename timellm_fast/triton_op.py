@@ -52,8 +52,11 @@ class TritonOp:
         self.name = name
         self.forward_name = f"timellm_fast::{name}_fwd"
         self.backward_name = f"timellm_fast::{name}_bwd"
+        forward, backward = dispatch.one_interpreted_launch_at_a_time(forward), \
+            dispatch.one_interpreted_launch_at_a_time(backward)
         self.launch_forward, self.launch_backward = forward, backward  # what both routes run
-        self.launch_direct_backward = direct_backward or backward
+        self.launch_direct_backward = dispatch.one_interpreted_launch_at_a_time(direct_backward) if direct_backward \
+            else backward
         self._save, self._gradients = save, gradients
         self._differentiable = differentiable
         self._residuals = residuals
