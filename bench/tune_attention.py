@@ -36,7 +36,7 @@ from tuning import ON_GPU, TuneLog, add_sweep_arguments, sweep_setup, time_ms  #
 from timellm_fast.kernels import report  # noqa: E402
 from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
 from timellm_fast.kernels import reprogramming_attention_tiles as tiles  # noqa: E402
-from timellm_fast.reprogramming import core_from_keys  # noqa: E402
+from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
 from common import attention_core_inputs  # noqa: E402
 
 ROLES = ("fwd", "bwd_protos", "bwd_rows")

@@ -15,7 +15,7 @@ from helpers import DEVICE, LaunchCounter, requires_triton
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, reuse_prototypes
 from timellm_fast.kernels import patch_embedding as pe_kernels
 from timellm_fast.kernels import reprogramming_attention as attn_kernels
-from timellm_fast.reprogramming import reprogramming_op
+from timellm_fast.reprogramming_op import launch_layer_forward
 
 NO_LAUNCH = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.t", "aten.transpose", "aten.split",
              "aten.empty", "aten.new_empty", "aten.detach", "aten.alias", "aten.as_strided", "aten.slice", "aten.unsqueeze",
@@ -94,7 +94,7 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
     protos = torch.randn(104, 96, device=DEVICE)
     layer(target, protos, protos)  # the seed placeholder
     assert compute_ops(lambda: layer(target, protos, protos)) == ["timellm_fast.reprogramming_attention_fwd"]
-    # inside the op (its launcher, as both routes run it); the kernels counted, not run (under the
+    # inside the op (its launcher); the kernels counted, not run (under the
     # interpreter their own tensor operations would be in the log)
     launches = []
     for name, attr in (("prototype_logits", "prototype_logits_kernel"), ("attention", "attention_fwd_kernel")):
@@ -103,8 +103,8 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
     weights = [t.detach() for m in (layer.query_projection, layer.key_projection, layer.value_projection,
                                     layer.out_projection) for t in (m.weight, m.bias)]
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    ops = compute_ops(lambda: reprogramming_op.launch_forward(target.detach().view(-1, d_model), protos, protos, *weights, 8,
-                                                              0.0, seed, False, False))
+    ops = compute_ops(lambda: launch_layer_forward(target.detach().view(-1, d_model), protos, protos, *weights, 8,
+                                                   0.0, seed, False, False))
     assert ops == expected, ops
     assert launches == kernels, launches
 

@@ -15,7 +15,8 @@ import torch
 from helpers import DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
 from timellm_fast import dispatch, reuse_prototypes
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
-from timellm_fast.reprogramming import ReprogrammingLayer, core_from_keys, draw_seed_tensor, factorized_query_side
+from timellm_fast.reprogramming import ReprogrammingLayer
+from timellm_fast.reprogramming_op import core_from_keys, draw_seed_tensor, factorized_query_side
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 from timellm_fast.kernels import _environment
 from timellm_fast.kernels import reprogramming_attention as kern

@@ -1,4 +1,11 @@
-"""PatchEmbedding: op (validation, dispatch, autograd) and the drop-in nn.Module."""
+"""PatchEmbedding: the fused op (validation, dispatch, custom ops with their autograd) and the
+drop-in nn.Module (SPEC §1.1, §4.1).
+
+On the Triton path the op is a pair of torch.library custom ops, ``timellm_fast::patch_embedding_fwd``
+and ``_bwd`` (fake implementations for torch.compile and export), the forward's autograd registered
+on it: one route in eager mode and under tracing alike. The dropout seed travels as a tensor so that
+drawing it inside a compiled graph is no graph break.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -6,10 +13,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import dispatch, validation
 from .reference import num_patches, patch_embedding_reference
-from .triton_op import TritonOp
 
 if dispatch.triton_import_error() is None:
     from .kernels import patch_embedding as pe_kernels
@@ -56,37 +63,36 @@ def _unsupported(x: torch.Tensor, weight: torch.Tensor, P: int, dropout_p: float
     return None
 
 
-# The Triton path (timellm_fast.triton_op): custom ops timellm_fast::patch_embedding_fwd / _bwd
-# for torch.compile and friends, a direct autograd.Function in plain eager mode, the same launchers
-# behind both. The dropout seed travels as a tensor so that drawing it inside a compiled graph is
-# no graph break.
-
-
-def _launch_forward(
-    x: torch.Tensor,  # x: [B, N, T]
-    weight: torch.Tensor,  # weight: [D, patch_len, 3]
+@torch.library.custom_op("timellm_fast::patch_embedding_fwd", mutates_args=())
+@dispatch.one_interpreted_launch_at_a_time
+def _forward(
+    x: Tensor,  # x: [B, N, T]
+    weight: Tensor,  # weight: [D, patch_len, 3]
     patch_len: int, stride: int, out_dtype: torch.dtype, dropout_p: float,
-    seed: torch.Tensor,  # seed: [1] int64 on x's device, read only when dropout_p > 0
-) -> torch.Tensor:  # y: [B*N, P, D]
+    seed: Tensor,  # seed: [1] int64 on x's device, read only when dropout_p > 0
+) -> Tensor:  # y: [B*N, P, D]
     B, N, T = x.shape
     P = num_patches(T, patch_len, stride)
     y = pe_kernels.patch_embedding_fwd(x, weight, out_dtype, patch_len, stride, P, seed, dropout_p)
     return y.view(B * N, P, weight.shape[0])
 
 
-def _forward_fake(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
+@_forward.register_fake
+def _(x, weight, patch_len, stride, out_dtype, dropout_p, seed):
     B, N, T = x.shape
     return x.new_empty((B * N, num_patches(T, patch_len, stride), weight.shape[0]), dtype=out_dtype)
 
 
-def _launch_backward(
-    x: torch.Tensor,  # x: [B, N, T]
-    weight: torch.Tensor,  # weight: [D, patch_len, 3]
-    grad_y: torch.Tensor,  # grad_y: [B*N, P, D]
+@torch.library.custom_op("timellm_fast::patch_embedding_bwd", mutates_args=())
+@dispatch.one_interpreted_launch_at_a_time
+def _backward(
+    x: Tensor,  # x: [B, N, T]
+    weight: Tensor,  # weight: [D, patch_len, 3]
+    grad_y: Tensor,  # grad_y: [B*N, P, D]
     patch_len: int, stride: int, dropout_p: float,
-    seed: torch.Tensor,  # seed: [1] int64, the forward's
+    seed: Tensor,  # seed: [1] int64, the forward's
     need_dx: bool, need_dw: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:  # (dx: [B, N, T] or [0], dw: [D, patch_len, 3] or [0])
+) -> Tuple[Tensor, Tensor]:  # (dx: [B, N, T] or [0], dw: [D, patch_len, 3] or [0])
     P = num_patches(x.shape[-1], patch_len, stride)
     dx, dw = pe_kernels.patch_embedding_bwd(
         x, weight, grad_y.reshape(-1, weight.shape[0]), patch_len, stride, P, seed, dropout_p,
@@ -96,27 +102,28 @@ def _launch_backward(
     return dx, dw
 
 
-def _backward_fake(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw):
+@_backward.register_fake
+def _(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else weight.new_empty((0,))
     return dx, dw
 
 
-def _save(ctx, inputs, y):
+def _setup(ctx, inputs, output) -> None:
     x, weight, patch_len, stride, out_dtype, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, seed)
-    ctx.cfg = (patch_len, stride, dropout_p, out_dtype)
+    ctx.config = (patch_len, stride, dropout_p, out_dtype)
 
 
-def _gradients(ctx, run_backward, grad_y):
+def _autograd(ctx, grad_y):
     x, weight, seed = ctx.saved_tensors
-    patch_len, stride, dropout_p, out_dtype = ctx.cfg
+    patch_len, stride, dropout_p, out_dtype = ctx.config
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if torch.is_grad_enabled():  # backward(create_graph=True): gradients that differentiate again
         dx, dw = _differentiable_gradients(x, weight, grad_y, patch_len, stride, dropout_p, out_dtype, seed,
                                            need_dx, need_dw)
     else:
-        dx, dw = run_backward(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
+        dx, dw = _backward(x, weight, grad_y, patch_len, stride, dropout_p, seed, need_dx, need_dw)
     return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None
 
 
@@ -139,10 +146,7 @@ def _differentiable_gradients(x, weight, grad_y, patch_len, stride, dropout_p, o
     return dx, dw
 
 
-#: patch_embedding_triton(x, weight, patch_len, stride, out_dtype, dropout_p, seed) -> y [B*N, P, D]
-patch_embedding_triton = TritonOp(
-    "patch_embedding", forward=_launch_forward, forward_fake=_forward_fake, backward=_launch_backward,
-    backward_fake=_backward_fake, save=_save, gradients=_gradients, differentiable=2)
+_forward.register_autograd(_autograd, setup_context=_setup)
 
 
 def draw_seed_tensor(dropout_p: float, device: torch.device) -> torch.Tensor:
@@ -177,7 +181,7 @@ def patch_embedding(
         unsupported = "forward-mode AD or a torch.func transform is active (the kernels have no rule for it)"
     path = dispatch.choose(OP_NAME, x.device, unsupported)
     if path == "triton":
-        return patch_embedding_triton(x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
+        return _forward(x, weight, patch_len, stride, out_dtype, p, draw_seed_tensor(p, x.device))
     with torch.autocast(x.device.type, enabled=False):
         y = patch_embedding_reference(x, weight, patch_len, stride)
     return F.dropout(y, p=p, training=p > 0).to(out_dtype)
