@@ -200,7 +200,8 @@ class ReprogrammingLayer(nn.Module):
             deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
             if needs_grad:  # the whole layer as one autograd node, [B', L, *] in and out
                 return reprogramming_layer(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
-                                           draw_seed_tensor(dropout_p, target.device), self.allow_tf32, deterministic)
+                                           draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
+                                           deterministic)[0]
             Bp, L, DM = target.shape
             form = core_form(DM, self.d_keys)
             side = reused(self, (source, value) + tuple(params[:6]), (dtype, "triton"),

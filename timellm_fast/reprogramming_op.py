@@ -21,7 +21,7 @@ Two ops, each one route in eager mode and under torch.compile / export alike: a 
 (``timellm_fast::<name>_fwd`` / ``_bwd``, with fake implementations: torch.compile sees one opaque
 operator each) whose forward has its autograd registered (torch.library's register_autograd):
 
-* :func:`reprogramming_layer` (``reprogramming_attention``), the layer in training: the whole layer
+* ``reprogramming_layer`` (``reprogramming_attention``), the layer in training: the whole layer
   is one node with a hand-written backward; left to autograd the dozen small GEMMs around the core
   would be a dozen graph nodes;
 * :func:`attention_core` (``reprogramming_attention_core``), the fused core alone: inference on a
@@ -257,12 +257,14 @@ def launch_layer_forward(
     return out, heads, lse, mc, v, x, lse.new_empty((0,))
 
 
-#: the layer's forward as a custom op (launch_layer_forward is its implementation)
-_layer_forward = torch.library.custom_op("timellm_fast::reprogramming_attention_fwd", mutates_args=())(
+#: reprogramming_layer(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
+#: allow_tf32, deterministic) -> (out [B', L, d_llm], residuals for the backward): the whole layer as
+#: one autograd node on the Triton path, its operands in one dtype (launch_layer_forward runs it)
+reprogramming_layer = torch.library.custom_op("timellm_fast::reprogramming_attention_fwd", mutates_args=())(
     dispatch.one_interpreted_launch_at_a_time(launch_layer_forward))
 
 
-@_layer_forward.register_fake
+@reprogramming_layer.register_fake
 def _(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed, allow_tf32, deterministic):
     DM = target.shape[-1]
     R = math.prod(target.shape[:-1])
@@ -459,18 +461,7 @@ def _layer_autograd(ctx, grad_out, *_residual_grads):
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
 
 
-_layer_forward.register_autograd(_layer_autograd, setup_context=_setup_layer)
-
-
-def reprogramming_layer(
-    target: Tensor,  # target: [B', L, d_model]
-    source: Tensor, value: Tensor,  # [S, d_llm] each
-    wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, wv: Tensor, bv: Tensor, wo: Tensor, bo: Tensor,
-    n_heads: int, dropout_p: float, seed: Tensor, allow_tf32: bool = False, deterministic: bool = False,
-) -> Tensor:  # out: [B', L, d_llm]
-    """The whole layer as one autograd node on the Triton path (its operands in one dtype)."""
-    return _layer_forward(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p, seed,
-                          allow_tf32, deterministic)[0]
+reprogramming_layer.register_autograd(_layer_autograd, setup_context=_setup_layer)
 
 
 # ---------------------------------------------------------------------------------------------
