@@ -5,11 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import DEVICE, LaunchCounter, requires_triton
+from helpers import DEVICE, LaunchCounter, requires_triton, swap_kernel
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
-from timellm_fast.kernels import reprogramming_attention as attn_kernels
 from timellm_fast.reprogramming import attention_core_op, core_from_keys, draw_seed_tensor
-from timellm_fast.kernels import patch_embedding as pe_kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 IDS = ["fp32", "bf16"]
@@ -87,8 +85,7 @@ def test_direct_training_step_launches_each_attention_kernel_once(monkeypatch, d
     counters = {}
     for name in ("attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_protos_kernel",
                  "attention_bwd_rows_kernel"):
-        counters[name] = LaunchCounter(getattr(attn_kernels, name))
-        monkeypatch.setattr(attn_kernels, name, counters[name])
+        counters[name] = swap_kernel(monkeypatch, name, LaunchCounter)
     with dispatch.record_routes() as routes:
         reprogramming_step(torch.float32, training=True, deterministic=deterministic)
     assert routes == {("reprogramming_attention", "direct"): 1}
@@ -166,8 +163,7 @@ def test_direct_eval_forward_of_the_patch_embedding_is_one_launch(monkeypatch):
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
     layer(x)  # the cached seed placeholder is made here
-    counter = LaunchCounter(pe_kernels.patch_window_fwd)
-    monkeypatch.setattr(pe_kernels, "patch_window_fwd", counter)
+    counter = swap_kernel(monkeypatch, "patch_window_fwd", LaunchCounter)
     with torch.no_grad(), dispatch.record_routes() as routes:
         y, _ = layer(x)
     assert routes == {("patch_embedding", "direct"): 1} and counter.launches == 1

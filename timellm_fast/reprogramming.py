@@ -35,7 +35,7 @@ from .reference import reprogramming_reference, reprogramming_sdpa_fold
 from .triton_op import TritonOp
 
 if dispatch.triton_import_error() is None:
-    from .kernels import reprogramming_attention as attn_kernels
+    from .kernels import attention as attn_kernels
 else:  # without Triton dispatch.choose sends every call to the eager path, which needs no kernel
     attn_kernels = None
 
