@@ -295,7 +295,7 @@ def attention_backward(
     atomic_dx = need_dx and need_protos and not deterministic
     operand_strides = (x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
                        v.stride(0), v.stride(1), dx_cols)
-    logits = (int(has_bias), LOG2E * scale, scale)  # has_bias, qk_scale, grad_scale
+    logit_args = (int(has_bias), LOG2E * scale, scale)  # has_bias, qk_scale, grad_scale
     philox = (float(dropout_p), seed, rows_per_philox_group(S))
 
     delta = torch.empty(H, R, dtype=f32, device=dev)
@@ -316,8 +316,8 @@ def attention_backward(
         dmc = torch.empty(*chunk_axis, H, W, S_pad, dtype=f32, device=dev)  # [(C,) H, W, S']
         dv = torch.empty(*chunk_axis, S, H, E, dtype=f32, device=dev)  # [(C,) S, H, E]
         attention_bwd_protos_kernel[(proto_blocks, H, chunks)](
-            x, mc, v, grad, lse, delta, dmc, dv, dx if atomic_dx else dmc,
-            R, S, d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *logits, int(atomic_dx), *philox,
+            x, mc, v, grad, lse, delta, dmc, dv, dx if atomic_dx else dmc,  # dx: untouched without atomics
+            R, S, d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *logit_args, int(atomic_dx), *philox,
             **launch_params(cfg))
         if chunk_axis:
             dmc, dv = dmc.sum(0), dv.sum(0)
@@ -329,7 +329,7 @@ def attention_backward(
         else:  # standard: head h owns columns h·E + [0, E) of dQ
             dx_heads, head_stride = torch.empty(R, dx_cols, dtype=f32, device=dev), x_head_stride
         attention_bwd_rows_kernel[(cdiv(R, cfg.block_r), H)](
-            x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E, *operand_strides, head_stride, *logits,
+            x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E, *operand_strides, head_stride, *logit_args,
             *philox, **launch_params(cfg))
         dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
     return dx, dmc, dv
