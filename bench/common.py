@@ -20,7 +20,7 @@ from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
 from timellm_fast.data import ett_windows
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold
-from timellm_fast.reprogramming import fused_attention
+from timellm_fast.reprogramming_op import fused_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -145,27 +145,13 @@ def patch_embedding_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
     return flops, nbytes
 
 
-class CustomOpRoute(torch.nn.Module):
-    """`inner` (a module or a function) with every Triton-path call sent through the torch.library
-    custom op (dispatch's direct route off): the "ours-custom-op" peer, which measures what the
-    direct route saves. A module's train()/eval() reaches `inner`."""
-
-    def __init__(self, inner: Callable):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        with dispatch.custom_op_route():
-            return self.inner(*args, **kwargs)
-
-
 def patch_embedding_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
     """name -> module factory; every module has the same weights."""
     torch.manual_seed(0)
     ours = PatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
     eager = EagerPatchEmbedding(s.d_model, s.patch_len, s.stride, 0.0).to(DEVICE, dtype)
     eager.load_state_dict(ours.state_dict())
-    impls = {"eager": eager, "ours": ours, "ours-custom-op": CustomOpRoute(ours)}
+    impls = {"eager": eager, "ours": ours}
     if FULL:
         impls["compile"] = torch.compile(eager)
         impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
@@ -215,7 +201,7 @@ def reprogramming_impls(s: Shape, dtype: torch.dtype) -> Dict[str, Callable]:
     ours = ReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
     eager = EagerReprogrammingLayer(s.d_model, s.n_heads, s.d_keys, s.d_llm, 0.0).to(DEVICE, dtype)
     eager.load_state_dict(ours.state_dict())
-    impls = {"eager": eager, "sdpa-fold": SdpaFold(eager), "ours": ours, "ours-custom-op": CustomOpRoute(ours)}
+    impls = {"eager": eager, "sdpa-fold": SdpaFold(eager), "ours": ours}
     if FULL:
         impls["compile"] = torch.compile(eager)
         impls["compile-max-autotune"] = torch.compile(eager, mode="max-autotune-no-cudagraphs")
@@ -279,10 +265,8 @@ def _core_ours(rows, wq, bq, kv, n_heads):
 
 def attention_core_impls(s: Shape) -> Dict[str, Callable]:
     """name -> core(rows, wq, bq, kv): [R, H*E]."""
-    impls = {name: functools.partial(fn, n_heads=s.n_heads)
-             for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
-    impls["ours-custom-op"] = CustomOpRoute(impls["ours"])
-    return impls
+    return {name: functools.partial(fn, n_heads=s.n_heads)
+            for name, fn in (("eager", _core_eager), ("sdpa-fold", _core_sdpa), ("ours", _core_ours))}
 
 
 def attention_core_inputs(s: Shape, dtype: torch.dtype, requires_grad: bool, device: torch.device = DEVICE) -> tuple:

@@ -10,15 +10,12 @@ from common import (attention_core_cost, attention_core_factorized_flops, attent
                     dtype_name)
 from conftest import RESULTS
 
-IMPLS = ["eager", "sdpa-fold", "ours", "ours-custom-op"]
+IMPLS = ["eager", "sdpa-fold", "ours"]
 
 
 def priority(params) -> int:
-    """Run order under a time budget: the two target shapes (E = 32 and E = 128) in bf16 first;
-    "ours-custom-op" (what the direct route saves) only there."""
+    """Run order under a time budget: the two target shapes (E = 32 and E = 128) in bf16 first."""
     first = params["shape"].name in ("weather-folded", "etth1-folded") and dtype_name(params["dtype"]) == "bfloat16"
-    if params["impl"] == "ours-custom-op":
-        return 0.5 if first else 2.5
     return 0 if first else 2
 
 

@@ -5,17 +5,14 @@ from cases import kernel_grid, pick, run_case
 from common import dtype_name, patch_embedding_cost, patch_embedding_impls, patch_embedding_input
 from conftest import RESULTS
 
-IMPLS = ["eager", "compile", "compile-max-autotune", "ours", "ours-custom-op"]
+IMPLS = ["eager", "compile", "compile-max-autotune", "ours"]
 
 
 def priority(params) -> int:
     """Run order under a time budget: the targets (HBM fraction at 20688 rows, launches at the
-    small official shape) first, bf16 forward; "ours-custom-op" (what the direct route saves)
-    at the small shape right after them, elsewhere last."""
+    small official shape) first, bf16 forward."""
     first = (params["shape"].name in ("traffic-folded", "explained-gpt2") and params["mode"] == "fwd"
              and dtype_name(params["dtype"]) == "bfloat16")
-    if params["impl"] == "ours-custom-op":
-        return 0.5 if first and params["shape"].name == "explained-gpt2" else 2.5
     return 0 if first else 2
 
 

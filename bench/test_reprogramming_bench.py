@@ -4,16 +4,13 @@ from cases import kernel_grid, pick, run_case
 from common import dtype_name, reprogramming_cost, reprogramming_impls, reprogramming_inputs
 from conftest import RESULTS
 
-IMPLS = ["eager", "compile", "compile-max-autotune", "sdpa-fold", "ours", "ours-custom-op"]
+IMPLS = ["eager", "compile", "compile-max-autotune", "sdpa-fold", "ours"]
 
 
 def priority(params) -> int:
     """Run order under a time budget: the target shape (ETTh1-folded, bf16), then Traffic's
-    memory target (ours and eager, after the whole-model rows), then the rest; "ours-custom-op"
-    (what the direct route saves) right after the target shape, elsewhere last."""
+    memory target (ours and eager, after the whole-model rows), then the rest."""
     name, bf16 = params["shape"].name, dtype_name(params["dtype"]) == "bfloat16"
-    if params["impl"] == "ours-custom-op":
-        return 0.5 if name == "etth1-folded" and bf16 else 2.5
     if name == "etth1-folded" and bf16:
         return 0
     if name == "traffic-folded" and bf16 and params["impl"] in ("ours", "eager"):

@@ -37,7 +37,7 @@ import triton  # noqa: E402
 import aot_report as report  # noqa: E402
 from timellm_fast.kernels import attention as attn  # noqa: E402
 from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
-from timellm_fast.reprogramming import core_from_keys  # noqa: E402
+from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
 from common import attention_core_inputs  # noqa: E402
 
 ROLES = ("fwd", "bwd_protos", "bwd_rows")

@@ -8,7 +8,6 @@ workarounds live in _launch.dot_dtype and _launch.store_dtype.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -16,18 +15,19 @@ import torch
 try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
+    from triton import knobs
 except Exception as exc:  # pragma: no cover - depends on the install; tests/test_dispatch.py blocks it
-    #: why the Triton kernels cannot exist in this process, or None when they can
+    #: why the Triton kernels cannot exist in this process, or None when it can
     TRITON_IMPORT_ERROR: Optional[str] = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    #: Whether Triton's interpreter is on (never without Triton)
+    INTERPRETING = False
 else:
     TRITON_IMPORT_ERROR = None
-
-
-#: Whether Triton's interpreter is on (TRITON_INTERPRET set to anything but "" or "0"), read once,
-#: when the library is imported: @triton.jit decides then, for good, whether a kernel is compiled
-#: or interpreted, so a later change of the variable would not change what the kernels are
-#: (and the op layer asks on every call, where an environment read is microseconds).
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    #: Whether Triton's interpreter is on, as Triton itself reads TRITON_INTERPRET (its knob: "1",
+    #: "true", "on", "yes" turn it on; "0", "false", "off", "no", "" leave it off). Read once, when
+    #: the library is imported: @triton.jit decides then, for good, whether a kernel is compiled or
+    #: interpreted, so a later change of the variable would not change what the kernels are.
+    INTERPRETING = bool(knobs.runtime.interpret)
 
 
 def interpreting() -> bool:

@@ -5,7 +5,7 @@ from torch.library import opcheck
 
 from helpers import DEVICE, assert_close_to_oracle, requires_triton
 from timellm_fast import PatchEmbedding, dispatch
-from timellm_fast.patch_embedding import draw_seed_tensor, patch_embedding_triton
+from timellm_fast.patch_embedding import draw_seed_tensor
 from timellm_fast.reference import patch_embedding_reference
 
 
@@ -21,11 +21,11 @@ def test_opcheck_patch_embedding_ops(dtype, dropout_p):
     x = series(dtype=dtype).requires_grad_(True)
     w = torch.randn(16, 8, 3, device=DEVICE, dtype=dtype, requires_grad=True)
     seed = draw_seed_tensor(dropout_p, DEVICE)
-    opcheck(patch_embedding_triton.forward_op, (x, w, 8, 4, dtype, dropout_p, seed))
-    y = patch_embedding_triton.forward_op(x, w, 8, 4, dtype, dropout_p, seed)
+    opcheck(torch.ops.timellm_fast.patch_embedding_fwd, (x, w, 8, 4, dtype, dropout_p, seed))
+    y = torch.ops.timellm_fast.patch_embedding_fwd(x, w, 8, 4, dtype, dropout_p, seed)
     g = torch.randn_like(y)
     for need_dx, need_dw in [(True, True), (False, True), (True, False)]:
-        opcheck(patch_embedding_triton.backward_op,
+        opcheck(torch.ops.timellm_fast.patch_embedding_bwd,
                 (x.detach(), w.detach(), g, 8, 4, dropout_p, seed, need_dx, need_dw))
 
 
@@ -77,8 +77,8 @@ def test_profiler_names_the_ops():
 # ---- reprogramming attention -------------------------------------------------------------------
 
 from timellm_fast import ReprogrammingLayer  # noqa: E402
-from timellm_fast.reprogramming import attention_core_op, core_from_keys, reprogramming_op  # noqa: E402
-from timellm_fast.reprogramming import draw_seed_tensor as attention_seed  # noqa: E402
+from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
+from timellm_fast.reprogramming_op import draw_seed_tensor as attention_seed  # noqa: E402
 
 
 def reprogramming_problem(dtype=torch.float32, dropout=0.0, rows=(2, 8), S=37, d_llm=48):
@@ -110,11 +110,11 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p, d_model):
     seed = attention_seed(dropout_p, DEVICE)
     x, mc, v = (t.detach().requires_grad_(True) for t in (x, mc, v))
     args = (x, mc, v, *form, dropout_p, seed, False, False)
-    opcheck(attention_core_op.forward_op, args)
-    out, lse = attention_core_op.forward_op(*args)
+    opcheck(torch.ops.timellm_fast.reprogramming_attention_core_fwd, args)
+    out, lse = torch.ops.timellm_fast.reprogramming_attention_core_fwd(*args)
     for need_x, need_protos, deterministic in ((True, True, False), (True, True, True), (False, True, False),
                                                (True, False, False)):
-        opcheck(attention_core_op.backward_op, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
+        opcheck(torch.ops.timellm_fast.reprogramming_attention_core_bwd, (x.detach(), mc.detach(), v.detach(), out.detach(), torch.randn_like(out),
                                    lse.detach(), *form, dropout_p, seed, False, deterministic, need_x, need_protos))
 
 
@@ -135,12 +135,12 @@ def test_opcheck_reprogramming_layer_ops(dtype, dropout_p, d_model):
                rand(H * E, d_llm, scale=0.25), rand(H * E), rand(H * E, d_llm, scale=0.25), rand(H * E),
                rand(d_llm, H * E, scale=0.25), rand(d_llm)]
     flags = (H, dropout_p, attention_seed(dropout_p, DEVICE), False, True)
-    opcheck(reprogramming_op.forward_op, (*tensors, *flags))
-    out, heads, lse, mc, v, query_side, key_side = (t.detach() for t in reprogramming_op.forward_op(*tensors, *flags))
+    opcheck(torch.ops.timellm_fast.reprogramming_attention_fwd, (*tensors, *flags))
+    out, heads, lse, mc, v, query_side, key_side = (t.detach() for t in torch.ops.timellm_fast.reprogramming_attention_fwd(*tensors, *flags))
     target, source, value, wq, bq, wk, bk, wv, bv, wo, bo = (t.detach() for t in tensors)
     saved = (target, source, value, wq, wk, bk, wv, wo, heads, lse, mc, v, query_side, key_side)
     for needs in ([True] * 11, [False] * 3 + [True] * 8, [True] + [False] * 10):
-        opcheck(reprogramming_op.backward_op, (torch.randn_like(out), *saved, *flags, needs))
+        opcheck(torch.ops.timellm_fast.reprogramming_attention_bwd, (torch.randn_like(out), *saved, *flags, needs))
 
 
 @requires_triton

@@ -24,40 +24,21 @@ def test_eager_env_wins_over_a_runnable_kernel(monkeypatch):
     assert dispatch.choose("demo_op", torch.device("cpu")) == "eager"
 
 
-@pytest.mark.parametrize("read_directly", [True, False], ids=["environ-dict", "environ-get"])
-def test_environment_switch_follows_every_change(monkeypatch, read_directly):
-    """An EnvironmentSwitch reads the variable as it is at each call: set, set again to the same
-    text, changed, removed; a bad value raises at every call (it is not remembered). Both ways of
-    reading: CPython's os.environ dict, and os.environ.get where that dict is not there."""
-    parsed = []
-
-    def parse(text):
-        if text == "bad":
-            raise ValueError("bad value")
-        parsed.append(text)
-        return (text or "unset").upper()
-
-    name = "TIMELLM_FAST_TEST_SWITCH"
-    monkeypatch.delenv(name, raising=False)
-    switch = dispatch.EnvironmentSwitch(name, parse)
-    if not read_directly:
-        monkeypatch.setattr(switch, "_data", None)
-        monkeypatch.setattr(switch, "_key", name)
-    assert switch.value() == "UNSET" and switch.value() == "UNSET"
-    monkeypatch.setenv(name, "on")
-    assert switch.value() == "ON" and switch.value() == "ON"
-    monkeypatch.setenv(name, "off")
-    assert switch.value() == "OFF"
-    os.environ[name] = "off"  # the same text again: still right
-    assert switch.value() == "OFF"
-    monkeypatch.setenv(name, "bad")
+def test_backend_variable_is_read_at_every_call(monkeypatch):
+    """TIMELLM_FAST_BACKEND as it is at each call: set, changed, removed; a bad value raises at
+    every call and names the variable."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dispatch, "triton_device_problem", lambda device: None)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "eager")
+    assert dispatch.choose("demo_op", cpu) == "eager"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, " Triton ")
+    assert dispatch.choose("demo_op", cpu) == "triton"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
     for _ in range(2):
-        with pytest.raises(ValueError, match="bad value"):
-            switch.value()
-    monkeypatch.delenv(name)
-    assert switch.value() == "UNSET"
-    if read_directly:  # parsed once per stored value, not once per call
-        assert parsed == [None, "on", "off", "off", None]
+        with pytest.raises(ValueError, match="TIMELLM_FAST_BACKEND='fast' is not one of auto, triton, eager"):
+            dispatch.choose("demo_op", cpu)
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    assert dispatch.requested_backend() == "auto"
 
 
 def test_cuda_fallback_logs_once_per_reason(monkeypatch, caplog):
@@ -72,24 +53,6 @@ def test_cuda_fallback_logs_once_per_reason(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "demo_op falls back to eager PyTorch: E=24 has no kernel" in messages[0]
-
-
-def test_custom_op_route_nests_and_restores_on_exit(monkeypatch):
-    """custom_op_route turns the direct route off inside, nested blocks included, and turns it
-    back on when the outermost block exits, also when the block raises."""
-    monkeypatch.delenv(dispatch.DIRECT_ENV, raising=False)
-    x = torch.zeros(2)
-    assert dispatch.direct_launch("demo_op", x)
-    with dispatch.custom_op_route():
-        assert not dispatch.direct_launch("demo_op", x)
-        with dispatch.custom_op_route():
-            assert not dispatch.direct_launch("demo_op", x)
-        assert not dispatch.direct_launch("demo_op", x)
-    assert dispatch.direct_launch("demo_op", x)
-    with pytest.raises(RuntimeError, match="inside"):
-        with dispatch.custom_op_route():
-            raise RuntimeError("inside")
-    assert dispatch.direct_launch("demo_op", x)
 
 
 def test_interpreter_flag_is_read_at_import(monkeypatch):

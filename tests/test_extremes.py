@@ -107,7 +107,8 @@ _GRAD_XFAIL = pytest.mark.xfail(strict=True, reason="one fp32 lse loses ~1e-3 at
     ("eager", 1e2),
     ("auto", 1e2),
     pytest.param("auto", 1e4, marks=_GRAD_XFAIL),
-    pytest.param("eager", 1e4, marks=_GRAD_XFAIL),
+    # the eager path's training on a CPU is Time-LLM's materialized softmax (exact); on CUDA it is SDPA
+    pytest.param("eager", 1e4, marks=_GRAD_XFAIL if DEVICE.type == "cuda" else ()),
 ], ids=["eager-1e2", "fused-1e2", "fused-1e4", "eager-1e4"])
 def test_huge_logit_gradients_meet_spec(backend, logit, monkeypatch):
     monkeypatch.setenv("TIMELLM_FAST_BACKEND", backend)

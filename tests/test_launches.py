@@ -12,8 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import DEVICE, LaunchCounter, requires_triton, swap_kernel
-from timellm_fast import PatchEmbedding, ReprogrammingLayer
-from timellm_fast.reprogramming import reprogramming_op
+from timellm_fast import PatchEmbedding, ReprogrammingLayer, reuse_prototypes
+from timellm_fast.reprogramming_op import launch_layer_forward
 
 NO_LAUNCH = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.t", "aten.transpose", "aten.split",
              "aten.empty", "aten.new_empty", "aten.detach", "aten.alias", "aten.as_strided", "aten.slice", "aten.unsqueeze",
@@ -55,11 +55,18 @@ def test_reprogramming_inference_is_the_core_and_the_output_gemm(monkeypatch):
     target = torch.randn(4, 64, 32, device=DEVICE)
     protos = torch.randn(104, 96, device=DEVICE)  # a multiple of 8, as Time-LLM's 1000: mc needs no padding
     with torch.no_grad():
-        layer(target, protos, protos)  # fills the prototype-side cache and the seed placeholder
-        counter = swap_kernel(monkeypatch, "attention_fwd_kernel", LaunchCounter)
+        # outside a reuse block the prototype side is formed on every call (V's and K's GEMMs and
+        # the factorized mc: the padded query weight and its batched GEMM), then the core and the
+        # output GEMM
         ops = compute_ops(lambda: layer(target, protos, protos))
+        assert ops == ["aten.addmm", "aten.addmm", "aten.cat", "aten.bmm",
+                       "timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
+        with reuse_prototypes():
+            layer(target, protos, protos)  # forms the prototype side of this block
+            counter = swap_kernel(monkeypatch, "attention_fwd_kernel", LaunchCounter)
+            ops = compute_ops(lambda: layer(target, protos, protos))
     assert counter.launches == 1
-    # the cached prototype side is reused: the attention core, then the output GEMM
+    # the reused prototype side: the attention core, then the output GEMM
     assert ops == ["timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
 
 
@@ -83,7 +90,7 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
     protos = torch.randn(104, 96, device=DEVICE)
     layer(target, protos, protos)  # the seed placeholder
     assert compute_ops(lambda: layer(target, protos, protos)) == ["timellm_fast.reprogramming_attention_fwd"]
-    # inside the op (its launcher, as both routes run it); the kernels counted, not run (under the
+    # inside the op (its launcher); the kernels counted, not run (under the
     # interpreter their own tensor operations would be in the log)
     launches = []
     for name, attr in (("prototype_logits", "prototype_logits_kernel"), ("attention", "attention_fwd_kernel")):
@@ -92,8 +99,8 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
     weights = [t.detach() for m in (layer.query_projection, layer.key_projection, layer.value_projection,
                                     layer.out_projection) for t in (m.weight, m.bias)]
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    ops = compute_ops(lambda: reprogramming_op.launch_forward(target.detach().view(-1, d_model), protos, protos, *weights, 8,
-                                                              0.0, seed, False, False))
+    ops = compute_ops(lambda: launch_layer_forward(target.detach().view(-1, d_model), protos, protos, *weights, 8,
+                                                   0.0, seed, False, False))
     assert ops == expected, ops
     assert launches == kernels, launches
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, TRITON_RUNS
-from timellm_fast import PatchEmbedding, dispatch
+from timellm_fast import PatchEmbedding, dispatch, reuse_prototypes
 from timellm_fast.data import (ETT_HOUR_MONTH, ETTHourWindows, SPLITS, ett_hour_borders, ett_hour_loader,
                                load_ett_values, synthetic_ett)
 from timellm_fast.models import (EagerPatchEmbedding, EagerReprogrammingLayer, PromptTokenizer, TimeLLM,
@@ -128,48 +128,53 @@ def test_prototype_cache_hits_in_inference_and_invalidates_on_any_change():
     calls = count_mapping_calls(model)
     x, _ = windows("test", "folded", 2)
     with torch.no_grad():
-        first = model(x)
-        second = model(x)
-    assert (model.prototype_cache_misses, model.prototype_cache_hits, len(calls)) == (1, 1, 1)
-    assert torch.equal(first, second)
-
-    def changed_forecast(mutate):
-        before = (model.prototype_cache_misses, len(calls))
+        model(x)
+        model(x)
+    assert len(calls) == 2, "outside a reuse block the prototypes are computed on every call"
+    calls.clear()
+    with reuse_prototypes() as reuse:
         with torch.no_grad():
-            mutate()
-            out = model(x)
-        assert (model.prototype_cache_misses, len(calls)) == (before[0] + 1, before[1] + 1)
-        return out
+            first = model(x)
+            second = model(x)
+        assert (reuse.misses, reuse.hits, len(calls)) == (1, 1, 1)
+        assert torch.equal(first, second)
 
-    # an in-place write to each tensor the prototypes depend on recomputes them
-    out = changed_forecast(lambda: model.mapping_layer.weight.mul_(1.5))
-    assert not torch.equal(out, second)
-    changed_forecast(lambda: model.mapping_layer.bias.add_(0.5))
-    changed_forecast(lambda: model.word_embeddings[3].add_(1.0))
-    # load_state_dict copies in place: also seen
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["mapping_layer.weight"].mul_(0.5)
-    changed_forecast(lambda: model.load_state_dict(state))
-    # a new Parameter object (e.g. after re-initialising the layer) is seen as well
-    changed_forecast(lambda: setattr(model.mapping_layer, "weight",
-                                     torch.nn.Parameter(model.mapping_layer.weight.detach() * 2)))
+        def changed_forecast(mutate):
+            before = (reuse.misses, len(calls))
+            with torch.no_grad():
+                mutate()
+                out = model(x)
+            assert (reuse.misses, len(calls)) == (before[0] + 1, before[1] + 1)
+            return out
 
-    # the cached result equals a fresh computation
-    with torch.no_grad():
-        cached = model(x)
-        assert model.prototype_cache_hits == 2
-        model._prototype_cache.clear()
-        fresh = model(x)
-    assert torch.equal(cached, fresh)
+        # an in-place write to each tensor the prototypes depend on recomputes them
+        out = changed_forecast(lambda: model.mapping_layer.weight.mul_(1.5))
+        assert not torch.equal(out, second)
+        changed_forecast(lambda: model.mapping_layer.bias.add_(0.5))
+        changed_forecast(lambda: model.word_embeddings[3].add_(1.0))
+        # load_state_dict copies in place: also seen
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["mapping_layer.weight"].mul_(0.5)
+        changed_forecast(lambda: model.load_state_dict(state))
+        # a new Parameter object (e.g. after re-initialising the layer) is seen as well
+        changed_forecast(lambda: setattr(model.mapping_layer, "weight",
+                                         torch.nn.Parameter(model.mapping_layer.weight.detach() * 2)))
+        with torch.no_grad():
+            reused_forecast = model(x)
+            hits = reuse.hits
+    assert hits == 2
+    with torch.no_grad():  # the reused result equals a fresh computation
+        assert torch.equal(reused_forecast, model(x))
 
 
 def test_prototype_cache_unused_when_training_needs_the_graph():
     torch.manual_seed(0)
     model = TimeLLM(tiny_config(), fast=False).to(DEVICE).train()
     x, y = windows("train", "independent", 2)
-    for _ in range(2):
-        torch.nn.functional.mse_loss(model(x), y).backward()
-    assert (model.prototype_cache_hits, model.prototype_cache_misses) == (0, 0)
+    with reuse_prototypes() as reuse:
+        for _ in range(2):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+    assert (reuse.hits, reuse.misses) == (0, 0)
     assert model.mapping_layer.weight.grad is not None and model.mapping_layer.weight.grad.abs().sum() > 0
 
 

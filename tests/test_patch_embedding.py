@@ -252,7 +252,7 @@ def test_forward_returns_n_vars_and_shape():
 
 @pytest.mark.parametrize("make_call,exc,match", [
     (lambda: patch_embedding(torch.randn(2, 64), torch.randn(8, 16, 3), 16, 8), ValueError, "x must have 3 dims"),
-    (lambda: patch_embedding(torch.randn(2, 1, 10), torch.randn(8, 16, 3), 16, 8), ValueError, "fewer than patch_len"),
+    (lambda: patch_embedding(torch.randn(2, 1, 7), torch.randn(8, 16, 3), 16, 8), ValueError, "fewer than patch_len"),
     (lambda: patch_embedding(torch.ones(2, 1, 64, dtype=torch.int64), torch.randn(8, 16, 3), 16, 8), TypeError, "x must be a floating"),
     (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 16, 3, device="meta"), 16, 8), ValueError, "weight is on meta"),
     (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 12, 3), 16, 8), ValueError, r"weight must have shape \[d_model, 16, 3\]"),
@@ -260,10 +260,10 @@ def test_forward_returns_n_vars_and_shape():
     (lambda: patch_embedding(torch.randn(2, 1, 64), torch.randn(8, 16, 3), 16, 8, dropout_p=float("nan")), ValueError, "dropout must be a finite float"),
     (lambda: PatchEmbedding(32, 16, -1, 0.1), ValueError, "stride must be a positive int"),
     (lambda: PatchEmbedding(0, 16, 8, 0.1), ValueError, "d_model must be a positive int"),
-    (lambda: PatchEmbedding(32, 16, 8, 1.0), ValueError, "dropout must be a finite float"),
+    (lambda: PatchEmbedding(32, 16, 8, 1.5), ValueError, "dropout must be a finite float"),
     (lambda: PatchEmbedding(32, 2.5, 8, 0.1), ValueError, "patch_len must be a positive int"),
-], ids=["ndim", "T<patch_len", "int-dtype", "weight-device", "weight-shape", "stride=0",
-        "nan-dropout", "ctor-stride", "ctor-d_model", "ctor-dropout=1", "ctor-float-patch_len"])
+], ids=["ndim", "T+stride<patch_len", "int-dtype", "weight-device", "weight-shape", "stride=0",
+        "nan-dropout", "ctor-stride", "ctor-d_model", "ctor-dropout>1", "ctor-float-patch_len"])
 def test_bad_input_raises_naming_argument(make_call, exc, match):
     with pytest.raises(exc, match=match):
         make_call()

@@ -131,7 +131,7 @@ def test_dropout_and_sizes_are_read_from_the_original():
     model = nn.Sequential(PatchEmbedding(24, 12, 5, 0.25), ReprogrammingLayer(16, 4, 6, 20, attention_dropout=0.3))
     patch_model(model)
     pe, rp = model[0], model[1]
-    assert (pe.d_model, pe.patch_len, pe.stride, pe.dropout_p) == (24, 12, 5, 0.25)
+    assert (pe.d_model, pe.patch_len, pe.stride, pe.dropout.p) == (24, 12, 5, 0.25)
     assert (rp.d_model, rp.n_heads, rp.d_keys, rp.d_llm, rp.dropout.p) == (16, 4, 6, 20, 0.3)
 
 

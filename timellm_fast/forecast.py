@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .cache import reuse_prototypes
 from .data import ett_hour_loader, load_ett_values, resolve_data
 from .models import BACKBONES, TimeLLM, TimeLLMConfig
 
@@ -136,7 +137,8 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
 
     for model in models.values():
         model.eval()
-    with torch.no_grad():
+    # both models reuse their prototypes across the test batches: nothing changes them there
+    with torch.no_grad(), reuse_prototypes() as reuse:
         for i, (x, y) in enumerate(progress(test_batches, len(test_batches), "test")):
             x, y = x.to(device), y.to(device)
             for label, model in _in_turn(models, i):
@@ -149,7 +151,7 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
                 st["count"] += y.numel()
     return {label: dict(losses=st["losses"], step_s=statistics.median(st["step_times"]),
                         eval_s=statistics.median(st["eval_times"]), mse=st["squared"] / st["count"],
-                        mae=st["absolute"] / st["count"], forecasts=st["forecasts"])
+                        mae=st["absolute"] / st["count"], forecasts=st["forecasts"], reuse=reuse)
             for label, st in state.items()}
 
 
@@ -211,7 +213,7 @@ def forecast_main(args: argparse.Namespace) -> int:
     agree = err <= tol and loss_gap <= 1e-4
     print(f"\nagreement of fast with eager: max |forecast diff| {err:.2e} (tolerance {tol:.2e}), max relative loss gap "
           f"{loss_gap:.2e} (tolerance 1e-4): {'agree' if agree else 'DISAGREE'}")
-    print(f"prototype cache during inference: {fast.prototype_cache_hits} hits, "
-          f"{fast.prototype_cache_misses} misses")
+    reuse = results["fast"]["reuse"]
+    print(f"prototypes reused during inference (both models): {reuse.hits} hits, {reuse.misses} misses")
     return 0 if agree else 1
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import validation
-from .cache import TensorCache
+from .cache import reused
 from .patch_embedding import PatchEmbedding, TokenEmbedding
 from .reference import num_patches, patch_embedding_reference, reprogramming_reference
 from .reprogramming import ReprogrammingLayer
@@ -290,13 +290,6 @@ def build_backbone(name: str, vocab_size: int, d_llm: int, n_layers: int, n_head
     return transformers.BertModel(config, add_pooling_layer=False), None
 
 
-# --------------------------------------------------------------------------- prototype cache
-
-#: ``mapping_layer(word_embeddings.T).T`` kept while the mapping layer and word embeddings are
-#: unchanged; the autocast state is part of the key because it changes the result's dtype.
-PrototypeCache = TensorCache
-
-
 # --------------------------------------------------------------------------- the model
 
 @dataclass
@@ -349,9 +342,9 @@ class TimeLLM(nn.Module):
     The backbone is frozen; trainable are the patch embedding, mapping layer, reprogramming
     layer and output head, as in Time-LLM.
 
-    With no autograd graph needed (``torch.no_grad()``, or the mapping layer frozen), the S
-    prototypes are computed once and reused until the mapping layer or the word embeddings
-    change (:class:`PrototypeCache`; counters ``prototype_cache_hits`` / ``_misses``).
+    With no autograd graph needed (``torch.no_grad()``, or the mapping layer frozen), inside a
+    :func:`timellm_fast.reuse_prototypes` block the S prototypes are computed once and reused
+    until the mapping layer or the word embeddings change (the block's ``hits`` / ``misses``).
     """
 
     def __init__(self, config: Optional[TimeLLMConfig] = None, fast: bool = True,
@@ -388,19 +381,10 @@ class TimeLLM(nn.Module):
         self.head_nf = config.d_ff * self.patch_nums
         self.output_projection = FlattenHead(self.head_nf, config.pred_len, head_dropout=config.dropout)
         self.normalize_layers = Normalize()
-        self._prototype_cache = PrototypeCache()
 
     @property
     def word_embeddings(self) -> torch.Tensor:  # [vocab, d_llm]
         return self.llm_model.get_input_embeddings().weight
-
-    @property
-    def prototype_cache_hits(self) -> int:
-        return self._prototype_cache.hits
-
-    @property
-    def prototype_cache_misses(self) -> int:
-        return self._prototype_cache.misses
 
     def prototypes(self) -> torch.Tensor:
         """The S text prototypes, [num_tokens, d_llm]: mapping_layer(word_embeddings.T).T."""
@@ -414,7 +398,7 @@ class TimeLLM(nn.Module):
         device_type = weight.device.type
         autocast = (torch.is_autocast_enabled(device_type),
                     torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
-        return self._prototype_cache.get((weight, bias, words), autocast, compute)
+        return reused(self, (weight, bias, words), autocast, compute)
 
     def prompts(self, x: torch.Tensor) -> List[str]:
         """x: [B*N, T, 1] normalized series -> one prompt per series."""

@@ -20,14 +20,19 @@ which adds a positional embedding) is left alone with a warning saying why.
 
 What is kept (documented contract):
 
-* **The same Parameter objects**: the new module is built on the meta device and the old
-  module's ``nn.Parameter`` objects are assigned into it. So an optimizer, an EMA, DDP /
+* **The same submodule objects**: the new module is built on the meta device and takes over the
+  old module's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Dropout`` objects themselves, so their
+  ``nn.Parameter`` objects, hooks, parametrizations and flags. An optimizer, an EMA, DDP /
   accelerate, or anything else already holding the parameters keeps working, device, dtype and
   ``requires_grad`` are exactly what they were, and the state-dict keys are unchanged
-  (checkpoints load in either direction).
-* The train / eval flag of the replaced module.
-* Not kept: forward / backward hooks registered on the replaced module objects themselves
-  (hooks on the parameters, or on other modules, are unaffected).
+  (checkpoints load in either direction). Where those submodules carry hooks or wrappers, the
+  new layer computes through their calls (its docstring), so they act as before.
+* The train / eval flags of the replaced module and of each of its submodules (Monte-Carlo
+  dropout: a Dropout in train() under an eval() model stays so).
+* Not replaced, with a warning naming the module: a subclass (or instance) that overrides
+  ``forward``, and a layer with hooks on itself or on Time-LLM's own helper modules inside it
+  (``value_embedding``, ``padding_patch_layer``), whose objects a replacement does not keep.
+* All or nothing: every replacement is built before any is swapped in; an error names the module.
 
 Idempotent: our modules are never replaced again. ``unpatch_model`` puts the original objects
 back (with whatever Parameter objects our modules hold at that time, and their train / eval
@@ -35,6 +40,7 @@ flag). Call ``patch_model`` before wrapping the model in DDP, FSDP or ``accelera
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -84,16 +90,20 @@ def _exact_state(module: nn.Module, parameter_names: set) -> None:
 
 def _int_attr(module: nn.Module, name: str) -> int:
     value = getattr(module, name, None)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        number = 0
+    if number <= 0:
         raise NotRecognized(f"attribute {name!r} is {value!r}, not a positive int")
-    return value
+    return number
 
 
 def _dropout_p(module: nn.Module) -> float:
     dropout = getattr(module, "dropout", None)
     if not isinstance(dropout, nn.Dropout):
         raise NotRecognized(f"'dropout' is {type(dropout).__name__}, not nn.Dropout")
-    return float(dropout.p)
+    return dropout.p
 
 
 def patch_embedding_arguments(module: nn.Module) -> dict:
@@ -145,14 +155,27 @@ def reprogramming_arguments(module: nn.Module) -> dict:
                 attention_dropout=_dropout_p(module))
 
 
-def _recognizer(module: nn.Module) -> Optional[Tuple[type, Callable[[nn.Module], dict]]]:
+def _recognizer(module: nn.Module) -> Optional[Tuple[type, Callable[[nn.Module], dict], Optional[str]]]:
+    """(our class, the reader of the constructor arguments, why it must stay) for a module whose
+    class, or a base class of it, has one of Time-LLM's layer names; None for anything else.
+
+    The reason to stay is set where the forward that runs is not the named class's own: a
+    subclass (or the instance) overrides ``forward``, so replacing it would change what the model
+    computes."""
     if isinstance(module, OURS):
         return None
-    name = type(module).__name__
-    if name in PATCH_EMBEDDING_NAMES:
-        return PatchEmbedding, patch_embedding_arguments
-    if name in REPROGRAMMING_NAMES:
-        return ReprogrammingLayer, reprogramming_arguments
+    for base in reversed(type(module).__mro__):  # the named class nearest nn.Module: a user's subclass may share its name
+        if base.__name__ in PATCH_EMBEDDING_NAMES:
+            ours, read = PatchEmbedding, patch_embedding_arguments
+        elif base.__name__ in REPROGRAMMING_NAMES:
+            ours, read = ReprogrammingLayer, reprogramming_arguments
+        else:
+            continue
+        own_forward = base.__dict__.get("forward")
+        overridden = "forward" in module.__dict__ or (own_forward is not None and type(module).forward is not own_forward)
+        why = (f"{type(module).__name__} overrides {base.__name__}.forward; replacing it would change what the "
+               f"model computes") if overridden else None
+        return ours, read, why
     return None
 
 
@@ -175,18 +198,52 @@ def _move_parameters(src: nn.Module, dst: nn.Module) -> None:
         _set_parameter(dst, name, parameter)
 
 
+#: torch's own module classes a replacement takes over from the module it replaces, objects and
+#: all (their hooks, parametrizations, wrappers and train/eval flags with them)
+ADOPTED = (nn.Linear, nn.Conv1d, nn.Dropout)
+
+
+def _hooked(module: nn.Module) -> List[str]:
+    """The names of `module` and of its submodules that are not torch's own classes (ADOPTED) and
+    have hooks: those module objects are not kept by a replacement, so their hooks would be lost."""
+    return [name or "(the layer itself)" for name, sub in module.named_modules()
+            if not isinstance(sub, ADOPTED) and (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
+                                                  or sub._backward_pre_hooks)]
+
+
+def _adopt_submodules(src: nn.Module, dst: nn.Module) -> None:
+    """Puts src's nn.Linear / nn.Conv1d / nn.Dropout objects into dst in place of dst's under the
+    same names: the replacement computes through the very modules the original called."""
+    for name, sub in list(dst.named_modules()):
+        if name and isinstance(sub, ADOPTED):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = dst.get_submodule(owner_name) if owner_name else dst
+            owner._modules[leaf] = src.get_submodule(name)
+
+
 def replacement_for(module: nn.Module, new_class: type, arguments: dict) -> nn.Module:
-    """Our module with `module`'s Parameter objects, train/eval flag and a link back to it."""
+    """Our module holding `module`'s own nn.Linear / nn.Conv1d / nn.Dropout objects (so their
+    Parameter objects, hooks and flags), with its train/eval flags and a link back to it."""
     with torch.device("meta"):  # no memory, no init: every parameter is replaced just below
         new = new_class(**arguments)
-    _move_parameters(module, new)
+    _adopt_submodules(module, new)
     leftovers = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
     if leftovers:
         raise RuntimeError(f"timellm_fast: {new_class.__name__} has state {leftovers} that "
                            f"{type(module).__name__} does not provide")
-    new.train(module.training)
+    _copy_training_flags(module, new)
     object.__setattr__(new, ORIGINAL_ATTR, module)
     return new
+
+
+def _copy_training_flags(src: nn.Module, dst: nn.Module) -> None:
+    """dst's train/eval flag, and that of each of its submodules src has under the same name, as
+    src's: a Dropout put back in train() under an eval() model (Monte-Carlo dropout) stays so."""
+    dst.train(src.training)
+    flags = {name: module.training for name, module in src.named_modules()}
+    for name, module in dst.named_modules():
+        if name in flags:
+            module.training = flags[name]
 
 
 def _walk(parent: nn.Module, prefix: str, visit: Callable[[nn.Module, str, nn.Module, str], bool],
@@ -208,14 +265,18 @@ def _walk(parent: nn.Module, prefix: str, visit: Callable[[nn.Module, str, nn.Mo
 
 def patch_model(model: nn.Module) -> List[Replacement]:
     """Replaces, in place, every Time-LLM PatchEmbedding / ReprogrammingLayer below `model`
-    with timellm_fast's (same Parameter objects, train/eval flag); returns what was replaced."""
+    with timellm_fast's (same Parameter objects, train/eval flag); returns what was replaced.
+
+    All or nothing: every replacement is built before any is swapped in, and an error names the
+    module it is about (the model is then unchanged). A module left alone (another structure, or
+    a subclass that overrides forward) is named in a warning."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if _recognizer(model) is not None:
         raise ValueError(f"model is itself a {type(model).__name__}; patch_model replaces submodules in "
                          f"place, so pass the model that contains it")
-    summary: List[Replacement] = []
-    done: Dict[int, nn.Module] = {}  # id(old) -> new, so a module shared by two parents is built once
+    swaps: List[Tuple[nn.Module, str, nn.Module, str, type]] = []  # (parent, attribute, new, name, old class)
+    done: Dict[int, nn.Module] = {}  # id(old) -> new while walking: a module shared by two parents is built once
 
     def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
         if isinstance(child, OURS):
@@ -223,21 +284,37 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         recognized = _recognizer(child)
         if recognized is None:
             return True
-        new_class, read_arguments = recognized
+        new_class, read_arguments, why_not = recognized
+        hooked = _hooked(child)
+        if why_not is None and hooked:
+            why_not = f"hooks are registered on {', '.join(hooked)}, which a replacement would not keep"
+        if why_not is not None:
+            warnings.warn(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}", stacklevel=3)
+            return True
         if id(child) not in done:
             try:
                 arguments = read_arguments(child)
             except NotRecognized as why:
                 warnings.warn(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
-                              f"Time-LLM's structure and is left unchanged: {why}", stacklevel=2)
+                              f"Time-LLM's structure and is left unchanged: {why}", stacklevel=3)
                 return True
-            done[id(child)] = replacement_for(child, new_class, arguments)
-        setattr(parent, attr, done[id(child)])
-        summary.append(Replacement(qualified, type(child), new_class))
+            try:
+                done[id(child)] = replacement_for(child, new_class, arguments)
+            except Exception as error:
+                message = (f"timellm_fast.patch_model: cannot replace {qualified} ({type(child).__name__}); "
+                           f"nothing was replaced: {error}")
+                try:
+                    named = type(error)(message)
+                except Exception:  # an exception type that takes other arguments
+                    named = RuntimeError(message)
+                raise named from error
+        swaps.append((parent, attr, done[id(child)], qualified, type(child)))
         return False
 
     _walk(model, "", visit)
-    return summary
+    for parent, attr, new, _, _ in swaps:
+        setattr(parent, attr, new)
+    return [Replacement(qualified, old_class, type(new)) for _, _, new, qualified, old_class in swaps]
 
 
 def unpatch_model(model: nn.Module) -> List[Replacement]:
@@ -255,7 +332,7 @@ def unpatch_model(model: nn.Module) -> List[Replacement]:
             return not isinstance(child, OURS)
         if id(child) not in restored:
             _move_parameters(child, original)
-            original.train(child.training)
+            _copy_training_flags(child, original)
             restored[id(child)] = original
             ours.append(child)
         setattr(parent, attr, original)

@@ -69,11 +69,12 @@ def reprogramming_reference(
     n_heads: int,
     dropout_p: float = 0.0,
     training: bool = False,
+    keep: Optional[torch.Tensor] = None,  # keep: [H, B'*L, S] bool, a given dropout mask (see attention_materialized)
 ) -> torch.Tensor:  # out: [B', L, d_llm]
     """The literal form of SPEC §1.2: materializes A [B', H, L, S]. Oracle use only."""
     q = linear(target, wq, bq)
     k, v = linear(source, wk, bk), linear(value, wv, bv)
-    return linear(attention_materialized(q, k, v, n_heads, dropout_p, training), wo, bo)
+    return linear(attention_materialized(q, k, v, n_heads, dropout_p, training, keep=keep), wo, bo)
 
 
 def attention_materialized(
@@ -83,16 +84,49 @@ def attention_materialized(
     n_heads: int,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout=None,  # a module applied to A instead of F.dropout (the layer's own nn.Dropout, as Time-LLM calls it)
+    keep: Optional[torch.Tensor] = None,  # keep: [H, B'*L, S] bool: this mask instead of a fresh draw
 ) -> torch.Tensor:  # o: [B', L, H*E], heads merged
-    """The attention core as Time-LLM computes it: A [B', H, L, S] exists."""
+    """The attention core as Time-LLM computes it: A [B', H, L, S] exists. With `keep` the
+    dropout is that mask, scaled by 1 / (1 - dropout_p) as the kernels apply it (a kernel's mask
+    made explicit: kernels.reprogramming_attention.dropout_keep_mask)."""
     Bp, L, HE = q.shape
     S = k.shape[0]
     H = n_heads
     E = HE // H
     scores = torch.einsum("blhe,she->bhls", q.view(Bp, L, H, E), k.view(S, H, E))
     a = torch.softmax(scores / math.sqrt(E), dim=-1)
-    a = F.dropout(a, p=dropout_p, training=training)
+    if keep is not None:
+        a = a * keep.view(H, Bp, L, S).transpose(0, 1).to(a.dtype) / (1.0 - dropout_p)
+    elif dropout is not None:
+        a = dropout(a)
+    else:
+        a = F.dropout(a, p=dropout_p, training=training)
     return torch.einsum("bhls,she->blhe", a, v.view(S, H, E)).reshape(Bp, L, HE)
+
+
+def attention_core_reference(
+    x: torch.Tensor,  # x: [R, *], the fused core's row operand (padded target, or Q)
+    mc: torch.Tensor,  # mc: [H, W, S'], its prototype operand
+    v: torch.Tensor,  # v: [S, H, E]
+    d_logit: int, factorized: bool, scale: float,
+    dropout_p: float = 0.0,
+    keep: Optional[torch.Tensor] = None,  # keep: [H, R, S] bool, the kernels' dropout mask
+) -> torch.Tensor:  # heads: [R, H*E]
+    """What the fused core computes, from its own operands (kernels/reprogramming_attention.py's
+    docstring): per head h, logits scale·(X_h·Y_h + c_h) with X_h = x[:, :D] and [Y_hᵀ; c_h] =
+    mc[h, :D + 1] (factorized), or X_h = Q_h and Y_hᵀ = K_hᵀ = mc[h, :E] (standard)."""
+    R = x.shape[0]
+    S, H, E = v.shape
+    D = d_logit
+    if factorized:
+        logits = torch.einsum("rd,hds->hrs", x[:, :D], mc[:, :D, :S]) + mc[:, D:D + 1, :S]
+    else:
+        logits = torch.einsum("rhe,hes->hrs", x.reshape(R, H, E), mc[:, :E, :S])
+    a = torch.softmax(logits * scale, dim=-1)  # [H, R, S]
+    if keep is not None:
+        a = a * keep.to(a.dtype) / (1.0 - dropout_p)
+    return torch.einsum("hrs,she->rhe", a, v).reshape(R, H * E)
 
 
 def reprogramming_sdpa_fold(

@@ -1,23 +1,32 @@
 """Input checks shared by the ops and modules: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """value as a Python int: any integer type (a NumPy integer too, as nn.Linear and nn.Conv1d take
+    them), positive; bools are rejected as sizes."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return number
 
 
 def dropout_prob(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    """value as a float in [0, 1], the range nn.Dropout accepts (1 drops everything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}")
     value = float(value)
-    if not 0.0 <= value < 1.0:  # also rejects NaN and inf (no math.isfinite: dynamo can't trace it)
-        raise ValueError(f"{name} must be a finite float in [0, 1), got {value!r}")
+    if not 0.0 <= value <= 1.0:  # also rejects NaN and inf (no math.isfinite: dynamo can't trace it)
+        raise ValueError(f"{name} must be a finite float in [0, 1], got {value!r}")
     return value
 
 
