@@ -7,8 +7,8 @@ installed here.
 tests/test_aot.py demands that every shipped tile compiles without spills, within its GPU
 generation's shared memory, under Triton 3.6, 3.8 and 3.9, and that the sm_90 MMA kernels do no
 more MMA work per element than the factorized form's budget (a tile whose warps repeat each other's
-MMAs does more: report.loop_work). This compiles, for every configuration
-of kernels/reprogramming_attention_tiles.config_table() whose name matches REGEX, candidate
+MMAs does more: aot_report.loop_work). This compiles, for every configuration
+of kernels/attention_tiles.CONFIG_TABLE whose name matches REGEX, candidate
 tiles on the configuration's own arch (GPUTarget; no GPU needed) and writes registers, spills and
 shared memory per candidate. Candidates: with --tune, the tiles a GPU sweep (bench/tune_attention.py)
 timed, fastest first; without, CANDIDATES below, in order of preference. Run it once per toolchain
@@ -31,9 +31,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real JIT objects
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the tests and the launchers compile
 
 import triton  # noqa: E402
-from timellm_fast.kernels import report  # noqa: E402
-from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
-from timellm_fast.kernels import reprogramming_attention_tiles as tiles  # noqa: E402
+import aot_report as report  # noqa: E402  (bench/, this script's directory)
+from timellm_fast.kernels import attention as attn  # noqa: E402
+from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
 
 #: (role, arch) -> tiles (BLOCK_R, BLOCK_S, num_warps, num_stages) of the tensor-core regimes, preferred
 #: first: the larger MMA-shaped tiles (on sm_90 a warpgroup's 64 rows on the M side: BLOCK_R for the
@@ -81,9 +81,9 @@ def _compile_until_clean(job: tuple) -> list:
 
 def _compile(job: tuple) -> dict:
     name, tile = job
-    cfg = next(c for c in tiles.config_table().values() if c.name == name)
+    cfg = next(c for c in tiles.CONFIG_TABLE.values() if c.name == name)
     cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-    aot = next(c for c in tiles.aot_configs(attn.KERNELS) if c["name"] == name)
+    aot = next(c for c in attn.aot_configs() if c["name"] == name)
     aot = dict(aot, constexprs=cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     r = report.compile_config(aot, cfg.arch)
     spills = None if r.error else r.spill_stores + r.spill_loads
@@ -92,7 +92,7 @@ def _compile(job: tuple) -> dict:
     error = r.error
     if fits and spills == 0 and cfg.dot_dtype != torch.float32 and cfg.arch == 90:
         # a tile whose warps repeat each other's MMAs does more than the factorized form's work (checked
-        # on sm_90, where report --work counts it; Triton 3.6's sm_80 build of the prototype pass
+        # on sm_90, where aot_report.py --work counts it; Triton 3.6's sm_80 build of the prototype pass
         # exceeds it with every tile that fits, 3.8 and 3.9 do not)
         constants = {"with_dx": 1} if cfg.role == "bwd_protos" else {}
         budget = tiles.mma_work_budget(cfg.role, cfg.block_d, cfg.block_e)
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             if r["clean"]:
                 earlier.setdefault(r["kernel"], []).append(tuple(r["tile"]))
     jobs = []
-    for cfg in tiles.config_table().values():
+    for cfg in tiles.CONFIG_TABLE.values():
         if cfg.role not in ("fwd", "bwd_protos", "bwd_rows") or not re.search(args.only, cfg.name):
             continue
         tiles_ = [t for _, t in sorted(timed[cfg.name])] if cfg.name in timed else candidates(cfg)

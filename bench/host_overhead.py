@@ -1,5 +1,5 @@
 """Host time per call of the op layer, without a GPU: the kernels are compiled for sm_90 and
-launched through Triton's whole host path on the recording driver (kernels/recording_driver.py),
+launched through Triton's whole host path on the recording driver (bench/recording_driver.py),
 whose launcher does nothing, and the inputs are tiny CPU tensors, so what is timed is the
 Python, dispatcher and Triton work our modules do around the kernels (validation, dispatch,
 config lookup, allocations, autograd bookkeeping, the kernel launches up to the driver, the GEMM
@@ -8,12 +8,10 @@ calls on tiny operands).
     python bench/host_overhead.py [--calls N] [--rounds N] [--json PATH]    # without TRITON_INTERPRET
 
 Each row times one module call (eval forward without autograd, training forward, training
-forward + backward) on the direct route with the launch cache (kernels/_launch.launch), on the
-direct route with every launch through Triton's own JITFunction.run (the cache off), on the
-custom-op route (``dispatch.custom_op_route``) and, for scale, the eager path (the reference
-math, whose tiny GEMMs and SDPA do run). This is a proxy: a GPU adds the CUDA launch cost of
-every kernel (the driver's launcher, the same on every route), and its host CPU is another CPU.
-The GPU benchmark's "ours-custom-op" rows measure the route difference on the wall clock.
+forward + backward) on the Triton path (the op, every kernel started through Triton's own launch,
+``kernel[grid](...)``, JITFunction.run) and, for scale, on the eager path (the reference math,
+whose tiny GEMMs and SDPA do run). This is a proxy: a GPU adds the CUDA launch cost of every
+kernel (the driver's launcher), and its host CPU is another CPU.
 The columns of a row take turns, round by round, and each figure is its fastest round
 (microseconds_per_call): on a shared machine a slow spell then falls on every column, not on one.
 
@@ -41,9 +39,8 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tup
 import torch
 
 from common import SdpaFold
+from recording_driver import recording_driver
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
-from timellm_fast.kernels import _launch
-from timellm_fast.kernels.recording_driver import recording_driver
 
 
 @contextlib.contextmanager
@@ -147,9 +144,7 @@ def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
     with triton_path_on_cpu():
         for module, mode, instance, training, call, sdpa_fold_call in _cases():
             instance.train(training)  # once, outside the timed calls
-            routes = {"direct": collections.Counter(), "direct_triton_launch": collections.Counter(),
-                      "custom_op": collections.Counter()}
-            paths: collections.Counter = collections.Counter()
+            paths = {"ours": collections.Counter(), "eager": collections.Counter()}
 
             def counted(counter: collections.Counter, recorder, *contexts):
                 @contextlib.contextmanager
@@ -163,34 +158,27 @@ def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
                 return context
 
             columns = {
-                "direct_us": (call, counted(routes["direct"], dispatch.record_routes)),
-                "direct_triton_launch_us": (call, counted(routes["direct_triton_launch"], dispatch.record_routes,
-                                                          _launch.tritons_own_launch_path)),
-                "custom_op_us": (call, counted(routes["custom_op"], dispatch.record_routes, dispatch.custom_op_route)),
-                "eager_us": (call, counted(paths, dispatch.record_paths, _eager_backend)),
+                "ours_us": (call, counted(paths["ours"], dispatch.record_paths)),
+                "eager_us": (call, counted(paths["eager"], dispatch.record_paths, _eager_backend)),
             }
             if sdpa_fold_call is not None:
                 columns["sdpa_fold_us"] = (sdpa_fold_call, contextlib.nullcontext)
             row = dict(module=module, mode=mode, sdpa_fold_us=None)
             row.update(microseconds_per_call(columns, calls, rounds))
-            # a figure timed on another route or path than its column names would be a wrong number
-            taken = {name: set(r for _, r in counter) for name, counter in routes.items()}
-            if taken != {"direct": {"direct"}, "direct_triton_launch": {"direct"}, "custom_op": {"custom_op"}}:
-                raise RuntimeError(f"{module} {mode}: routes taken {taken}")
-            if set(p for _, p in paths) != {"eager"}:
-                raise RuntimeError(f"{module} {mode}: eager column took {dict(paths)}")
+            # a figure timed on another path than its column names would be a wrong number
+            taken = {name: set(p for _, p in counter) for name, counter in paths.items()}
+            if taken != {"ours": {"triton"}, "eager": {"eager"}}:
+                raise RuntimeError(f"{module} {mode}: paths taken {taken}")
             rows.append(row)
     return rows
 
 
 def markdown(rows: List[dict]) -> str:
-    lines = ["| module | call | direct route (us) | direct, Triton's own launch (us) | custom-op route (us) | "
-             "eager path (us) | SDPA-fold (us) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| module | call | ours, Triton path (us) | eager path (us) | SDPA-fold (us) |",
+             "|---|---|---:|---:|---:|"]
     for r in rows:
         fold = "-" if r["sdpa_fold_us"] is None else f"{r['sdpa_fold_us']:.0f}"
-        lines.append(f"| {r['module']} | {r['mode']} | {r['direct_us']:.0f} | {r['direct_triton_launch_us']:.0f} | "
-                     f"{r['custom_op_us']:.0f} | {r['eager_us']:.0f} | {fold} |")
+        lines.append(f"| {r['module']} | {r['mode']} | {r['ours_us']:.0f} | {r['eager_us']:.0f} | {fold} |")
     return "\n".join(lines)
 
 

@@ -7,10 +7,10 @@
 For each shape and kernel role it times every candidate tile (BLOCK_R, BLOCK_S, num_warps,
 num_stages) with triton.testing.do_bench, checks each candidate's result against the shipped
 tile's, and reports registers and spills of the candidate compiled ahead of time for this GPU's
-arch (kernels/report.py, the same build the JIT makes). Candidates are first compiled in parallel
+arch (bench/aot_report.py, the same build the JIT makes). Candidates are first compiled in parallel
 worker processes (Triton's on-disk cache then serves the timing process), so the sweep costs
 little more than the timing itself. It prints the best tile per configuration of
-kernels/reprogramming_attention_tiles.py; a winner goes into that table only after
+kernels/attention_tiles.py; a winner goes into that table only after
 bench/aot_filter_tiles.py (--tune this file) and tests/test_aot.py show it spill-free under every
 Triton CI checks. "bwd_protos" is timed in the default mode (the row side added atomically),
 "bwd_rows" as the deterministic mode adds it.
@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tuning import ON_GPU, TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
-from timellm_fast.kernels import report  # noqa: E402
-from timellm_fast.kernels import reprogramming_attention as attn  # noqa: E402
-from timellm_fast.kernels import reprogramming_attention_tiles as tiles  # noqa: E402
+import triton  # noqa: E402
+import aot_report as report  # noqa: E402
+from timellm_fast.kernels import attention as attn  # noqa: E402
+from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
 from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
 from common import attention_core_inputs  # noqa: E402
 
@@ -73,7 +74,7 @@ def run_role(role: str, t: dict):
 
 
 def shipped_config(role: str, dtype: torch.dtype, shape, dropout: bool, device: torch.device):
-    return attn.select_config(role, dtype, shape.d_keys, shape.d_model, dropout, device)
+    return tiles.select_config(role, dtype, shape.d_keys, shape.d_model, dropout, device)
 
 
 def _compile_worker(args) -> str:
@@ -84,7 +85,7 @@ def _compile_worker(args) -> str:
     t = problem(shape, dtype, device, dropout)
     key = shipped_config(role, dtype, shape, dropout, device).tile_key
     try:
-        with attn.override_tiles({key: tile}):
+        with tiles.override_tiles({key: tile}):
             run_role(role, t)
         if ON_GPU:
             torch.cuda.synchronize()
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     start = time.monotonic()
     device, dtype, smoke, shapes, device_name = sweep_setup(args)
     roles = [r for r in args.roles.split(",") if r]
-    env = dict(device=device_name, torch=torch.__version__, triton=attn.triton.__version__, dtype=args.dtype,
+    env = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype=args.dtype,
                dropout=args.dropout)
     print(env, flush=True)
     log = TuneLog(args.out, env)
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
                     results.append(row)
                     continue
                 try:
-                    with attn.override_tiles({cfg.tile_key: tile}):
+                    with tiles.override_tiles({cfg.tile_key: tile}):
                         got = run_role(role, t)
                         got = (got[0] if role == "fwd" else got).float()
                         ms = time_ms(lambda: run_role(role, t))

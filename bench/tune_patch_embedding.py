@@ -34,7 +34,7 @@ import triton  # noqa: E402
 from common import device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding_input  # noqa: E402
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles  # noqa: E402
-from timellm_fast.kernels._launch import dot_dtype  # noqa: E402
+from timellm_fast.kernels.host import dot_dtype  # noqa: E402
 
 
 def candidates(smoke: bool) -> list:

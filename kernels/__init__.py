@@ -1,4 +1,6 @@
-"""Triton kernels and their launchers, one file per fused op (installed as timellm_fast.kernels)."""
+"""Triton kernels and their launchers (installed as timellm_fast.kernels): per fused op, an entry
+module the op layer calls (attention.py, patch_embedding.py) over files split by job (forward,
+backward, shared device helpers, tiles); docs/design.md has the file map."""
 import os as _os
 import sys as _sys
 

@@ -1,7 +1,8 @@
 """Launch configurations of the patch embedding kernels: the only source of their tiles.
 
-Launchers (kernels/patch_embedding.py) pick only from these tables, and tests/test_aot.py compiles
-every entry ahead of time for sm_75/80/90, so nothing dispatch can choose is unproven on a GPU.
+The launchers (kernels/patch_embedding_forward.py, patch_embedding_backward.py) pick only from
+these tables, and tests/test_aot.py compiles every entry ahead of time for sm_75/80/90, so nothing
+dispatch can choose is unproven on a GPU.
 
 Kernels and their configurations: ``patch_window_fwd`` (WindowTile by dot dtype, BLOCK_C x BLOCK_O
 from WINDOW_BLOCK_C x WINDOW_BLOCK_O: WindowFwdConfig), ``patch_window_dweight`` and
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._launch import TL_DTYPE, cdiv, input_precision, next_pow2
+from .host import TL_DTYPE, cdiv, input_precision, next_pow2
 
 
 @dataclass(frozen=True)

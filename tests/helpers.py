@@ -1,8 +1,10 @@
 """Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, a
-Triton launch counter, and the other Tritons' venvs for the tests that compile kernels.
+Triton launch counter and where to put it, and the other Tritons' venvs for the tests that compile
+kernels.
 Imported after conftest.py has set up the environment."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -68,6 +70,27 @@ class LaunchCounter:
             self.launches += 1
             return launch(*args, **kwargs)
         return counted
+
+
+#: kernel -> the module of timellm_fast.kernels whose launcher starts it: where a test swaps it
+KERNEL_MODULES = {
+    "attention_fwd_kernel": "attention_forward", "dropout_keep_mask_kernel": "attention_forward",
+    "attention_bwd_delta_kernel": "attention_backward", "attention_bwd_protos_kernel": "attention_backward",
+    "attention_bwd_rows_kernel": "attention_backward", "prototype_logits_kernel": "prototype_side",
+    "prototype_logits_bwd_kernel": "prototype_side", "patch_window_fwd": "patch_embedding_forward",
+    "patch_conv_gemm": "patch_embedding_forward", "patch_window_dweight": "patch_embedding_backward",
+    "patch_dweight_reduce": "patch_embedding_backward", "patch_window_dx": "patch_embedding_backward",
+    "patch_fold": "patch_embedding_backward",
+}
+
+
+def swap_kernel(monkeypatch, name: str, stand_in):
+    """Replaces kernel `name` where its launcher finds it by stand_in(kernel) (a LaunchCounter, say)
+    for the test; returns the stand-in."""
+    module = importlib.import_module(f"timellm_fast.kernels.{KERNEL_MODULES[name]}")
+    replacement = stand_in(getattr(module, name))
+    monkeypatch.setattr(module, name, replacement)
+    return replacement
 
 
 REPO = Path(__file__).resolve().parent.parent

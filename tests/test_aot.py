@@ -12,15 +12,21 @@ torch 2.14.1) in `.venv-aot-triton38`. The versions allocate registers different
 each spilled on four tiles that fit 3.9), so a tile must fit all of them.
 """
 import ast
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from helpers import AOT_VENVS, TOOLCHAINS, compiled_kernels_env, toolchain_python
-from timellm_fast.kernels import report
-from timellm_fast.kernels import patch_embedding as pe
+from helpers import AOT_VENVS, REPO, TOOLCHAINS, compiled_kernels_env, toolchain_python
+
+#: bench/aot_report.py: compiles and profiles the configurations (run as a script below, read here)
+AOT_REPORT = str(REPO / "bench" / "aot_report.py")
+_spec = importlib.util.spec_from_file_location("aot_report", AOT_REPORT)
+report = sys.modules["aot_report"] = importlib.util.module_from_spec(_spec)  # its dataclasses look it up there
+_spec.loader.exec_module(report)
 
 def test_every_kernel_file_contributes_configs():
     names = {cfg["fn"].__name__ if hasattr(cfg["fn"], "__name__") else cfg["fn"].fn.__name__
@@ -50,7 +56,7 @@ def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path
     out = tmp_path / "aot.json"
     env = compiled_kernels_env()
     proc = subprocess.run(
-        [python, "-m", "timellm_fast.kernels.report", "--json", str(out),
+        [python, AOT_REPORT, "--json", str(out),
          "--jobs", os.environ.get("TIMELLM_FAST_AOT_JOBS", str(min(4, os.cpu_count() or 1)))],
         env=env, capture_output=True, text=True, timeout=1800)
     written = json.loads(out.read_text()) if out.exists() else {}
@@ -102,7 +108,7 @@ def test_patch_embedding_gather_does_no_integer_division_per_element(toolchain):
     python = _python_with_nvdisasm(toolchain)
     env = compiled_kernels_env()
     name = "patch_conv_gemm[x=bf16,w=bf16,dot=bf16,K=16,O=16,fma=False,dropout=False]"
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", name,
+    proc = subprocess.run([python, AOT_REPORT, "--sass", name,
                            "--arch", "80,90", "--ones", "N_VARS,s_t,s_wk,s_oc",
                            "--div16", "M,P,C_IN,OUT_COLS,s_b,s_n,s_wo,s_om"],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -124,8 +130,8 @@ def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
     and sm_80 from nvdisasm, specialized as the JIT compiles that launch."""
 
     python = _python_with_nvdisasm(toolchain)
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--sass", pe.TRAFFIC_FOLDED_FWD,
-                           "--arch", "80,90", "--ones", ",".join(pe.TRAFFIC_FOLDED_ONES)],
+    proc = subprocess.run([python, AOT_REPORT, "--sass", report.TRAFFIC_FOLDED_FWD,
+                           "--arch", "80,90", "--ones", ",".join(report.TRAFFIC_FOLDED_ONES)],
                           env=compiled_kernels_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     profiles = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -142,12 +148,12 @@ def test_patch_window_forward_loop_moves_16_byte_vectors(toolchain):
 
 
 def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
-    """`report --traffic` (the same SASS, sm_90) states the bytes the forward's loop moves per
+    """`aot_report.py --traffic` (the same SASS, sm_90) states the bytes the forward's loop moves per
     output row at Traffic-folded: y's 32 B written (a 16-byte store per thread, 128 threads per
     64 rows), 128 B of reads issued (three 32-byte taps and the predicated series-end load), and
     beside them the SPEC minimum of 16 B read and 32 B written."""
     python = toolchain_python("this-env")
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--traffic", "--arch", "90"],
+    proc = subprocess.run([python, AOT_REPORT, "--traffic", "--arch", "90"],
                           env=compiled_kernels_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "nvdisasm" in proc.stderr:
         pytest.skip("this Triton ships no nvdisasm")
@@ -158,13 +164,13 @@ def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
 
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
 def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
-    """`report --work`: the MMA FLOPs and exponentials per (row, prototype, head) element of the bf16
+    """`aot_report.py --work`: the MMA FLOPs and exponentials per (row, prototype, head) element of the bf16
     attention kernels at the SPEC §2 shapes, counted from their sm_90 SASS as the JIT builds them
     (SPEC §1.3 budgets: forward 2·D + 2·E, default backward 6·D + 4·E, deterministic backward
     8·D + 6·E; one exponential per element per softmax pass, plus the forward's rescale, one per row
     and prototype block)."""
     python = toolchain_python(toolchain)
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work"], env=compiled_kernels_env(),
+    proc = subprocess.run([python, AOT_REPORT, "--work"], env=compiled_kernels_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [dict(kv.split("=") for kv in line.split()[4:]) | dict(role=line.split()[1], shape=line.split()[2])
@@ -181,7 +187,7 @@ def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
 
 
 def _work_rows(python: str, *args: str) -> dict:
-    proc = subprocess.run([python, "-m", "timellm_fast.kernels.report", "--work", *args], env=compiled_kernels_env(),
+    proc = subprocess.run([python, AOT_REPORT, "--work", *args], env=compiled_kernels_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {(line.split()[1], line.split()[2]): dict(kv.split("=") for kv in line.split()[3:])
@@ -189,7 +195,7 @@ def _work_rows(python: str, *args: str) -> dict:
 
 
 def test_work_report_counts_the_polynomial_share_of_the_exponentials():
-    """With a share of the exponentials on the FMA units, `report --work` counts MUFU.EX2 per element
+    """With a share of the exponentials on the FMA units, `aot_report.py --work` counts MUFU.EX2 per element
     at 1 - share of the all-MUFU build (what is left at share 1 is the forward's rescale, one per row
     and block, taken only past the threshold at E >= 64); MMA FLOPs do not move."""
     python = toolchain_python("this-env")

@@ -11,10 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import DEVICE, LaunchCounter, requires_triton
+from helpers import DEVICE, LaunchCounter, requires_triton, swap_kernel
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, reuse_prototypes
-from timellm_fast.kernels import patch_embedding as pe_kernels
-from timellm_fast.kernels import reprogramming_attention as attn_kernels
 from timellm_fast.reprogramming_op import launch_layer_forward
 
 NO_LAUNCH = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.t", "aten.transpose", "aten.split",
@@ -44,8 +42,7 @@ def test_patch_embedding_eval_forward_is_one_kernel_launch(monkeypatch):
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
     layer(x)  # first call: the cached seed placeholder is made here
-    counter = LaunchCounter(pe_kernels.patch_window_fwd)
-    monkeypatch.setattr(pe_kernels, "patch_window_fwd", counter)
+    counter = swap_kernel(monkeypatch, "patch_window_fwd", LaunchCounter)
     with torch.no_grad():
         ops = compute_ops(lambda: layer(x))
     assert ops == ["timellm_fast.patch_embedding_fwd"], ops
@@ -66,8 +63,7 @@ def test_reprogramming_inference_is_the_core_and_the_output_gemm(monkeypatch):
                        "timellm_fast.reprogramming_attention_core_fwd", "aten.addmm"], ops
         with reuse_prototypes():
             layer(target, protos, protos)  # forms the prototype side of this block
-            counter = LaunchCounter(attn_kernels.attention_fwd_kernel)
-            monkeypatch.setattr(attn_kernels, "attention_fwd_kernel", counter)
+            counter = swap_kernel(monkeypatch, "attention_fwd_kernel", LaunchCounter)
             ops = compute_ops(lambda: layer(target, protos, protos))
     assert counter.launches == 1
     # the reused prototype side: the attention core, then the output GEMM
@@ -98,8 +94,8 @@ def test_reprogramming_forward_with_autograd_is_one_op_and_its_launcher_a_few_ge
     # interpreter their own tensor operations would be in the log)
     launches = []
     for name, attr in (("prototype_logits", "prototype_logits_kernel"), ("attention", "attention_fwd_kernel")):
-        monkeypatch.setattr(attn_kernels, attr, type("NoLaunch", (), {
-            "__getitem__": lambda self, grid, name=name: lambda *a, **k: launches.append(name)})())
+        swap_kernel(monkeypatch, attr, lambda kernel, name=name: type("NoLaunch", (), {
+            "__getitem__": lambda self, grid: lambda *a, **k: launches.append(name)})())
     weights = [t.detach() for m in (layer.query_projection, layer.key_projection, layer.value_projection,
                                     layer.out_projection) for t in (m.weight, m.bias)]
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -119,8 +115,7 @@ def test_training_step_forms_and_differentiates_mc_from_keys_in_one_launch_each_
     protos = torch.randn(100, 96, device=DEVICE, requires_grad=True)
     counters = {}
     for name in ("prototype_logits_kernel", "prototype_logits_bwd_kernel", "attention_fwd_kernel"):
-        counters[name] = LaunchCounter(getattr(attn_kernels, name))
-        monkeypatch.setattr(attn_kernels, name, counters[name])
+        counters[name] = swap_kernel(monkeypatch, name, LaunchCounter)
     layer(target, protos, protos).sum().backward()
     assert {name: c.launches for name, c in counters.items()} == {
         "prototype_logits_kernel": int(from_keys), "prototype_logits_bwd_kernel": int(from_keys),

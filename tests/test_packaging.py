@@ -30,7 +30,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for op in ("patch_embedding", "reprogramming_attention"):  # each op's kernels and its tile tables
+    for op in ("patch_embedding", "attention"):  # each op's kernels and its tile tables
         assert f"timellm_fast/kernels/{op}.py" in names
         assert f"timellm_fast/kernels/{op}_tiles.py" in names
     assert "timellm_fast/reference.py" in names

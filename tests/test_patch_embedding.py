@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import DEVICE, LaunchCounter, assert_close_to_oracle, requires_triton
+from helpers import DEVICE, LaunchCounter, assert_close_to_oracle, requires_triton, swap_kernel
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
@@ -400,9 +400,7 @@ PATCH_KERNELS = ("patch_window_fwd", "patch_window_dweight", "patch_dweight_redu
 def launches(monkeypatch):
     """Counts launches of every patch-embedding kernel: {kernel name: count}."""
 
-    counters = {name: LaunchCounter(getattr(pe, name)) for name in PATCH_KERNELS}
-    for name, counter in counters.items():
-        monkeypatch.setattr(pe, name, counter)
+    counters = {name: swap_kernel(monkeypatch, name, LaunchCounter) for name in PATCH_KERNELS}
 
     def counts():
         return {name: c.launches for name, c in counters.items() if c.launches}
@@ -467,9 +465,8 @@ def test_windowed_kernels_read_non_contiguous_input_in_place(layout, monkeypatch
         x = torch.randn(2, 3, 46, generator=g)[..., 1:]
     x = x.to(DEVICE)
     assert not x.is_contiguous()
-    seen = {name: ArgumentsSeen(getattr(pe, name)) for name in ("patch_window_fwd", "patch_window_dweight")}
-    for name, wrapper in seen.items():
-        monkeypatch.setattr(pe, name, wrapper)
+    seen = {name: swap_kernel(monkeypatch, name, ArgumentsSeen)
+            for name in ("patch_window_fwd", "patch_window_dweight")}
     xg = x.detach().requires_grad_(True)  # the same storage
     w = make_weight(16, 16, torch.float32).requires_grad_(True)
     y = patch_embedding(xg, w, 16, 8)

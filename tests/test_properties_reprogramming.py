@@ -22,7 +22,7 @@ OP = "reprogramming_attention"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_LAYOUTS = ("contiguous", "permuted", "sliced")
 SOURCE_LAYOUTS = ("contiguous", "transposed")
-KERNEL_HEAD_DIMS = (16, 128)  # kernels/reprogramming_attention.py MIN_HEAD_DIM, MAX_HEAD_DIM
+KERNEL_HEAD_DIMS = (16, 128)  # kernels/attention_tiles.py MIN_HEAD_DIM, MAX_HEAD_DIM
 #: Half precision (SPEC §4: no worse than 2x the eager layer's error in the same dtype), plus a floor
 #: of one unit roundoff of the result's scale, u·(1 + max|oracle|) (u = 2^-8 bf16, 2^-11 fp16), where
 #: tests/helpers.py uses 1e-6·scale. Why: on tiny problems the 2x bar compares two rounding-noise

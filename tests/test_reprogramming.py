@@ -19,12 +19,13 @@ from timellm_fast.reprogramming import ReprogrammingLayer
 from timellm_fast.reprogramming_op import core_from_keys, draw_seed_tensor, factorized_query_side
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 from timellm_fast.kernels import _environment
-from timellm_fast.kernels import reprogramming_attention as kern
-from timellm_fast.kernels import reprogramming_attention_tiles as tiles
+from timellm_fast.kernels import attention as kern
+from timellm_fast.kernels import attention_backward
+from timellm_fast.kernels import attention_tiles as tiles
 
 OP = "reprogramming_attention"
 if TRITON_PROBLEM is None:  # @triton.jit test kernels below call them, and find them in this module's globals
-    from timellm_fast.kernels.reprogramming_attention import _dot_operand, _exp2_poly
+    from timellm_fast.kernels.attention_device import dot_operand, exp2_poly
 PARAM_NAMES = ("query_projection.weight", "query_projection.bias", "key_projection.weight",
                "key_projection.bias", "value_projection.weight", "value_projection.bias",
                "out_projection.weight", "out_projection.bias")
@@ -297,9 +298,9 @@ def test_protos_row_chunks_are_used_and_deterministic(backend):
     chunks, and in deterministic mode the split sums must give the same bits on every run."""
 
     backend("triton")
-    cfg = kern.select_config("bwd_protos", torch.float32, 16, 16, False, DEVICE)
+    cfg = tiles.select_config("bwd_protos", torch.float32, 16, 16, False, DEVICE)
     rows, protos, heads = 8 * 64, 37, 2
-    per_chunk = kern.protos_rows_per_chunk(rows, -(-protos // cfg.block_s), heads, cfg.block_r)
+    per_chunk = attention_backward.protos_rows_per_chunk(rows, -(-protos // cfg.block_s), heads, cfg.block_r)
     assert -(-rows // per_chunk) > 1
     layer, target, source, value, upstream = make_problem(8, 64, 16, heads, 16, protos, 64, torch.float32, True)
     layer.deterministic = True
@@ -318,8 +319,8 @@ def test_torch_deterministic_switch_selects_the_fixed_order_backward(backend, mo
     layer, target, source, value, upstream = make_problem(2, 8, 16, 2, 32, 37, 24, torch.float32, True)
     launches = {}
     for name in ("attention_bwd_protos_kernel", "attention_bwd_rows_kernel"):
-        launches[name] = LaunchCounter(getattr(kern, name))
-        monkeypatch.setattr(kern, name, launches[name])
+        launches[name] = LaunchCounter(getattr(attention_backward, name))
+        monkeypatch.setattr(attention_backward, name, launches[name])
     run_layer(layer, target, source, value, upstream)
     assert (launches["attention_bwd_protos_kernel"].launches, launches["attention_bwd_rows_kernel"].launches) == (1, 0)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -436,7 +437,7 @@ def test_config_table_is_complete_and_consistent():
     # every (head width, d_model) a layer can have, on every generation: the table's entry, or None
     # exactly where that generation runs the shape eager (Turing: bf16, fp32 and heads wider than 32;
     # fp32 everywhere: the standard form's 64- and 128-wide logits)
-    table = set(tiles.config_table().values())
+    table = set(tiles.CONFIG_TABLE.values())
     for capability, arch in (((7, 5), 75), ((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)):
         with mocked_gpu(capability):
             for role in ("fwd", "bwd_protos", "bwd_rows", "bwd_delta"):
@@ -444,9 +445,9 @@ def test_config_table_is_complete_and_consistent():
                     for head_dim, d_model in ((16, 8), (24, 16), (32, 32), (48, 40), (64, 16), (100, 64),
                                               (128, 32), (128, 100), (32, 48), (16, 200)):
                         for has_dropout in (False, True):
-                            cfg = kern.select_config(role, dtype, head_dim, d_model, has_dropout, CUDA0)
+                            cfg = tiles.select_config(role, dtype, head_dim, d_model, has_dropout, CUDA0)
                             tiled = role != "bwd_delta"  # delta has no E or D tile
-                            too_wide = tiled and kern.block_e_for(head_dim) > 32
+                            too_wide = tiled and tiles.block_e_for(head_dim) > 32
                             fma_too_wide = tiled and dtype == torch.float32 and kern.block_d_for(d_model, head_dim) > 32
                             reason = kern.unsupported_reason(dtype, head_dim, d_model, 37, has_dropout, CUDA0)
                             if arch == 75 and (dtype != torch.float16 or too_wide):
@@ -458,7 +459,7 @@ def test_config_table_is_complete_and_consistent():
                                 continue
                             assert cfg in table and cfg.arch == arch, (capability, role, dtype, head_dim, cfg)
                             if role in ("fwd", "bwd_protos", "bwd_rows"):
-                                assert cfg.block_e == kern.block_e_for(head_dim)
+                                assert cfg.block_e == tiles.block_e_for(head_dim)
                                 assert cfg.block_d == kern.block_d_for(d_model, head_dim) <= cfg.block_e
 
 
@@ -469,13 +470,14 @@ CUDA0 = torch.device("cuda", 0)
 def mocked_gpu(capability):
     """select_config as it runs on a CUDA device of this compute capability (no GPU needed)."""
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_environment, "_CAPABILITY", {0: capability})
-        patch.setattr(tiles, "_SELECTED", {})
-        patch.setattr(kern, "_UNSUPPORTED", {})
-        patch.setattr(tiles, "interpreting", lambda: False)
-        patch.setattr(kern, "interpreting", lambda: False)
-        yield
+    tiles._choose_config.cache_clear()  # select_config's memo: its choices for another capability
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_environment, "_CAPABILITY", {0: capability})
+            patch.setattr(tiles, "interpreting", lambda: False)
+            yield
+    finally:
+        tiles._choose_config.cache_clear()
 
 
 def test_each_gpu_generation_gets_its_own_tiles():
@@ -487,7 +489,7 @@ def test_each_gpu_generation_gets_its_own_tiles():
         with mocked_gpu(capability):
             for role in ("fwd", "bwd_protos", "bwd_rows"):
                 for head_dim in (32, 128):
-                    cfg = kern.select_config(role, torch.bfloat16, head_dim, 32, False, CUDA0)
+                    cfg = tiles.select_config(role, torch.bfloat16, head_dim, 32, False, CUDA0)
                     chosen[capability, role, head_dim] = cfg
                     assert cfg.arch == (90 if capability == (9, 0) else 80)
     assert all(chosen[(8, 0), r, e] == chosen[(8, 6), r, e] for r in ("fwd", "bwd_protos") for e in (32, 128))
@@ -496,7 +498,7 @@ def test_each_gpu_generation_gets_its_own_tiles():
 
 @requires_triton
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's stand-in for bf16 MMA; a GPU runs the real one")
-def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
+def test_interpreter_rounds_bf16_dot_operands_like_the_gpu():
     """Under the interpreter bf16 dots run on fp32 operands; the kernels then round the operands
     they compute (P, dZ) to bf16 themselves, nearest-even like a GPU's cast, so the CPU tests
     measure the tensor-core path's rounding. Proven here: the rounding helper equals torch's
@@ -510,7 +512,7 @@ def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
     def round_through_helper(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n)
-        tl.store(y_ptr + offs, _dot_operand(x, tl.float32, True), mask=offs < n)
+        tl.store(y_ptr + offs, dot_operand(x, tl.float32, True), mask=offs < n)
 
     bits = torch.tensor([
         0x3F808000, 0x3F818000,  # halfway between two bf16 values: to the even one, down then up
@@ -528,10 +530,9 @@ def test_interpreter_rounds_bf16_dot_operands_like_the_gpu(monkeypatch):
     keep = ~expected.isnan()
     assert torch.equal(y[keep].view(torch.int32), expected[keep].view(torch.int32))
 
-    monkeypatch.setattr(tiles, "_LAUNCH_PARAMS", {})
     for dtype, rounds in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, False)):
         for role in ("fwd", "bwd_protos", "bwd_rows"):
-            cfg = kern.select_config(role, dtype, 32, 16, False, DEVICE)
+            cfg = tiles.select_config(role, dtype, 32, 16, False, DEVICE)
             assert tiles.launch_params(cfg)["ROUND_TO_BF16"] is rounds, (role, dtype)
             assert cfg.constexprs()["ROUND_TO_BF16"] is False  # what a GPU build compiles
 
@@ -547,7 +548,7 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
     with mocked_gpu((9, 0)):
         overrides = {}
         for role in ("fwd", "bwd_protos", "bwd_rows"):
-            hopper = kern.select_config(role, torch.bfloat16, block_e, 16, False, CUDA0)
+            hopper = tiles.select_config(role, torch.bfloat16, block_e, 16, False, CUDA0)
             overrides[(role, "fma", hopper.block_d, block_e, False)] = hopper.tile
     torch.manual_seed(0)
     layer = ReprogrammingLayer(16, 2, d_keys=block_e, d_llm=24, attention_dropout=0.0).to(DEVICE)
@@ -556,9 +557,9 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
     for deterministic in (False, True):
         layer.deterministic = deterministic
         target.grad = protos.grad = None
-        with kern.override_tiles(overrides), dispatch.record_paths() as paths:
+        with tiles.override_tiles(overrides), dispatch.record_paths() as paths:
             for (role, _, _, _, _), tile in overrides.items():
-                assert kern.select_config(role, torch.float32, block_e, 16, False, DEVICE).tile == tile
+                assert tiles.select_config(role, torch.float32, block_e, 16, False, DEVICE).tile == tile
             out = layer(target, protos, protos)
             out.square().sum().backward()
         assert paths == {("reprogramming_attention", "triton"): 1}
@@ -578,10 +579,10 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
 def test_philox_counters_fit_int32():
 
     for protos in (1, 37, 1000, 50_000, 2**20):
-        rows = kern.rows_per_philox_group(protos)
-        assert rows % kern.MAX_BLOCK_R == 0 and rows >= kern.MAX_BLOCK_R
+        rows = tiles.rows_per_philox_group(protos)
+        assert rows % tiles.MAX_BLOCK_R == 0 and rows >= tiles.MAX_BLOCK_R
         # the largest counter any lane computes, padding lanes included
-        assert (rows - 1) * protos + protos + kern.MAX_BLOCK_R <= 2**31 - 1
+        assert (rows - 1) * protos + protos + tiles.MAX_BLOCK_R <= 2**31 - 1
     assert kern.unsupported_reason(torch.float32, 32, 16, 2**25, has_dropout=True) is not None
 
 
@@ -822,7 +823,7 @@ def test_softmax_override_nests_and_restores_on_exit():
 
 @requires_triton
 def test_polynomial_exp2_error_over_the_softmax_range():
-    """_exp2_poly against float64 2^x: relative error <= 1.02e-4 (the cubic's minimax bound, 38x below
+    """exp2_poly against float64 2^x: relative error <= 1.02e-4 (the cubic's minimax bound, 38x below
     bf16's 2^-8 rounding) wherever 2^x is a normal fp32, up to the forward's rescale threshold; exactly
     +0.0 at and below the clamp (-127, -inf: masked prototypes); below 2^-125 absolute in between."""
     import triton
@@ -831,7 +832,7 @@ def test_polynomial_exp2_error_over_the_softmax_range():
     @triton.jit
     def poly_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, _exp2_poly(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+        tl.store(y_ptr + offs, exp2_poly(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
 
     g = torch.Generator().manual_seed(0)
     normal = torch.cat([-126 * torch.rand(200_000, generator=g), 8 * torch.rand(2_000, generator=g),
@@ -865,11 +866,11 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
 
     backend("triton")
     shape = ("softmax-split", 2, 16, 16, 2, 32, 1000, 48, True)
-    with kern.override_softmax(eighths, threshold):
-        cfg = kern.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
+    with tiles.override_softmax(eighths, threshold):
+        cfg = tiles.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
         assert (cfg.poly_eighths, cfg.rescale_threshold) == (eighths, threshold)
-        assert kern.select_config("bwd_protos", torch.bfloat16, 32, 16, False, DEVICE).poly_eighths == eighths
-        assert kern.select_config("fwd", torch.float32, 32, 16, False, DEVICE).poly_eighths == 0  # fp32: exact
+        assert tiles.select_config("bwd_protos", torch.bfloat16, 32, 16, False, DEVICE).poly_eighths == eighths
+        assert tiles.select_config("fwd", torch.float32, 32, 16, False, DEVICE).poly_eighths == 0  # fp32: exact
         check_fused_against_oracle(shape, torch.bfloat16, seed=1, deterministic=mode == "deterministic")
 
 
@@ -881,9 +882,9 @@ def test_polynomial_share_really_changes_the_exponentials(backend):
     backend("triton")
     for dtype, differs in ((torch.bfloat16, True), (torch.float32, False)):
         layer, target, source, value, _ = make_problem(2, 16, 16, 2, 32, 300, 48, dtype, True)
-        with torch.no_grad(), kern.override_softmax(0, 0.0):
+        with torch.no_grad(), tiles.override_softmax(0, 0.0):
             exact = layer(target, source, value).float()
-        with torch.no_grad(), kern.override_softmax(8, 0.0):
+        with torch.no_grad(), tiles.override_softmax(8, 0.0):
             poly = layer(target, source, value).float()
         assert (not torch.equal(exact, poly)) == differs, dtype
         assert (exact - poly).abs().max().item() <= 2.0 ** -8 * (1 + exact.abs().max().item())
@@ -901,7 +902,7 @@ def test_rescale_threshold_keeps_huge_logits_finite_and_one_hot(logit, backend):
     layer, target, source, upstream = huge_logit_problem(logit)
     layer, target, source, upstream = (layer.to(torch.bfloat16), target.detach().bfloat16().requires_grad_(),
                                        source.detach().bfloat16().requires_grad_(), upstream.bfloat16())
-    with kern.override_softmax(2, 8.0):
+    with tiles.override_softmax(2, 8.0):
         out, grads = run_layer(layer, target, source, source, upstream)
     oracle_out, _ = run_reference(layer, target, source, source, upstream, torch.float64)
     eager_out, _ = run_reference(layer, target, source, source, upstream, torch.bfloat16)

@@ -44,7 +44,7 @@ from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both 
 from .reference import attention_core_reference, reprogramming_reference
 
 if dispatch.triton_import_error() is None:
-    from .kernels import reprogramming_attention as attn_kernels
+    from .kernels import attention as attn_kernels
 else:  # without Triton the layer never takes these ops (dispatch.choose)
     attn_kernels = None
 

@@ -1,28 +1,33 @@
-"""Launch configurations of the reprogramming attention kernels: the only source of their tiles.
+"""Launch configurations of the reprogramming attention kernels, as data, and the choice of one
+per launch: the only source of their tiles.
 
 A launch is chosen by what it computes and where it runs: (role, data dtype, dot path, BLOCK_D,
-BLOCK_E, dropout, GPU generation). `config_table()` holds every configuration a launcher can choose
+BLOCK_E, dropout, GPU generation). `CONFIG_TABLE` holds every configuration a launcher can choose
 on a GPU, and tests/test_aot.py compiles each one ahead of time for its GPU generation under every
-Triton CI checks, so nothing dispatch can launch is unproven (SPEC §6). Under Triton's interpreter
-(the CPU test suite) a launch takes the sm_80 entry of its regime, with fp32 dots for bf16 data
-(and the prototype-logits kernels a wider BLOCK_S: INTERPRETER_PROTOTYPE_BLOCK_S).
+Triton CI checks, so nothing dispatch can launch is unproven (docs/design.md, "GPUs and
+toolchains"). Under Triton's interpreter (the CPU test suite) a launch takes the sm_80 entry of its
+regime, with fp32 dots for bf16 data (and the prototype-logits kernels a wider BLOCK_S:
+INTERPRETER_PROTOTYPE_BLOCK_S).
 
 Roles: "fwd" (attention_fwd_kernel), "bwd_protos" and "bwd_rows" (the backward's prototype- and
 row-stationary kernels; dropout is a run-time value there, so one build serves training with and
 without it), "bwd_delta", "dropout_mask", and "prototype_logits" and "prototype_logits_bwd" (the
 factorized mc from projected keys and its backward; fixed small tiles).
+
+The form of the logits is decided here too, from the layer's widths alone (is_factorized,
+block_d_for, keys_first), since the tiles are keyed by it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ._environment import device_capability, interpreting
-from ._launch import SIG_DTYPE, TL_DTYPE, next_pow2
+from .host import SIG_DTYPE, TL_DTYPE, next_pow2
 
 #: head widths the kernels accept; E is padded with masks up to the next block width
 MIN_HEAD_DIM = 16
@@ -37,6 +42,7 @@ FACTORIZED_BLOCK_D = (16, 32)
 PROTOTYPE_ALIGN = 8
 #: largest row block of any kernel; Philox row groups are multiples of it
 MAX_BLOCK_R = 128
+INT32_LIMIT = 2**31 - 1
 #: GPU generations with their own tiles (75: Turing, 80: Ampere/Ada, 90: Hopper and newer)
 ARCHS = (75, 80, 90)
 INTERPRETER = 0  # the "arch" of a launch under TRITON_INTERPRET
@@ -299,10 +305,7 @@ def no_config_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, arch:
     return f"no kernel configuration for {data_dtype}, d_keys={head_dim}, d_model={d_model} on sm_{arch}"
 
 
-@functools.lru_cache(maxsize=None)
-def config_table() -> Dict[tuple, AttentionConfig]:
-    """Every configuration a launcher can choose on a GPU, keyed by
-    (role, arch, data dtype, dot dtype, input precision, BLOCK_D, BLOCK_E, dropout)."""
+def _config_table() -> Dict[tuple, AttentionConfig]:
     table: Dict[tuple, AttentionConfig] = {}
     for arch, paths in DOT_PATHS.items():
         for data_dtype, dot, precision in paths:
@@ -330,6 +333,11 @@ def config_table() -> Dict[tuple, AttentionConfig]:
     return table
 
 
+#: Every configuration a launcher can choose on a GPU, keyed by
+#: (role, arch, data dtype, dot dtype, input precision, BLOCK_D, BLOCK_E, dropout)
+CONFIG_TABLE: Dict[tuple, AttentionConfig] = _config_table()
+
+
 def arch_class(device: torch.device) -> int:
     """The entry of ARCHS whose configurations serve this CUDA device."""
     major, minor = device_capability(device)
@@ -342,25 +350,6 @@ _TILE_OVERRIDES: Dict[tuple, tuple] = {}
 #: (poly_eighths, rescale_threshold) for every half-precision configuration, or None; set only
 #: through override_softmax
 _softmax_override: Optional[Tuple[int, float]] = None
-#: select_config's memo: (arguments, interpreter flag) -> AttentionConfig or None
-_SELECTED: Dict[tuple, Optional[AttentionConfig]] = {}
-#: launch_params' memo: (id of an AttentionConfig, interpreter flag) -> (that config, the keyword
-#: arguments of its launch); by id, as a frozen dataclass hashes all its fields in Python per lookup
-_LAUNCH_PARAMS: Dict[tuple, Tuple[AttentionConfig, dict]] = {}
-#: the launchers' memo of per-problem launch plans (kernels/reprogramming_attention.py), which hold
-#: configurations: forgotten with them
-LAUNCH_PLANS: Dict[tuple, Any] = {}
-
-
-def _forget_selections(launch_params_too: bool = False) -> None:
-    """Empties the memos that would serve configurations selected before a change of the tiles."""
-    _SELECTED.clear()
-    LAUNCH_PLANS.clear()
-    if launch_params_too:
-        _LAUNCH_PARAMS.clear()
-
-
-_NOT_SELECTED = object()  # select_config's memo holds None for "no kernel"
 
 
 @contextlib.contextmanager
@@ -375,13 +364,13 @@ def override_tiles(overrides: Dict[tuple, tuple]):
             raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
     saved = dict(_TILE_OVERRIDES)
     _TILE_OVERRIDES.update(overrides)
-    _forget_selections()  # the memos must not serve the tiles from before
+    _choose_config.cache_clear()  # the memo must not serve the tiles from before
     try:
         yield
     finally:
         _TILE_OVERRIDES.clear()
         _TILE_OVERRIDES.update(saved)
-        _forget_selections(launch_params_too=True)
+        _choose_config.cache_clear()
 
 
 @contextlib.contextmanager
@@ -394,41 +383,40 @@ def override_softmax(poly_eighths: int, rescale_threshold: float):
                          f"got {poly_eighths}, {rescale_threshold}")
     saved = _softmax_override
     _softmax_override = (int(poly_eighths), float(rescale_threshold))
-    _forget_selections()
+    _choose_config.cache_clear()
     try:
         yield
     finally:
         _softmax_override = saved
-        _forget_selections(launch_params_too=True)
+        _choose_config.cache_clear()
 
 
 def select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
                   device: torch.device, allow_tf32: bool = False) -> Optional[AttentionConfig]:
-    """The configuration of one launch, or None where this GPU generation has no kernel for it.
-    Looked up on every launch, so memoized (the interpreter flag changes the dot dtype: part of the key)."""
-    key = (role, data_dtype, head_dim, d_model, bool(has_dropout), device, bool(allow_tf32), interpreting())
-    cfg = _SELECTED.get(key, _NOT_SELECTED)
-    if cfg is _NOT_SELECTED:
-        cfg = _SELECTED[key] = _select_config(role, data_dtype, head_dim, d_model, has_dropout, device, allow_tf32)
-    return cfg
+    """The configuration of one launch, or None where this GPU generation has no kernel for it."""
+    return _choose_config(role, data_dtype, head_dim, d_model, bool(has_dropout), device, bool(allow_tf32),
+                          interpreting())
 
 
-def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
-                   device: torch.device, allow_tf32: bool) -> Optional[AttentionConfig]:
-    gpu = device.type == "cuda" and not interpreting()
+@functools.lru_cache(maxsize=None)
+def _choose_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
+                   device: torch.device, allow_tf32: bool, interpreted: bool) -> Optional[AttentionConfig]:
+    """select_config, memoized by value: every launch asks, and the answer is a function of these
+    arguments and the overrides (which clear the memo). Interpreted: the interpreter changes the
+    dot dtype and the tiles."""
+    gpu = device.type == "cuda" and not interpreted
     arch = arch_class(device) if gpu else 80  # the interpreter runs the sm_80 tiles
     if gpu and allow_tf32 and data_dtype == torch.float32:
         return None  # TF32 runs eager (DOT_PATHS)
     dot, precision = data_dtype, "ieee"
-    table = config_table()
     if role == "dropout_mask":
-        cfg = table[("dropout_mask", arch)]
+        cfg = CONFIG_TABLE[("dropout_mask", arch)]
     elif role == "bwd_delta":
-        cfg = table.get(("bwd_delta", arch, data_dtype))
+        cfg = CONFIG_TABLE.get(("bwd_delta", arch, data_dtype))
     else:
         block_e = block_e_for(head_dim)
-        drop = bool(has_dropout) and role == "fwd"
-        cfg = table.get((role, arch, data_dtype, dot, precision, block_d_for(d_model, head_dim), block_e, drop))
+        drop = has_dropout and role == "fwd"
+        cfg = CONFIG_TABLE.get((role, arch, data_dtype, dot, precision, block_d_for(d_model, head_dim), block_e, drop))
         if cfg is not None:
             tile = _TILE_OVERRIDES.get(cfg.tile_key)
             if tile is not None:
@@ -438,88 +426,50 @@ def _select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: i
                                           rescale_threshold=_softmax_override[1])
     if cfg is None or gpu:
         return cfg
-    # interpreter: bf16 runs on fp32 dots there (kernels/_launch.dot_dtype), tiles as on sm_80
+    # interpreter: bf16 runs on fp32 dots there (host.dot_dtype), tiles as on sm_80
     block_s = INTERPRETER_PROTOTYPE_BLOCK_S if role in ("prototype_logits", "prototype_logits_bwd") else cfg.block_s
     return dataclasses.replace(cfg, arch=INTERPRETER, block_s=block_s,
                                dot_dtype=torch.float32 if cfg.dot_dtype == torch.bfloat16 else cfg.dot_dtype)
 
 
 def launch_params(cfg: AttentionConfig) -> dict:
-    """The keyword arguments of a launch with `cfg` (memoized: asked on every launch)."""
-    key = (id(cfg), interpreting())
-    entry = _LAUNCH_PARAMS.get(key)
-    if entry is not None and entry[0] is cfg:  # the entry holds its config, so its id stays its own
-        return entry[1]
-    params = dict(cfg.constexprs())
+    """The keyword arguments of a launch with `cfg`: its constexprs, and num_warps, num_stages."""
+    params = cfg.constexprs()
     if not interpreting():
         params.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif cfg.data_dtype == torch.bfloat16 and cfg.dot_dtype == torch.float32 and "ROUND_TO_BF16" in params:
         # bf16 data on fp32 dots only because the interpreter cannot multiply bf16: round the
         # computed operands (P, dZ) as the bf16 tensor-core path does
         params["ROUND_TO_BF16"] = True
-    _LAUNCH_PARAMS[key] = (cfg, params)
     return params
 
 
-# ---------------------------------------------------------------------------------------------
-# ahead-of-time compilation (kernels/report.py, tests/test_aot.py)
-# ---------------------------------------------------------------------------------------------
-
-#: per role: the pointer arguments that are not in the data dtype
-_FP32_POINTERS = {
-    "fwd": ("lse_ptr",),
-    "bwd_delta": ("delta_ptr", "dx_ptr"),
-    "bwd_protos": ("lse_ptr", "delta_ptr", "dmc_ptr", "dv_ptr", "dx_ptr"),
-    "bwd_rows": ("lse_ptr", "delta_ptr", "dx_ptr"),
-    "dropout_mask": (),
-    "prototype_logits": (),
-    "prototype_logits_bwd": ("dmc_ptr",),
-}
-_FLOAT_SCALARS = ("qk_scale", "grad_scale", "dropout_p")
-#: integer arguments that SPEC §2 shapes make multiples of 16 (so the JIT specializes them there):
-#: head widths, row counts (B'·64), strides of the row-side operands and of V, the Philox row group
-#: (a multiple of 128). S = 1000, H = 8 and mc's strides (multiples of S' = 1000) are not; the kernels
-#: know mc's row stride is a multiple of PROTOTYPE_ALIGN.
-DIVISIBLE_BY_16 = ("R", "D", "E", "DX_COLS", "stride_x_r", "x_head_stride", "stride_v_s", "stride_v_h",
-                   "stride_dx_r", "stride_dx_h", "rows_per_chunk", "rows_per_group")
+def rows_per_philox_group(num_protos: int) -> int:
+    """Largest multiple of MAX_BLOCK_R rows whose dropout counters (row·S + s, padding included) fit
+    int32 (the Philox scheme: attention_device.py)."""
+    rows = (INT32_LIMIT - MAX_BLOCK_R) // max(num_protos + MAX_BLOCK_R, 1)
+    return (rows // MAX_BLOCK_R) * MAX_BLOCK_R
 
 
-def _signature(cfg: AttentionConfig, kernel) -> Dict[str, str]:
-    constexprs = cfg.constexprs()
-    data = "*" + SIG_DTYPE[cfg.data_dtype]
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "seed_ptr":
-            signature[name] = "*i64"
-        elif name == "keep_ptr":
-            signature[name] = "*i8"
-        elif name in _FP32_POINTERS[cfg.role]:
-            signature[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            signature[name] = data
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def aot_configs(kernels: dict) -> List[dict]:
-    """Every configuration of config_table() in the form triton.compile(ASTSource(...)) takes, for the
-    arch it serves; `kernels` maps a role to its kernel (reprogramming_attention.KERNELS)."""
-    return [
-        {
-            "name": cfg.name,
-            "fn": kernels[cfg.role],
-            "signature": _signature(cfg, kernels[cfg.role]),
-            "constexprs": cfg.constexprs(),
-            "num_warps": cfg.num_warps,
-            "num_stages": cfg.num_stages,
-            "archs": (cfg.arch,),
-            "divisible_by_16": DIVISIBLE_BY_16,
-            "config": cfg,
-        }
-        for cfg in config_table().values()
-    ]
+def unsupported_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, num_protos: int,
+                       has_dropout: bool, device: Optional[torch.device] = None,
+                       allow_tf32: bool = False) -> Optional[str]:
+    """Why this call has no kernel (the op layer then runs eager), or None. S matters only for the
+    dropout counters."""
+    if data_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {data_dtype} has no kernel (float32, bfloat16, float16 only)"
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"head width d_keys={head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if has_dropout and rows_per_philox_group(num_protos) < MAX_BLOCK_R:
+        return f"S={num_protos} prototypes is too many for the dropout counters"
+    if device is not None:
+        gpu = device.type == "cuda" and not interpreting()
+        if gpu and allow_tf32 and data_dtype == torch.float32:
+            return "allow_tf32: TF32 runs eager (PyTorch's SDPA runs fp32 on tensor cores); the kernels are IEEE fp32"
+        roles = ("fwd", "bwd_protos", "bwd_rows")
+        if keys_first(d_model, head_dim):
+            roles += ("prototype_logits", "prototype_logits_bwd")  # the factorized mc from projected keys
+        for role in roles:
+            if select_config(role, data_dtype, head_dim, d_model, has_dropout, device) is None:
+                return no_config_reason(data_dtype, head_dim, d_model, arch_class(device) if gpu else 80)
+    return None

@@ -1,12 +1,13 @@
 """Ahead-of-time compilation of every kernel configuration for real GPUs, with no GPU present.
 
-``python -m timellm_fast.kernels.report [--arch 75,80,90]`` compiles each entry of every kernel
-file's ``aot_configs()`` with ``triton.compile`` for the given compute capabilities and prints
-registers, spill bytes and shared memory per configuration (ptxas -v on the generated PTX),
-marks every row that spills, fails or needs more shared memory than its GPU generation has, and
-names the toolchain it used (Triton version, the ptxas of each architecture). tests/test_aot.py runs
-it under each supported Triton and asserts none does. ``--work`` counts the attention kernels' MMA
-FLOPs and exponentials per element from their SASS; ``--sass`` and ``--traffic`` profile others.
+``python bench/aot_report.py [--arch 75,80,90]`` compiles each entry of both ops' ``aot_configs()``
+(kernels/attention.py, kernels/patch_embedding.py) with ``triton.compile`` for the given compute
+capabilities and prints registers, spill bytes and shared memory per configuration (ptxas -v on
+the generated PTX), marks every row that spills, fails or needs more shared memory than its GPU
+generation has, and names the toolchain it used (Triton version, the ptxas of each architecture).
+tests/test_aot.py runs it under each supported Triton and asserts none does. ``--work`` counts the
+attention kernels' MMA FLOPs and exponentials per element from their SASS; ``--sass`` and
+``--traffic`` profile others.
 """
 from __future__ import annotations
 
@@ -34,12 +35,11 @@ from triton.backends.nvidia import compiler as nvidia
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from . import patch_embedding
-from . import reprogramming_attention as attn
-from . import reprogramming_attention_tiles as tiles
-from ._environment import interpreting
-
-ARCHS = (75, 80, 90)
+from timellm_fast.kernels import attention, patch_embedding
+from timellm_fast.kernels import attention_tiles as tiles
+from timellm_fast.kernels._environment import interpreting
+from timellm_fast.kernels.aot import ARCHS
+from timellm_fast.kernels.patch_embedding_tiles import WINDOW_FWD_TILES
 #: shared memory a block may use, per arch class: sm_75's 64 KiB; for sm_80 the 99 KiB of sm_86 and
 #: sm_89 (consumer Ampere and Ada take the sm_80 configurations too; an A100 has 163 KiB); sm_90's 227 KiB
 SHARED_MEMORY_LIMIT = {75: 65536, 80: 101376, 90: 232448}
@@ -70,12 +70,8 @@ class AotResult:
         return bool(self.error or self.spills or self.over_shared_memory)
 
 
-def kernel_modules():
-    return [patch_embedding, attn]
-
-
 def all_configs() -> List[dict]:
-    return [cfg for mod in kernel_modules() for cfg in mod.aot_configs()]
+    return patch_embedding.aot_configs() + attention.aot_configs()
 
 
 def _ptxas(arch: int) -> str:
@@ -200,7 +196,7 @@ def compile_all(archs: Iterable[int] = ARCHS, jobs: int = 1) -> List[AotResult]:
     key, default all), in `jobs` worker processes."""
     if interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the kernels "
-                           "are interpreter objects otherwise); run this module in its own process")
+                           "are interpreter objects otherwise); run this script in its own process")
     work = [(i, arch) for i, cfg in enumerate(all_configs()) for arch in archs
             if arch in cfg.get("archs", ARCHS)]
     if jobs <= 1:
@@ -295,25 +291,48 @@ def access_bytes(opcode: str) -> int:
     return 4
 
 
+#: The patch embedding forward's configuration at Traffic-folded (20688 contiguous bf16 series, T 512,
+#: patch_len 16, stride 8, d_model 16) and the arguments the JIT compiles as the constant 1 there
+#: (one variable per series as bench/common.py lays it out, unit time stride, the weight's tap
+#: stride); the multiples of 16 are the configuration's divisible_by_16.
+TRAFFIC_FOLDED_FWD = "patch_window_fwd[x=bf16,w=bf16,dot=bf16,C=16,O=16,dropout=False]"
+TRAFFIC_FOLDED_ONES = ("N_VARS", "s_t", "s_wk")
+
+
+def traffic_cases() -> list:
+    """For --traffic: the patch embedding forward's main loop at Traffic-folded, with SPEC §1.1's
+    minimum per output row (each series read once, each row of y written once; the weight is
+    1.5 KB for the whole call)."""
+    T, patch_len, stride, d_model, elem = 512, 16, 8, 16, 2
+    P = (T + stride - patch_len) // stride + 1
+    tile = WINDOW_FWD_TILES[torch.bfloat16]
+    config = next(c for c in patch_embedding.aot_configs() if c["name"] == TRAFFIC_FOLDED_FWD)
+    return [dict(config=config, ones=TRAFFIC_FOLDED_ONES, div16=(),
+                 shape="Traffic-folded (T 512, patch 16/8, d_model 16, bf16)",
+                 rows_per_iteration=tile.block_m, threads=32 * tile.num_warps,
+                 minimum_read=T * elem / P, minimum_written=d_model * elem, footprint_read=T * elem / P,
+                 issued_note=f"reads: 3 taps x {patch_len * elem} B, overlapping windows meant to hit L1, plus the "
+                             f"series' last {32 // elem} steps, loaded only by the rows whose patches reach past T")]
+
+
 def traffic_report(archs: Iterable[int]) -> List[str]:
-    """Bytes read and written per output row by each kernel file's traffic_cases() (a kernel's main
-    loop in SASS at a named specialization), against the case's SPEC minimum."""
+    """Bytes read and written per output row by each traffic case (a kernel's main loop in SASS at
+    a named specialization), against the case's SPEC minimum."""
     lines = []
-    for mod in kernel_modules():
-        for case in getattr(mod, "traffic_cases", lambda: [])():
-            for arch in archs:
-                prof = sass_profile(case["config"], arch, case["ones"], case["div16"])
-                per_row = case["threads"] / case["rows_per_iteration"]
-                read = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("LD"))
-                written = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("ST"))
-                lines += [f"{case['config']['name']} sm_{arch}, {case['shape']}:",
-                          f"  loop body ({case['rows_per_iteration']} rows, {case['threads']} threads): "
-                          + ", ".join(f"{op} x{n}" for op, n in sorted(prof["loop_memory"].items())),
-                          f"  issued per output row: {read * per_row:.0f} B read, {written * per_row:.0f} B written"
-                          f" ({case['issued_note']})",
-                          f"  SPEC §1.1 minimum per output row: {case['minimum_read']:.0f} B read, "
-                          f"{case['minimum_written']:.0f} B written; the loop's reads cover {case['footprint_read']:.0f} "
-                          f"distinct B per row (the rest re-reads them)"]
+    for case in traffic_cases():
+        for arch in archs:
+            prof = sass_profile(case["config"], arch, case["ones"], case["div16"])
+            per_row = case["threads"] / case["rows_per_iteration"]
+            read = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("LD"))
+            written = sum(access_bytes(op) * n for op, n in prof["loop_memory"].items() if op.startswith("ST"))
+            lines += [f"{case['config']['name']} sm_{arch}, {case['shape']}:",
+                      f"  loop body ({case['rows_per_iteration']} rows, {case['threads']} threads): "
+                      + ", ".join(f"{op} x{n}" for op, n in sorted(prof["loop_memory"].items())),
+                      f"  issued per output row: {read * per_row:.0f} B read, {written * per_row:.0f} B written"
+                      f" ({case['issued_note']})",
+                      f"  SPEC §1.1 minimum per output row: {case['minimum_read']:.0f} B read, "
+                      f"{case['minimum_written']:.0f} B written; the loop's reads cover {case['footprint_read']:.0f} "
+                      f"distinct B per row (the rest re-reads them)"]
     return lines
 
 
@@ -380,13 +399,13 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
     shipped value unless given) chooses per group of 128 prototypes, a branch the SASS does not
     resolve: its counts are (1 - share)·(the build with every group on MUFU.EX2) + share·(the build
     with every group on the polynomial), both counted from their SASS."""
-    by_name = {c["name"]: c for c in attn.aot_configs()}
+    by_name = {c["name"]: c for c in attention.aot_configs()}
     lines = []
     for shape, d_model, head_dim in WORK_SHAPES:
         block_d, block_e = tiles.block_d_for(d_model, head_dim), tiles.block_e_for(head_dim)
 
         def work(role, **constants):
-            cfg = tiles.config_table()[(role, arch, torch.bfloat16, torch.bfloat16, "ieee", block_d, block_e, False)]
+            cfg = tiles.CONFIG_TABLE[(role, arch, torch.bfloat16, torch.bfloat16, "ieee", block_d, block_e, False)]
             eighths = cfg.poly_eighths if poly_eighths is None else poly_eighths
             counts = []
             for pure in (0, 8):  # every group on MUFU.EX2, every group on the polynomial

@@ -2,11 +2,10 @@
 on the CPU) and every launch goes through Triton's whole host path, JITFunction.run included, up
 to the driver's launcher, which records the launch instead of running it.
 
-What it is for: measuring the host time of a launch (bench/host_overhead.py) and proving that
-:func:`kernels._launch.launch` starts the same compiled kernel with the same arguments as
-Triton's own path (tests/test_launch_cache.py), on any machine. The kernels' outputs stay
-uninitialized. Use it in a process of its own, without TRITON_INTERPRET (a kernel is
-interpreted or compiled for good when it is imported):
+What it is for: measuring the host time of the op layer's calls, kernel launches included, on any
+machine (bench/host_overhead.py). The kernels' outputs stay uninitialized. Use it in a process of
+its own, without TRITON_INTERPRET (a kernel is interpreted or compiled for good when it is
+imported):
 
     with recording_driver() as recorder:
         ...  # launchers on CPU tensors
@@ -23,8 +22,7 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from . import _launch
-from ._environment import interpreting
+from timellm_fast.kernels._environment import interpreting
 
 
 class Launch(NamedTuple):
@@ -110,9 +108,9 @@ class RecordingDriver:
 @contextlib.contextmanager
 def recording_driver(arch: int = 90, record: bool = True) -> Iterator[RecordingDriver]:
     """Makes a RecordingDriver Triton's active driver inside the block. On leaving, the compiled
-    kernels it loaded (Triton's per-device caches of the kernels launched, the launch cache)
-    are dropped, still under it: their handles mean nothing to a real driver. (A CompiledKernel
-    the caller still holds is unloaded later by whatever driver is active then.)"""
+    kernels it loaded (Triton's per-device caches of the kernels launched) are dropped, still
+    under it: their handles mean nothing to a real driver. (A CompiledKernel the caller still holds
+    is unloaded later by whatever driver is active then.)"""
     if interpreting():
         raise RuntimeError("recording_driver needs compiled kernels: unset TRITON_INTERPRET for this process")
     recorder = RecordingDriver(arch, record)
@@ -124,16 +122,5 @@ def recording_driver(arch: int = 90, record: bool = True) -> Iterator[RecordingD
         # dropped while the recorder is still the driver that unloads them
         for kernel in recorder.launched_kernels:
             kernel.device_caches.clear()
-        _launch.clear_launch_cache()
         gc.collect()
         driver.set_active(previous)
-
-
-def triton_choice(launch: Launch):
-    """The CompiledKernel Triton's own path (JITFunction.run) picks for a recorded launch's
-    arguments, compiling it if it has none: every argument bound by name, as its binder would,
-    with the launch's num_warps and num_stages (Triton keys on the options as passed, so this
-    matches launches that pass both, as every launcher here does)."""
-    kernel = launch.kernel
-    named = {param.name: value for param, value in zip(kernel.params, launch.args)}
-    return kernel.warmup(grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages, **named)
