@@ -402,7 +402,8 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
     by_name = {c["name"]: c for c in attention.aot_configs()}
     lines = []
     for shape, d_model, head_dim in WORK_SHAPES:
-        block_d, block_e = tiles.block_d_for(d_model, head_dim), tiles.block_e_for(head_dim)
+        form = attention.core_form(d_model, head_dim)
+        block_d, block_e = form.block_d, form.block_e
 
         def work(role, **constants):
             cfg = tiles.CONFIG_TABLE[(role, arch, torch.bfloat16, torch.bfloat16, "ieee", block_d, block_e, False)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
+from timellm_fast import PatchEmbedding, ReprogrammingLayer
 from timellm_fast.data import ett_windows
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold

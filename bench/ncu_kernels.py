@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     for launch in ("warm-up", "profiled"):
         pe.patch_embedding_fwd(x_series, weight, dtype, patch_shape.patch_len, patch_shape.stride,
                                patch_shape.patches, seed)
-        out, lse = attn.attention_forward(x, mc, v, *form)
-        attn.attention_backward(x, mc, v, out, grad, lse, *form)
-        attn.attention_backward(x, mc, v, out, grad, lse, *form, need_protos=False)  # the row-stationary pass
+        out, lse = attn.attention_forward(x, mc, v, form)
+        attn.attention_backward(x, mc, v, out, grad, lse, form)
+        attn.attention_backward(x, mc, v, out, grad, lse, form, need_protos=False)  # the row-stationary pass
         if ON_GPU:
             torch.cuda.synchronize()
         print(f"{launch}: patch_window_fwd at {patch_shape.name} ({patch_shape.rows} series), "

@@ -65,16 +65,14 @@ def problem(shape, dtype: torch.dtype, device: torch.device, dropout: bool) -> d
 def run_role(role: str, t: dict):
     f = t["form"]
     if role == "fwd":
-        return attn.attention_forward(t["x"], t["mc"], t["v"], f.d_logit, f.x_head_stride, f.has_bias, f.scale,
-                                      f.d_model, t["dropout_p"], t["seed"])
-    dx, dmc, dv = attn.attention_backward(t["x"], t["mc"], t["v"], t["out"], t["grad"], t["lse"], f.d_logit,
-                                          f.x_head_stride, f.has_bias, f.scale, f.d_model, t["dropout_p"], t["seed"],
-                                          deterministic=role == "bwd_rows")
+        return attn.attention_forward(t["x"], t["mc"], t["v"], f, t["dropout_p"], t["seed"])
+    dx, dmc, dv = attn.attention_backward(t["x"], t["mc"], t["v"], t["out"], t["grad"], t["lse"], f, t["dropout_p"],
+                                          t["seed"], deterministic=role == "bwd_rows")
     return torch.cat([dx.flatten(), dmc.flatten(), dv.flatten()])
 
 
 def shipped_config(role: str, dtype: torch.dtype, shape, dropout: bool, device: torch.device):
-    return tiles.select_config(role, dtype, shape.d_keys, shape.d_model, dropout, device)
+    return tiles.select_config(role, dtype, attn.core_form(shape.d_model, shape.d_keys), dropout, device)
 
 
 def _compile_worker(args) -> str:

@@ -4,7 +4,7 @@ and the compute capability of a CUDA device.
 The one guarded import of Triton and the one reading of TRITON_INTERPRET (at import). Nothing here needs
 Triton, so the library's dispatch and op modules import it whether or not Triton is installed and
 import the kernel files only when :data:`TRITON_IMPORT_ERROR` is None. The interpreter's numerical
-workarounds live in _launch.dot_dtype and _launch.store_dtype.
+workarounds live in host.dot_dtype and host.store_dtype.
 """
 from __future__ import annotations
 
@@ -36,14 +36,7 @@ def interpreting() -> bool:
     return INTERPRETING
 
 
-_CAPABILITY: dict = {}
-
-
 def device_capability(device: torch.device) -> tuple:
-    """(major, minor) of a CUDA device, asked of the driver once per device: the op layer needs it
-    on every call (dispatch, tile choice), and each torch.cuda query is microseconds of host time."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
-    return capability
+    """(major, minor) of a CUDA device (the current one when the device has no index)."""
+    return tuple(torch.cuda.get_device_capability(device.index if device.index is not None
+                                                  else torch.cuda.current_device()))

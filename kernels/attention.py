@@ -42,8 +42,9 @@ The kernels, by file:
   prototype_logits_backward);
 * attention_device.py: the @triton.jit helpers they share (operand loads, dot-operand rounding,
   the Philox keep mask, the exponentials);
-* attention_tiles.py: the tiles as data, the choice of a configuration per launch, the logits'
-  form (is_factorized, block_d_for, keys_first) and which calls have a kernel (unsupported_reason).
+* attention_form.py: the core's form (CoreForm: factorized or standard, its widths), decided once
+  per call and passed whole to the launchers, and which calls have a kernel (unsupported_reason);
+* attention_tiles.py: the tiles as data and the choice of a configuration per launch.
 """
 from __future__ import annotations
 
@@ -52,16 +53,16 @@ from typing import List
 import torch
 
 from .aot import aot_config
-from .attention_backward import (attention_backward, attention_bwd_delta_kernel, attention_bwd_protos_kernel,
-                                 attention_bwd_rows_kernel)
+from .attention_backward import (CoreGradients, attention_backward, attention_bwd_delta_kernel,
+                                 attention_bwd_protos_kernel, attention_bwd_rows_kernel)
 from .attention_forward import attention_forward, attention_fwd_kernel, dropout_keep_mask, dropout_keep_mask_kernel
-from .attention_tiles import (CONFIG_TABLE, PROTOTYPE_ALIGN, block_d_for, is_factorized, keys_first,
-                              unsupported_reason)
+from .attention_form import CoreForm, core_form, standard_form, unsupported_reason
+from .attention_tiles import CONFIG_TABLE, PROTOTYPE_ALIGN
 from .prototype_side import (prototype_logits, prototype_logits_backward, prototype_logits_bwd_kernel,
                              prototype_logits_kernel)
 
-__all__ = ["PROTOTYPE_ALIGN", "aot_configs", "attention_backward", "attention_forward", "block_d_for",
-           "dropout_keep_mask", "is_factorized", "keys_first", "prototype_logits", "prototype_logits_backward",
+__all__ = ["PROTOTYPE_ALIGN", "CoreForm", "CoreGradients", "aot_configs", "attention_backward", "attention_forward",
+           "core_form", "dropout_keep_mask", "prototype_logits", "prototype_logits_backward", "standard_form",
            "unsupported_reason"]
 
 #: role -> kernel, what the tile table's configurations launch

@@ -20,7 +20,7 @@ with the forward's exponentials and dropout mask (attention_device).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .attention_device import (LOG2E, MC_ALIGN, check_operands, dot_operand, dropout_keep, load_protos, load_rows,
                                softmax_exp2)
+from .attention_form import CoreForm
 from .attention_tiles import PROTOTYPE_ALIGN, launch_params, rows_per_philox_group, select_config
 from .host import cdiv, seed_tensor
 
@@ -247,6 +248,13 @@ def attention_bwd_rows_kernel(
     tl.store(dx_ptrs, dx * grad_scale, mask=r_mask[:, None] & d_mask[None, :])
 
 
+class CoreGradients(NamedTuple):
+    """The attention core's gradients, fp32: x's [R, x.shape[1]], mc's [H, W, S'], v's [S, H, E]."""
+    x: Optional[torch.Tensor]
+    mc: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+
+
 def protos_rows_per_chunk(num_rows: int, num_proto_blocks: int, n_heads: int, block_r: int) -> int:
     """Rows per program of the prototype-stationary backward: enough chunks to fill the GPU, each a
     whole number of row blocks (at least four, so a chunk amortizes loading its prototype tile).
@@ -266,14 +274,14 @@ def attention_backward(
     out: torch.Tensor,  # out: [R, H*E], attention_forward's
     grad: torch.Tensor,  # grad: [R, H*E], its gradient
     lse: torch.Tensor,  # lse: [H, R] fp32, attention_forward's
-    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
+    form: CoreForm,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,  # the forward's
     allow_tf32: bool = False,
     need_dx: bool = True,
     need_protos: bool = True,
     deterministic: bool = False,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> CoreGradients:
     """(dx: [R, x.shape[1]] fp32, dmc: [H, W, S'] fp32, dv: [S, H, E] fp32), None where not needed;
     dmc's prototype columns S..S' (mc's alignment padding) are zeros.
 
@@ -287,27 +295,27 @@ def attention_backward(
     S, H, E = v.shape
     _, W, S_pad = mc.shape
     if R == 0:  # empty batch: dx is empty and the prototype side is a sum over no rows
-        return (torch.zeros((0, dx_cols), dtype=f32, device=dev) if need_dx else None,
-                torch.zeros((H, W, S_pad), dtype=f32, device=dev) if need_protos else None,
-                torch.zeros((S, H, E), dtype=f32, device=dev) if need_protos else None)
+        return CoreGradients(torch.zeros((0, dx_cols), dtype=f32, device=dev) if need_dx else None,
+                             torch.zeros((H, W, S_pad), dtype=f32, device=dev) if need_protos else None,
+                             torch.zeros((S, H, E), dtype=f32, device=dev) if need_protos else None)
     grad, out = grad.contiguous(), out.contiguous()
     # dx added by the prototype-stationary kernel with atomics (default mode)
     atomic_dx = need_dx and need_protos and not deterministic
-    operand_strides = (x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
+    operand_strides = (x.stride(0), form.x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
                        v.stride(0), v.stride(1), dx_cols)
-    logit_args = (int(has_bias), LOG2E * scale, scale)  # has_bias, qk_scale, grad_scale
+    logit_args = (int(form.factorized), LOG2E * form.scale, form.scale)  # has_bias, qk_scale, grad_scale
     philox = (float(dropout_p), seed, rows_per_philox_group(S))
 
     delta = torch.empty(H, R, dtype=f32, device=dev)
     dx = torch.empty(R, dx_cols, dtype=f32, device=dev) if atomic_dx else None  # zeroed by the delta kernel
     dx_or_delta = dx if atomic_dx else delta  # the delta kernel's dx argument (untouched without atomics)
-    cfg = select_config("bwd_delta", dt, E, d_model, False, dev, allow_tf32)
+    cfg = select_config("bwd_delta", dt, None, False, dev, allow_tf32)
     attention_bwd_delta_kernel[(cdiv(R, cfg.block_r),)](
         out, grad, delta, dx_or_delta, R, H, E, dx_cols, int(atomic_dx), **launch_params(cfg))
 
     dmc = dv = None
     if need_protos:
-        cfg = select_config("bwd_protos", dt, E, d_model, dropout_p > 0.0, dev, allow_tf32)
+        cfg = select_config("bwd_protos", dt, form, dropout_p > 0.0, dev, allow_tf32)
         proto_blocks = cdiv(S, cfg.block_s)
         rows_per_chunk = protos_rows_per_chunk(R, proto_blocks, H, cfg.block_r)
         chunks = cdiv(R, rows_per_chunk)  # partial sums of dmc and dv over row chunks
@@ -317,19 +325,19 @@ def attention_backward(
         dv = torch.empty(*chunk_axis, S, H, E, dtype=f32, device=dev)  # [(C,) S, H, E]
         attention_bwd_protos_kernel[(proto_blocks, H, chunks)](
             x, mc, v, grad, lse, delta, dmc, dv, dx if atomic_dx else dmc,  # dx: untouched without atomics
-            R, S, d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *logit_args, int(atomic_dx), *philox,
+            R, S, form.d_logit, H, E, W, S_pad, *operand_strides, rows_per_chunk, *logit_args, int(atomic_dx), *philox,
             **launch_params(cfg))
         if chunk_axis:
             dmc, dv = dmc.sum(0), dv.sum(0)
 
     if need_dx and not atomic_dx:
-        cfg = select_config("bwd_rows", dt, E, d_model, dropout_p > 0.0, dev, allow_tf32)
-        if x_head_stride == 0:  # factorized: every head adds into the same target columns, summed below
+        cfg = select_config("bwd_rows", dt, form, dropout_p > 0.0, dev, allow_tf32)
+        if form.factorized:  # every head adds into the same target columns, summed below
             dx_heads, head_stride = torch.empty(H, R, dx_cols, dtype=f32, device=dev), R * dx_cols
         else:  # standard: head h owns columns h·E + [0, E) of dQ
-            dx_heads, head_stride = torch.empty(R, dx_cols, dtype=f32, device=dev), x_head_stride
+            dx_heads, head_stride = torch.empty(R, dx_cols, dtype=f32, device=dev), form.x_head_stride
         attention_bwd_rows_kernel[(cdiv(R, cfg.block_r), H)](
-            x, mc, v, grad, lse, delta, dx_heads, R, S, d_logit, H, E, *operand_strides, head_stride, *logit_args,
+            x, mc, v, grad, lse, delta, dx_heads, R, S, form.d_logit, H, E, *operand_strides, head_stride, *logit_args,
             *philox, **launch_params(cfg))
-        dx = dx_heads.sum(0) if x_head_stride == 0 else dx_heads
-    return dx, dmc, dv
+        dx = dx_heads.sum(0) if form.factorized else dx_heads
+    return CoreGradients(dx, dmc, dv)

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .attention_device import (LOG2E, MC_ALIGN, check_operands, dot_operand, dropout_keep, load_protos, load_rows,
                                softmax_exp2)
+from .attention_form import CoreForm
 from .attention_tiles import PROTOTYPE_ALIGN, launch_params, rows_per_philox_group, select_config
 from .host import cdiv, seed_tensor, store_dtype
 
@@ -152,14 +153,10 @@ def dropout_keep_mask_kernel(
 
 
 def attention_forward(
-    x: torch.Tensor,  # x: [R, *], logit operand rows (target, or Q on the standard form)
-    mc: torch.Tensor,  # mc: [H, W, S']: Y_hᵀ in rows [0, D), c_h in row D when has_bias
+    x: torch.Tensor,  # x: [R, *], logit operand rows (padded target, or Q on the standard form)
+    mc: torch.Tensor,  # mc: [H, W, S']: Y_hᵀ in rows [0, D), c_h in row D when factorized
     v: torch.Tensor,  # v: [S, H, E]
-    d_logit: int,  # D: width of the logit dot products
-    x_head_stride: int,  # 0 (factorized: every head reads the same target columns) or E
-    has_bias: bool,
-    scale: float,  # the logits' factor (1/sqrt(E))
-    d_model: int,  # the layer's d_model (selects the factorized tile shape)
+    form: CoreForm,
     dropout_p: float = 0.0,
     seed: Optional[torch.Tensor] = None,  # [1] int64 on the device; needed when dropout_p > 0
     allow_tf32: bool = False,
@@ -168,15 +165,15 @@ def attention_forward(
     check_operands(x, mc, v)
     R = x.shape[0]
     S, H, E = v.shape
-    cfg = select_config("fwd", x.dtype, E, d_model, dropout_p > 0.0, x.device, allow_tf32)
+    cfg = select_config("fwd", x.dtype, form, dropout_p > 0.0, x.device, allow_tf32)
     out = torch.empty(R, H * E, dtype=store_dtype(x.dtype), device=x.device)
     lse = torch.empty(H, R, dtype=torch.float32, device=x.device)
     if R:  # no rows, nothing to launch (an empty grid is not launchable everywhere)
         attention_fwd_kernel[(cdiv(R, cfg.block_r), H)](
-            x, mc, v, out, lse, R, S, d_logit, H, E,
-            x.stride(0), x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
-            v.stride(0), v.stride(1), int(has_bias), LOG2E * scale, float(dropout_p), seed, rows_per_philox_group(S),
-            **launch_params(cfg))
+            x, mc, v, out, lse, R, S, form.d_logit, H, E,
+            x.stride(0), form.x_head_stride, mc.stride(0) // PROTOTYPE_ALIGN, mc.stride(1) // PROTOTYPE_ALIGN,
+            v.stride(0), v.stride(1), int(form.factorized), LOG2E * form.scale, float(dropout_p), seed,
+            rows_per_philox_group(S), **launch_params(cfg))
     return out.to(x.dtype), lse
 
 
@@ -186,7 +183,7 @@ def dropout_keep_mask(num_rows: int, num_protos: int, n_heads: int, dropout_p: f
 
     keep[h, r, s] multiplies the probability of row r (of B'·L), head h, prototype s.
     """
-    cfg = select_config("dropout_mask", torch.float32, 16, 16, True, device)
+    cfg = select_config("dropout_mask", torch.float32, None, True, device)
     keep = torch.empty((n_heads, num_rows, num_protos), dtype=torch.int8, device=device)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     dropout_keep_mask_kernel[(cdiv(num_rows, cfg.block_r), n_heads)](

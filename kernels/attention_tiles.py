@@ -14,8 +14,8 @@ row-stationary kernels; dropout is a run-time value there, so one build serves t
 without it), "bwd_delta", "dropout_mask", and "prototype_logits" and "prototype_logits_bwd" (the
 factorized mc from projected keys and its backward; fixed small tiles).
 
-The form of the logits is decided here too, from the layer's widths alone (is_factorized,
-block_d_for, keys_first), since the tiles are keyed by it.
+The tiles are keyed by the core's form (attention_form.py: BLOCK_D, BLOCK_E); which calls have a
+kernel at all is decided there.
 """
 from __future__ import annotations
 
@@ -253,30 +253,6 @@ def block_e_for(head_dim: int) -> int:
     return max(BLOCK_E_CHOICES[0], next_pow2(head_dim))
 
 
-def is_factorized(d_model: int, head_dim: int) -> bool:
-    """The factorized form's logit dots are d_model wide, the standard form's E wide (SPEC §1.3)."""
-    return d_model <= head_dim and d_model <= FACTORIZED_BLOCK_D[-1]
-
-
-def block_d_for(d_model: int, head_dim: int) -> int:
-    """BLOCK_D, the padded width of the logit dots (the factorized form pads d_model up to it)."""
-    block_e = block_e_for(head_dim)
-    if is_factorized(d_model, head_dim):
-        for width in FACTORIZED_BLOCK_D:
-            if d_model <= width and (width, block_e) in BLOCK_PAIRS:
-                return width
-    return block_e
-
-
-def keys_first(d_model: int, head_dim: int) -> bool:
-    """Factorized: whether mc is formed from the projected keys (mc_h = [Wq_h | 0 | bq_h]ᵀ·K_hᵀ,
-    prototype_logits_kernel) rather than from G_h = [Wq_h | 0 | bq_h]ᵀ·Wk_h without K. The K
-    projection costs S·d_llm·H·E multiply-adds, G's route S·d_llm·H·W: where E <= W = BLOCK_D + 1
-    projecting K is no more work, and it is one GEMM fewer in each direction (the small shapes
-    are host-bound: every op counts)."""
-    return is_factorized(d_model, head_dim) and head_dim <= block_d_for(d_model, head_dim) + 1
-
-
 def mma_work_budget(role: str, block_d: int, block_e: int, with_dx: bool = True) -> int:
     """SPEC §1.3's MMA FLOPs per (row, prototype, head) element for one kernel role at BLOCK_D,
     BLOCK_E: the forward 2·D + 2·E; the prototype pass 6·D + 4·E with the row side (the default
@@ -289,20 +265,6 @@ def mma_work_budget(role: str, block_d: int, block_e: int, with_dx: bool = True)
     if role == "bwd_rows":
         return 4 * block_d + 2 * block_e
     raise ValueError(f"no MMA work budget for role {role!r}")
-
-
-def no_config_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, arch: int) -> str:
-    """Why a GPU generation has no configuration for this dtype and shape (it then runs eager)."""
-    if arch == 75 and data_dtype != torch.float16:
-        return (f"{data_dtype} on Turing (sm_75) runs eager: no bf16 tensor cores, and FMA kernels lose to "
-                f"SDPA there (float16 takes the kernel)")
-    if arch == 75 and block_e_for(head_dim) > TURING_MAX_BLOCK_E:
-        return (f"head width d_keys={head_dim} on Turing (sm_75) runs eager: its MMA lowering spills above "
-                f"{TURING_MAX_BLOCK_E}")
-    if data_dtype == torch.float32 and block_d_for(d_model, head_dim) not in FACTORIZED_BLOCK_D:
-        return (f"float32 with d_model={d_model} > d_keys={head_dim} >= 64 runs eager: the FMA kernels spill "
-                f"at that logit width (bf16 and fp16 take the kernel)")
-    return f"no kernel configuration for {data_dtype}, d_keys={head_dim}, d_model={d_model} on sm_{arch}"
 
 
 def _config_table() -> Dict[tuple, AttentionConfig]:
@@ -391,15 +353,18 @@ def override_softmax(poly_eighths: int, rescale_threshold: float):
         _choose_config.cache_clear()
 
 
-def select_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
-                  device: torch.device, allow_tf32: bool = False) -> Optional[AttentionConfig]:
-    """The configuration of one launch, or None where this GPU generation has no kernel for it."""
-    return _choose_config(role, data_dtype, head_dim, d_model, bool(has_dropout), device, bool(allow_tf32),
+def select_config(role: str, data_dtype: torch.dtype, form, has_dropout: bool, device: torch.device,
+                  allow_tf32: bool = False) -> Optional[AttentionConfig]:
+    """The configuration of one launch, or None where this GPU generation has no kernel for it.
+    `form`: the core's (attention_form.CoreForm: its BLOCK_D and BLOCK_E key the tiles); None for the
+    delta and mask roles, which have one tile per dtype."""
+    block_d, block_e = (form.block_d, form.block_e) if form is not None else (0, 0)
+    return _choose_config(role, data_dtype, block_d, block_e, bool(has_dropout), device, bool(allow_tf32),
                           interpreting())
 
 
 @functools.lru_cache(maxsize=None)
-def _choose_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: int, has_dropout: bool,
+def _choose_config(role: str, data_dtype: torch.dtype, block_d: int, block_e: int, has_dropout: bool,
                    device: torch.device, allow_tf32: bool, interpreted: bool) -> Optional[AttentionConfig]:
     """select_config, memoized by value: every launch asks, and the answer is a function of these
     arguments and the overrides (which clear the memo). Interpreted: the interpreter changes the
@@ -414,9 +379,8 @@ def _choose_config(role: str, data_dtype: torch.dtype, head_dim: int, d_model: i
     elif role == "bwd_delta":
         cfg = CONFIG_TABLE.get(("bwd_delta", arch, data_dtype))
     else:
-        block_e = block_e_for(head_dim)
         drop = has_dropout and role == "fwd"
-        cfg = CONFIG_TABLE.get((role, arch, data_dtype, dot, precision, block_d_for(d_model, head_dim), block_e, drop))
+        cfg = CONFIG_TABLE.get((role, arch, data_dtype, dot, precision, block_d, block_e, drop))
         if cfg is not None:
             tile = _TILE_OVERRIDES.get(cfg.tile_key)
             if tile is not None:
@@ -449,27 +413,3 @@ def rows_per_philox_group(num_protos: int) -> int:
     int32 (the Philox scheme: attention_device.py)."""
     rows = (INT32_LIMIT - MAX_BLOCK_R) // max(num_protos + MAX_BLOCK_R, 1)
     return (rows // MAX_BLOCK_R) * MAX_BLOCK_R
-
-
-def unsupported_reason(data_dtype: torch.dtype, head_dim: int, d_model: int, num_protos: int,
-                       has_dropout: bool, device: Optional[torch.device] = None,
-                       allow_tf32: bool = False) -> Optional[str]:
-    """Why this call has no kernel (the op layer then runs eager), or None. S matters only for the
-    dropout counters."""
-    if data_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"dtype {data_dtype} has no kernel (float32, bfloat16, float16 only)"
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        return f"head width d_keys={head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-    if has_dropout and rows_per_philox_group(num_protos) < MAX_BLOCK_R:
-        return f"S={num_protos} prototypes is too many for the dropout counters"
-    if device is not None:
-        gpu = device.type == "cuda" and not interpreting()
-        if gpu and allow_tf32 and data_dtype == torch.float32:
-            return "allow_tf32: TF32 runs eager (PyTorch's SDPA runs fp32 on tensor cores); the kernels are IEEE fp32"
-        roles = ("fwd", "bwd_protos", "bwd_rows")
-        if keys_first(d_model, head_dim):
-            roles += ("prototype_logits", "prototype_logits_bwd")  # the factorized mc from projected keys
-        for role in roles:
-            if select_config(role, data_dtype, head_dim, d_model, has_dropout, device) is None:
-                return no_config_reason(data_dtype, head_dim, d_model, arch_class(device) if gpu else 80)
-    return None

@@ -1,7 +1,7 @@
 """The factorized form's prototype side from projected keys: the kernels that form mc from K, Wq
 and bq in one pass, and its backward, with their launchers.
 
-Where E <= BLOCK_D + 1 (attention_tiles.keys_first) the layer projects K = source·Wkᵀ + bk and
+Where E <= BLOCK_D + 1 (attention_form.CoreForm.keys_first) the layer projects K = source·Wkᵀ + bk and
 forms, per head h, mc_h = wqb_hᵀ·K_hᵀ with wqb_h = [Wq_h | 0 | bq_h] ([E, BLOCK_D + 1]): rows
 [0, BLOCK_D) of mc_h hold Y_hᵀ = (K_h·Wq_h)ᵀ, zero past d_model, row BLOCK_D holds c_h = K_h·bq_h,
 the layout attention_forward reads (kernels/attention.py). Its backward, from mc's gradient dmc:
@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .attention_device import dot_operand
-from .attention_tiles import PROTOTYPE_ALIGN, keys_first, launch_params, select_config
+from .attention_form import CoreForm
+from .attention_tiles import PROTOTYPE_ALIGN, launch_params, select_config
 from .host import cdiv, require_unit_last_stride, store_dtype
 
 
@@ -123,6 +124,7 @@ def prototype_logits(
     bq: torch.Tensor,  # bq: [H*E], its bias
     k: torch.Tensor,  # k: [S, H*E], the projected keys
     n_heads: int,
+    form: CoreForm,  # a keys_first form
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # mc: [H, BLOCK_D + 1, S'] (S' = S rounded up to PROTOTYPE_ALIGN), wqb
     """The factorized form's prototype side from projected keys (prototype_logits_kernel), in k's
     dtype: mc, attention_forward's operand, whose rows [0, BLOCK_D) of mc_h are (K_h·Wq_h)ᵀ with
@@ -137,10 +139,10 @@ def prototype_logits(
         raise ValueError(f"k [S, H*E] and bq [H*E] must match wq [H*E, d_model] with H={n_heads}, got k "
                          f"{tuple(k.shape)}, bq {tuple(bq.shape)}, wq {tuple(wq.shape)}")
     require_unit_last_stride(wq=wq, bq=bq, k=k)
-    cfg = select_config("prototype_logits", k.dtype, E, DM, False, k.device)
-    if cfg is None or not keys_first(DM, E):
-        raise ValueError(f"no prototype-logits kernel for d_model={DM}, d_keys={E}, {k.dtype} (the factorized "
-                         f"form forms mc from K where d_keys <= BLOCK_D + 1: keys_first)")
+    cfg = select_config("prototype_logits", k.dtype, form, False, k.device)
+    if cfg is None or not form.keys_first or (form.d_model, form.head_dim) != (DM, E):
+        raise ValueError(f"no prototype-logits kernel for d_model={DM}, d_keys={E}, {k.dtype} with {form} (the "
+                         f"factorized form forms mc from K where d_keys <= BLOCK_D + 1: keys_first)")
     S_pad = S + (-S % PROTOTYPE_ALIGN)
     mc = torch.empty(n_heads, cfg.block_d + 1, S_pad, dtype=store_dtype(k.dtype), device=k.device)
     wqb = torch.empty(HE, cfg.block_d + 1, dtype=k.dtype, device=k.device)
@@ -154,7 +156,8 @@ def prototype_logits_backward(
     dmc: torch.Tensor,  # dmc: [H, BLOCK_D + 1, S'] fp32, attention_backward's
     wqb: torch.Tensor,  # wqb: [H*E, BLOCK_D + 1], prototype_logits'
     k: torch.Tensor,  # k: [S, H*E], the projected keys prototype_logits read
-    n_heads: int, d_model: int,
+    n_heads: int,
+    form: CoreForm,  # prototype_logits'
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # dkt [H*E, S], dwq [H*E, DM], dbq, dbk [H*E]
     """The gradients prototype_logits' mc passes on, in k's dtype (prototype_logits_bwd_kernel):
     d Kᵀ, Wq's and bq's, and bk's (Σ_s d Kᵀ: K = source·Wkᵀ + bk). dmc's alignment columns are
@@ -167,10 +170,11 @@ def prototype_logits_backward(
         raise ValueError(f"dmc [H, W, S'] and k [S, H*E] must match wqb [H*E, W] with H={n_heads}, got dmc "
                          f"{tuple(dmc.shape)}, k {tuple(k.shape)}, wqb {tuple(wqb.shape)}")
     require_unit_last_stride(dmc=dmc, wqb=wqb, k=k)
-    cfg = select_config("prototype_logits_bwd", k.dtype, E, d_model, False, k.device)
-    if cfg is None or not keys_first(d_model, E) or W != cfg.block_d + 1:
-        raise ValueError(f"no prototype-logits backward for d_model={d_model}, d_keys={E}, W={W}, {k.dtype} "
-                         f"(keys_first shapes only)")
+    d_model = form.d_model
+    cfg = select_config("prototype_logits_bwd", k.dtype, form, False, k.device)
+    if cfg is None or not form.keys_first or E != form.head_dim or W != cfg.block_d + 1:
+        raise ValueError(f"no prototype-logits backward for d_keys={E}, W={W}, {k.dtype} with {form} "
+                         f"(keys_first forms only)")
     dev, out_dtype = k.device, store_dtype(k.dtype)
     dkt = torch.empty(HE, S, dtype=out_dtype, device=dev)
     dwq = torch.empty(HE, d_model, dtype=out_dtype, device=dev)

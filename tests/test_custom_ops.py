@@ -106,7 +106,7 @@ def test_opcheck_reprogramming_attention_ops(dtype, dropout_p, d_model):
     target, wq, bq = rand(R, d_model), rand(H * E, d_model) / 4, rand(H * E)
     kv = rand(S, 2 * H * E)  # K then V
     x, mc, v, form = core_from_keys(target, wq, bq, kv, H)
-    assert form.has_bias == (d_model <= E)
+    assert form.factorized == (d_model <= E)
     seed = attention_seed(dropout_p, DEVICE)
     x, mc, v = (t.detach().requires_grad_(True) for t in (x, mc, v))
     args = (x, mc, v, *form, dropout_p, seed, False, False)

@@ -32,6 +32,7 @@ from timellm_fast.reprogramming import ReprogrammingLayer
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 from timellm_fast.kernels import attention_backward
 from timellm_fast.kernels import attention_tiles as tiles
+from timellm_fast.kernels.attention_form import core_form
 
 
 def reprogramming_run(B, L, S, E, dropout, shared=True):
@@ -69,7 +70,7 @@ def test_reprogramming_same_seed_same_bits(B, L, S, E, shared, dropout, monkeypa
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     if B * L >= 1024:
-        cfg = tiles.select_config("bwd_protos", torch.float32, E, 16, dropout > 0, DEVICE)
+        cfg = tiles.select_config("bwd_protos", torch.float32, core_form(16, E), dropout > 0, DEVICE)
         per_chunk = attention_backward.protos_rows_per_chunk(B * L, -(-S // cfg.block_s), 2, cfg.block_r)
         assert -(-B * L // per_chunk) >= 2, "must use several row chunks"
     first = reprogramming_run(B, L, S, E, dropout, shared)

@@ -24,6 +24,7 @@ from timellm_fast.reprogramming import ReprogrammingLayer
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 from timellm_fast.kernels import attention_backward
 from timellm_fast.kernels import attention_tiles as tiles
+from timellm_fast.kernels.attention_form import core_form
 
 OP = "reprogramming_attention"
 
@@ -125,7 +126,7 @@ def test_fp16_query_overflow(d_model, form, monkeypatch):
 
     monkeypatch.setenv("TIMELLM_FAST_BACKEND", "triton")
     layer, target, source, upstream = problem(2, 4, d_model, 2, 16, 37, 8, dtype=torch.float16)
-    assert tiles.is_factorized(d_model, 16) == (form == "factorized")
+    assert core_form(d_model, 16).factorized == (form == "factorized")
     with torch.no_grad():
         target[0, 1, :] = 6.0e4  # |q| far above 65504 for this row
         out = layer(target, source, source)
@@ -176,7 +177,7 @@ def test_very_long_rows_s32768():
 def test_many_rows_use_several_prototype_side_chunks():
 
     B, L, H, E, S = 16, 64, 1, 16, 37
-    cfg = tiles.select_config("bwd_protos", torch.float32, E, 8, False, DEVICE)
+    cfg = tiles.select_config("bwd_protos", torch.float32, core_form(8, E), False, DEVICE)
     per_chunk = attention_backward.protos_rows_per_chunk(B * L, -(-S // cfg.block_s), H, cfg.block_r)
     assert -(-B * L // per_chunk) >= 4, "the shape must split the prototype side over several row chunks"
     layer, target, source, upstream = problem(B, L, 8, H, E, S, 4)

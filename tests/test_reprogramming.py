@@ -18,10 +18,11 @@ from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_f
 from timellm_fast.reprogramming import ReprogrammingLayer
 from timellm_fast.reprogramming_op import core_from_keys, draw_seed_tensor, factorized_query_side
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
-from timellm_fast.kernels import _environment
 from timellm_fast.kernels import attention as kern
 from timellm_fast.kernels import attention_backward
 from timellm_fast.kernels import attention_tiles as tiles
+from timellm_fast.kernels import attention_form
+from timellm_fast.kernels.attention_form import core_form
 
 OP = "reprogramming_attention"
 if TRITON_PROBLEM is None:  # @triton.jit test kernels below call them, and find them in this module's globals
@@ -134,7 +135,7 @@ BACKWARD_MODES = ["default", "deterministic"]
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_fused_matches_oracle(shape, dtype, mode, backend):
 
-    if dtype == torch.float32 and kern.block_d_for(shape[3], shape[5]) > 32:
+    if dtype == torch.float32 and kern.core_form(shape[3], shape[5]).block_d > 32:
         pytest.skip("fp32 runs eager at 64-wide logits (test_fp32_wide_standard_form_falls_back)")
     backend("triton")
     check_fused_against_oracle(shape, dtype, deterministic=mode == "deterministic")
@@ -155,13 +156,13 @@ def test_prototype_logits_kernel_is_the_batched_gemm_of_the_padded_query_weight(
     HE = n_heads * d_keys
     wq, bq = torch.randn(HE, d_model, generator=g), torch.randn(HE, generator=g)
     kv = torch.randn(protos, 2 * HE, generator=g)
-    assert kern.keys_first(d_model, d_keys)
+    assert kern.core_form(d_model, d_keys).keys_first
     _, oracle, _, _ = core_from_keys(torch.zeros(1, d_model, dtype=torch.float64), wq.double(), bq.double(),
                                      kv.double(), n_heads)  # the GEMM in float64 on the same values
     wq, bq, kv = (t.to(DEVICE, dtype) for t in (wq, bq, kv))
     _, gemm, _, _ = core_from_keys(torch.zeros(1, d_model, device=DEVICE, dtype=dtype), wq, bq, kv, n_heads)
-    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads)
-    block_d = kern.block_d_for(d_model, d_keys)
+    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads, kern.core_form(d_model, d_keys))
+    block_d = kern.core_form(d_model, d_keys).block_d
     padded_protos = protos + (-protos % kern.PROTOTYPE_ALIGN)
     assert mc.dtype == dtype and mc.shape == gemm.shape == (n_heads, block_d + 1, padded_protos)
     assert torch.equal(wqb, factorized_query_side(wq, bq, block_d))
@@ -185,7 +186,7 @@ def test_prototype_logits_backward_is_autograd_of_the_batched_gemm(dtype, d_mode
     HE = n_heads * d_keys
     leaves = (torch.randn(HE, d_model, generator=g), torch.randn(HE, generator=g), torch.randn(protos, 2 * HE, generator=g))
     wq, bq, kv = (t.to(DEVICE, dtype) for t in leaves)
-    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads)
+    mc, wqb = kern.prototype_logits(wq, bq, kv[:, :HE], n_heads, kern.core_form(d_model, d_keys))
     dmc = torch.randn(mc.shape, generator=g).to(DEVICE)
     dmc[:, :, protos:] = float("nan")  # the alignment columns are not read
 
@@ -198,7 +199,7 @@ def test_prototype_logits_backward_is_autograd_of_the_batched_gemm(dtype, d_mode
 
     oracle = [t.cpu() for t in gemm_grads(torch.float64)]
     same_dtype = gemm_grads(dtype)
-    got = kern.prototype_logits_backward(dmc, wqb, kv[:, :HE], n_heads, d_model)
+    got = kern.prototype_logits_backward(dmc, wqb, kv[:, :HE], n_heads, kern.core_form(d_model, d_keys))
     for name, k_grad, o, ref in zip(("dKt", "dWq", "dbq", "dbk"), got, oracle, same_dtype):
         assert k_grad.dtype == dtype and k_grad.shape == o.shape, (name, k_grad.dtype, k_grad.shape)
         rounding = (o.to(dtype).double() - o).abs().max().item() + 1e-6
@@ -210,29 +211,32 @@ def test_prototype_logits_backward_is_autograd_of_the_batched_gemm(dtype, d_mode
 @requires_triton
 def test_prototype_logits_rejects_what_it_has_no_kernel_for():
     wq, bq, k = (torch.randn(*shape, device=DEVICE) for shape in ((64, 16), (64,), (10, 64)))
+    two_heads, four_heads = kern.core_form(16, 32), kern.core_form(16, 16)  # d_model 16, H*E 64
     with pytest.raises(ValueError, match="share a dtype"):
-        kern.prototype_logits(wq, bq.double(), k, 2)
+        kern.prototype_logits(wq, bq.double(), k, 2, two_heads)
     with pytest.raises(ValueError, match="must match"):
-        kern.prototype_logits(wq, bq, k[:, :48], 2)
+        kern.prototype_logits(wq, bq, k[:, :48], 2, two_heads)
     with pytest.raises(ValueError, match="unit stride"):
-        kern.prototype_logits(wq.t().contiguous().t(), bq, k, 2)
+        kern.prototype_logits(wq.t().contiguous().t(), bq, k, 2, two_heads)
     with pytest.raises(ValueError, match="keys_first"):  # d_keys 32 > BLOCK_D + 1 = 17: mc comes from G there
-        kern.prototype_logits(wq, bq, k, 2)
-    mc, wqb = kern.prototype_logits(wq, bq, k, 4)  # d_keys 16
+        kern.prototype_logits(wq, bq, k, 2, two_heads)
+    with pytest.raises(ValueError, match="keys_first"):  # a form of other widths than the operands'
+        kern.prototype_logits(wq, bq, k, 4, kern.core_form(8, 16))
+    mc, wqb = kern.prototype_logits(wq, bq, k, 4, four_heads)  # d_keys 16
     with pytest.raises(ValueError, match="float32"):
-        kern.prototype_logits_backward(mc.double(), wqb, k, 4, 16)
+        kern.prototype_logits_backward(mc.double(), wqb, k, 4, four_heads)
     with pytest.raises(ValueError, match="must match"):
-        kern.prototype_logits_backward(mc[:, :, :8], wqb, k, 4, 16)
+        kern.prototype_logits_backward(mc[:, :, :8], wqb, k, 4, four_heads)
     with pytest.raises(ValueError, match="keys_first"):
-        kern.prototype_logits_backward(mc, wqb, k, 4, 24)
+        kern.prototype_logits_backward(mc, wqb, k, 4, kern.core_form(24, 16))
 
 
 def test_shapes_cover_both_forms_and_every_factorized_block_width():
     """...and both routes to the factorized prototype side: from the projected K (E <= BLOCK_D + 1) and
     from G without K (E wider), each of them on shapes where source is value and where it is not."""
-    forms = {(kern.is_factorized(s[3], s[5]), kern.block_d_for(s[3], s[5])) for s in SHAPES}
+    forms = {(kern.core_form(s[3], s[5]).factorized, kern.core_form(s[3], s[5]).block_d) for s in SHAPES}
     assert {(True, 16), (True, 32), (False, 32), (False, 64)} <= forms, forms
-    routes = {(kern.keys_first(s[3], s[5]), s[8]) for s in SHAPES if kern.is_factorized(s[3], s[5])}
+    routes = {(kern.core_form(s[3], s[5]).keys_first, s[8]) for s in SHAPES if kern.core_form(s[3], s[5]).factorized}
     assert routes == {(True, True), (True, False), (False, True), (False, False)}, routes
 
 
@@ -243,9 +247,9 @@ def test_fp32_wide_standard_form_falls_back(backend):
     layer, target, source, value, upstream = make_problem(1, 8, 80, 2, 64, 37, 48, torch.float32, True)
     with mocked_gpu((9, 0)):
 
-        reason = kern.unsupported_reason(torch.float32, 64, 80, 37, False, CUDA0)
-        assert "float32 with d_model=80 > d_keys=64" in reason, reason
-        assert kern.unsupported_reason(torch.bfloat16, 64, 80, 37, False, CUDA0) is None
+        reason = kern.unsupported_reason(torch.float32, kern.core_form(80, 64), 37, False, CUDA0)
+        assert "float32 with 64-wide logit dots (d_model=80, d_keys=64)" in reason, reason
+        assert kern.unsupported_reason(torch.bfloat16, kern.core_form(80, 64), 37, False, CUDA0) is None
     with dispatch.record_paths() as seen:
         out, grads = run_layer(layer, target, source, value, upstream)
     assert seen == {(OP, "eager"): 1}, seen
@@ -253,7 +257,7 @@ def test_fp32_wide_standard_form_falls_back(backend):
     assert_close_to_oracle("out", out, oracle_out)
     if TRITON_PROBLEM is None:
         backend("triton")
-        with pytest.raises(RuntimeError, match="float32 with d_model=80"):
+        with pytest.raises(RuntimeError, match=r"float32 with 64-wide logit dots \(d_model=80"):
             layer(target, source, value)
 
 
@@ -298,7 +302,7 @@ def test_protos_row_chunks_are_used_and_deterministic(backend):
     chunks, and in deterministic mode the split sums must give the same bits on every run."""
 
     backend("triton")
-    cfg = tiles.select_config("bwd_protos", torch.float32, 16, 16, False, DEVICE)
+    cfg = tiles.select_config("bwd_protos", torch.float32, core_form(16, 16), False, DEVICE)
     rows, protos, heads = 8 * 64, 37, 2
     per_chunk = attention_backward.protos_rows_per_chunk(rows, -(-protos // cfg.block_s), heads, cfg.block_r)
     assert -(-rows // per_chunk) > 1
@@ -357,8 +361,8 @@ def test_tf32_opt_in_is_close_and_runs_sdpa_on_a_gpu(backend):
     assert max_abs_err(out, oracle_out) <= 5e-3 * (1 + oracle_out.abs().max().item())
     with mocked_gpu((8, 0)):
 
-        assert "allow_tf32" in kern.unsupported_reason(torch.float32, 32, 16, 37, False, CUDA0, allow_tf32=True)
-        assert kern.unsupported_reason(torch.bfloat16, 32, 16, 37, False, CUDA0, allow_tf32=True) is None
+        assert "allow_tf32" in kern.unsupported_reason(torch.float32, kern.core_form(16, 32), 37, False, CUDA0, allow_tf32=True)
+        assert kern.unsupported_reason(torch.bfloat16, kern.core_form(16, 32), 37, False, CUDA0, allow_tf32=True) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,22 +449,22 @@ def test_config_table_is_complete_and_consistent():
                     for head_dim, d_model in ((16, 8), (24, 16), (32, 32), (48, 40), (64, 16), (100, 64),
                                               (128, 32), (128, 100), (32, 48), (16, 200)):
                         for has_dropout in (False, True):
-                            cfg = tiles.select_config(role, dtype, head_dim, d_model, has_dropout, CUDA0)
+                            cfg = tiles.select_config(role, dtype, core_form(d_model, head_dim), has_dropout, CUDA0)
                             tiled = role != "bwd_delta"  # delta has no E or D tile
                             too_wide = tiled and tiles.block_e_for(head_dim) > 32
-                            fma_too_wide = tiled and dtype == torch.float32 and kern.block_d_for(d_model, head_dim) > 32
-                            reason = kern.unsupported_reason(dtype, head_dim, d_model, 37, has_dropout, CUDA0)
+                            fma_too_wide = tiled and dtype == torch.float32 and kern.core_form(d_model, head_dim).block_d > 32
+                            reason = kern.unsupported_reason(dtype, kern.core_form(d_model, head_dim), 37, has_dropout, CUDA0)
                             if arch == 75 and (dtype != torch.float16 or too_wide):
                                 assert cfg is None  # Turing: fp16 heads up to 32 wide only
                                 assert "Turing (sm_75) runs eager" in reason, reason
                                 continue
                             if fma_too_wide:
-                                assert cfg is None and "float32 with d_model" in reason, (cfg, reason)
+                                assert cfg is None and "-wide logit dots" in reason and reason.startswith("float32"), (cfg, reason)
                                 continue
                             assert cfg in table and cfg.arch == arch, (capability, role, dtype, head_dim, cfg)
                             if role in ("fwd", "bwd_protos", "bwd_rows"):
                                 assert cfg.block_e == tiles.block_e_for(head_dim)
-                                assert cfg.block_d == kern.block_d_for(d_model, head_dim) <= cfg.block_e
+                                assert cfg.block_d == kern.core_form(d_model, head_dim).block_d <= cfg.block_e
 
 
 CUDA0 = torch.device("cuda", 0)
@@ -473,8 +477,9 @@ def mocked_gpu(capability):
     tiles._choose_config.cache_clear()  # select_config's memo: its choices for another capability
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_environment, "_CAPABILITY", {0: capability})
+            patch.setattr(tiles, "device_capability", lambda device: capability)
             patch.setattr(tiles, "interpreting", lambda: False)
+            patch.setattr(attention_form, "interpreting", lambda: False)
             yield
     finally:
         tiles._choose_config.cache_clear()
@@ -489,7 +494,7 @@ def test_each_gpu_generation_gets_its_own_tiles():
         with mocked_gpu(capability):
             for role in ("fwd", "bwd_protos", "bwd_rows"):
                 for head_dim in (32, 128):
-                    cfg = tiles.select_config(role, torch.bfloat16, head_dim, 32, False, CUDA0)
+                    cfg = tiles.select_config(role, torch.bfloat16, core_form(32, head_dim), False, CUDA0)
                     chosen[capability, role, head_dim] = cfg
                     assert cfg.arch == (90 if capability == (9, 0) else 80)
     assert all(chosen[(8, 0), r, e] == chosen[(8, 6), r, e] for r in ("fwd", "bwd_protos") for e in (32, 128))
@@ -532,7 +537,7 @@ def test_interpreter_rounds_bf16_dot_operands_like_the_gpu():
 
     for dtype, rounds in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, False)):
         for role in ("fwd", "bwd_protos", "bwd_rows"):
-            cfg = tiles.select_config(role, dtype, 32, 16, False, DEVICE)
+            cfg = tiles.select_config(role, dtype, core_form(16, 32), False, DEVICE)
             assert tiles.launch_params(cfg)["ROUND_TO_BF16"] is rounds, (role, dtype)
             assert cfg.constexprs()["ROUND_TO_BF16"] is False  # what a GPU build compiles
 
@@ -548,7 +553,7 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
     with mocked_gpu((9, 0)):
         overrides = {}
         for role in ("fwd", "bwd_protos", "bwd_rows"):
-            hopper = tiles.select_config(role, torch.bfloat16, block_e, 16, False, CUDA0)
+            hopper = tiles.select_config(role, torch.bfloat16, core_form(16, block_e), False, CUDA0)
             overrides[(role, "fma", hopper.block_d, block_e, False)] = hopper.tile
     torch.manual_seed(0)
     layer = ReprogrammingLayer(16, 2, d_keys=block_e, d_llm=24, attention_dropout=0.0).to(DEVICE)
@@ -559,7 +564,7 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
         target.grad = protos.grad = None
         with tiles.override_tiles(overrides), dispatch.record_paths() as paths:
             for (role, _, _, _, _), tile in overrides.items():
-                assert tiles.select_config(role, torch.float32, block_e, 16, False, DEVICE).tile == tile
+                assert tiles.select_config(role, torch.float32, core_form(16, block_e), False, DEVICE).tile == tile
             out = layer(target, protos, protos)
             out.square().sum().backward()
         assert paths == {("reprogramming_attention", "triton"): 1}
@@ -583,7 +588,7 @@ def test_philox_counters_fit_int32():
         assert rows % tiles.MAX_BLOCK_R == 0 and rows >= tiles.MAX_BLOCK_R
         # the largest counter any lane computes, padding lanes included
         assert (rows - 1) * protos + protos + tiles.MAX_BLOCK_R <= 2**31 - 1
-    assert kern.unsupported_reason(torch.float32, 32, 16, 2**25, has_dropout=True) is not None
+    assert kern.unsupported_reason(torch.float32, kern.core_form(16, 32), 2**25, has_dropout=True) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,7 +810,7 @@ def test_softmax_override_nests_and_restores_on_exit():
     around it (the memoized configurations included), also when the block raises."""
 
     def softmax():
-        cfg = tiles.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
+        cfg = tiles.select_config("fwd", torch.bfloat16, core_form(16, 32), False, DEVICE)
         return cfg.poly_eighths, cfg.rescale_threshold
 
     shipped = softmax()
@@ -867,10 +872,10 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
     backend("triton")
     shape = ("softmax-split", 2, 16, 16, 2, 32, 1000, 48, True)
     with tiles.override_softmax(eighths, threshold):
-        cfg = tiles.select_config("fwd", torch.bfloat16, 32, 16, False, DEVICE)
+        cfg = tiles.select_config("fwd", torch.bfloat16, core_form(16, 32), False, DEVICE)
         assert (cfg.poly_eighths, cfg.rescale_threshold) == (eighths, threshold)
-        assert tiles.select_config("bwd_protos", torch.bfloat16, 32, 16, False, DEVICE).poly_eighths == eighths
-        assert tiles.select_config("fwd", torch.float32, 32, 16, False, DEVICE).poly_eighths == 0  # fp32: exact
+        assert tiles.select_config("bwd_protos", torch.bfloat16, core_form(16, 32), False, DEVICE).poly_eighths == eighths
+        assert tiles.select_config("fwd", torch.float32, core_form(16, 32), False, DEVICE).poly_eighths == 0  # fp32: exact
         check_fused_against_oracle(shape, torch.bfloat16, seed=1, deterministic=mode == "deterministic")
 
 

@@ -171,19 +171,21 @@ class ReprogrammingLayer(nn.Module):
         if dropout_p >= 1.0 or dispatch.transform_active():  # everything dropped / no kernel rule for it
             return self._forward_through_submodules(target, source, value)
         device = target.device
-        reason = None
+        form = reason = None
         if attn_kernels is not None:  # without Triton, dispatch.choose gives its import error as the reason
-            reason = attn_kernels.unsupported_reason(dtype, self.d_keys, self.d_model, source.shape[0],
-                                                     dropout_p > 0.0, device, self.allow_tf32)
+            form = core_form(self.d_model, self.d_keys)
+            reason = attn_kernels.unsupported_reason(dtype, form, source.shape[0], dropout_p > 0.0, device,
+                                                     self.allow_tf32)
         path = dispatch.choose(OP_NAME, device, reason)
         if autocast_on:  # the operands are cast here, once; what runs below must not cast them again
             with torch.autocast(device.type, enabled=False):
-                return self._compute(path, target, source, value, params, dtype, dropout_p)
-        return self._compute(path, target, source, value, params, dtype, dropout_p)
+                return self._compute(path, form, target, source, value, params, dtype, dropout_p)
+        return self._compute(path, form, target, source, value, params, dtype, dropout_p)
 
-    def _compute(self, path: str, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor, params: list,
-                 dtype: torch.dtype, dropout_p: float) -> torch.Tensor:  # out: [B', L, d_llm]
-        """The fused layer on `path` with its operands in the working dtype."""
+    def _compute(self, path: str, form, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor,
+                 params: list, dtype: torch.dtype, dropout_p: float) -> torch.Tensor:  # out: [B', L, d_llm]
+        """The fused layer on `path` (the core in `form` on the Triton path) with its operands in the
+        working dtype."""
         wq, bq, wk, bk, wv, bv, wo, bo = params
         if (dtype == target.dtype == source.dtype == value.dtype == wq.dtype == bq.dtype == wk.dtype == bk.dtype
                 == wv.dtype == bv.dtype == wo.dtype == bo.dtype):  # nothing to cast (no dispatcher calls)
@@ -203,7 +205,6 @@ class ReprogrammingLayer(nn.Module):
                                            draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
                                            deterministic)[0]
             Bp, L, DM = target.shape
-            form = core_form(DM, self.d_keys)
             side = reused(self, (source, value) + tuple(params[:6]), (dtype, "triton"),
                           lambda: prototype_operands(source_c, value_c, wq, bq, wk, bk, wv, bv, H, form))
             heads_out = attention_core(query_operand(target_c.reshape(Bp * L, DM), wq, bq, form), side.mc, side.v,
@@ -257,13 +258,14 @@ class ReprogrammingLayer(nn.Module):
             return attention_materialized(q, k, v, H, dropout=dropout)
         Bp, L, HE = q.shape
         S, E = k.shape[0], HE // H
-        reason = None
-        if attn_kernels is not None:
-            reason = attn_kernels.unsupported_reason(q.dtype, E, E + 1, S, dropout_p > 0.0, q.device, self.allow_tf32)
+        form = reason = None
+        if attn_kernels is not None:  # the standard form: Q, K, V come from the submodules
+            form = standard_form(self.d_model, E)
+            reason = attn_kernels.unsupported_reason(q.dtype, form, S, dropout_p > 0.0, q.device, self.allow_tf32)
         if dispatch.choose(OP_NAME, q.device, reason) == "triton":
             deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
             mc = align_prototypes(k.t().contiguous().view(H, E, S))  # Kᵀ per head: [H, E, S']
-            heads = attention_core(q.reshape(Bp * L, HE).contiguous(), mc, v.reshape(S, H, E), standard_form(E),
+            heads = attention_core(q.reshape(Bp * L, HE).contiguous(), mc, v.reshape(S, H, E), form,
                                    dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
             return heads.view(Bp, L, HE)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

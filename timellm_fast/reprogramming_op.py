@@ -45,8 +45,9 @@ from .reference import attention_core_reference, reprogramming_reference
 
 if dispatch.triton_import_error() is None:
     from .kernels import attention as attn_kernels
+    from .kernels.attention import CoreForm, CoreGradients, core_form, standard_form
 else:  # without Triton the layer never takes these ops (dispatch.choose)
-    attn_kernels = None
+    attn_kernels = CoreForm = CoreGradients = core_form = standard_form = None
 
 
 def project_key_value(
@@ -59,30 +60,6 @@ def project_key_value(
     if source is value:
         return F.linear(source, torch.cat([wk, wv]), torch.cat([bk, bv]))
     return torch.cat([F.linear(source, wk, bk), F.linear(value, wv, bv)], dim=1)
-
-
-class CoreForm(NamedTuple):
-    """How the fused core reads its operands (kernels/reprogramming_attention.py's docstring)."""
-    d_logit: int  # D, the width of the logit dots
-    x_head_stride: int  # 0: every head reads the same target columns (factorized); E: Q's head columns
-    has_bias: bool  # the factorized form's c_h column
-    scale: float  # 1/sqrt(E)
-    d_model: int
-
-
-def core_form(d_model: int, head_dim: int) -> CoreForm:
-    """The core's form for the layer's widths: factorized where d_model <= E (and <= 32)."""
-    scale = 1.0 / math.sqrt(head_dim)
-    if attn_kernels.is_factorized(d_model, head_dim):
-        return CoreForm(attn_kernels.block_d_for(d_model, head_dim), 0, True, scale, d_model)
-    return CoreForm(head_dim, head_dim, False, scale, d_model)
-
-
-def standard_form(head_dim: int) -> CoreForm:
-    """The standard form for E = head_dim whatever d_model: x = Q [R, H*E], mc = Kᵀ, E-wide logit
-    dots (the layer's path through its submodules, which gives Q, K, V). Its d_model, which selects
-    the configuration, is any value the factorized form does not take: BLOCK_D is then BLOCK_E."""
-    return CoreForm(head_dim, head_dim, False, 1.0 / math.sqrt(head_dim), head_dim + 1)
 
 
 def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, block_d: int) -> torch.Tensor:
@@ -107,7 +84,7 @@ class PrototypeSide(NamedTuple):
     mc: torch.Tensor  # mc: [H, W, S'], the prototype side of the logits (factorized) or Kᵀ (standard)
     v: torch.Tensor  # v: [S, H, E]
     wqb: Optional[torch.Tensor]  # wqb: [H*E, W] (factorized_query_side); None on the standard form
-    # key_side: what mc was formed from on the factorized form, K [S, H*E] (attn_kernels.keys_first)
+    # key_side: what mc was formed from on the factorized form, K [S, H*E] (CoreForm.keys_first)
     # or G [H, W, d_llm] with G_h = wqb_hᵀ·Wk_h; None on the standard form
     key_side: Optional[torch.Tensor]
 
@@ -142,7 +119,7 @@ def prototype_operands(
 ) -> PrototypeSide:
     """The prototype side (cached at inference by the layer).
 
-    Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (attn_kernels.keys_first) or, where E > BLOCK_D + 1, as
+    Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (CoreForm.keys_first) or, where E > BLOCK_D + 1, as
     G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h without forming K: 2·S·d_llm·H·(BLOCK_D + 1)
     FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3), one GEMM whose output is already the
     kernels' transposed layout. Standard: mc = Kᵀ.
@@ -154,14 +131,14 @@ def prototype_operands(
     S, d_llm = source.shape
     H, E = n_heads, wk.shape[0] // n_heads
     v = F.linear(value, wv, bv).view(S, H, E)
-    if not form.has_bias:
+    if not form.factorized:
         return PrototypeSide(align_prototypes(torch.addmm(bk.view(H * E, 1), wk, source.t()).view(H, E, S)), v,
                              None, None)
-    keys_first = attn_kernels.keys_first(form.d_model, E)
+    keys_first = form.keys_first
     if keys_first:
         k = F.linear(source, wk, bk)  # K: [S, H*E]
         if keys_kernel:
-            mc, wqb = attn_kernels.prototype_logits(wq, bq, k, H)
+            mc, wqb = attn_kernels.prototype_logits(wq, bq, k, H, form)
             return PrototypeSide(mc, v, wqb, k)
     wqb = factorized_query_side(wq, bq, form.d_logit)  # [H*E, W]
     if keys_first:
@@ -185,7 +162,7 @@ def padded_rows(target_rows: torch.Tensor, form: CoreForm) -> torch.Tensor:  # x
 
 def query_operand(target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor, form: CoreForm) -> torch.Tensor:
     """x: the core's row-side operand: padded_rows (factorized), or Q [R, H*E] (standard)."""
-    return padded_rows(target_rows, form) if form.has_bias else F.linear(target_rows, wq, bq)
+    return padded_rows(target_rows, form) if form.factorized else F.linear(target_rows, wq, bq)
 
 
 def core_from_keys(
@@ -201,7 +178,7 @@ def core_from_keys(
     S = kv.shape[0]
     form = core_form(DM, E)
     v = kv[:, HE:].view(S, H, E)
-    if form.has_bias:
+    if form.factorized:
         mc = mc_from_keys(factorized_query_side(wq, bq, form.d_logit), kv[:, :HE], H)  # [H, W, S]
     else:
         mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
@@ -247,10 +224,9 @@ def launch_layer_forward(
     form = core_form(DM, HE // H)
     mc, v, wqb, key_side = prototype_operands(source, value, wq, bq, wk, bk, wv, bv, H, form, True)
     x = query_operand(target.reshape(-1, DM), wq, bq, form)
-    heads, lse = attn_kernels.attention_forward(x, mc, v, form.d_logit, form.x_head_stride, form.has_bias, form.scale,
-                                                DM, dropout_p, seed, allow_tf32)
+    heads, lse = attn_kernels.attention_forward(x, mc, v, form, dropout_p, seed, allow_tf32)
     out = F.linear(heads, wo, bo).view(*target.shape[:-1], wo.shape[0])
-    if form.has_bias:
+    if form.factorized:
         return out, heads, lse, mc, v, wqb, key_side
     # the padded target of the factorized form is rebuilt by the backward; Q is kept (it may not
     # be rebuilt for free), and a custom op's outputs may not alias its inputs
@@ -272,12 +248,12 @@ def _(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_heads, dropout_p,
     H, HE = n_heads, wq.shape[0]
     E = HE // H
     form = core_form(DM, E)
-    W = form.d_logit + 1 if form.has_bias else E
+    W = form.d_logit + 1 if form.factorized else E
     S_pad = S + (-S % attn_kernels.PROTOTYPE_ALIGN)
     new = target.new_empty
-    if form.has_bias:
+    if form.factorized:
         query_side = new((HE, W))
-        key_side = new((S, HE)) if attn_kernels.keys_first(DM, E) else new((H, W, d_llm))
+        key_side = new((S, HE)) if form.keys_first else new((H, W, d_llm))
     else:
         query_side, key_side = new((R, HE)), new((0,), dtype=torch.float32)
     return (new(target.shape[:-1] + (wo.shape[0],)), new((R, HE)), new((H, R), dtype=torch.float32), new((H, W, S_pad)),
@@ -323,16 +299,16 @@ def _layer_chain_rule(
         grads[10] = grad_out.sum(0)
     need_query_weights = need_wq or need_bq
     need_k = need_source or need_wk or need_bk  # what K reaches
-    need_key = need_k or (form.has_bias and need_query_weights)  # what dmc reaches
-    need_x = need_target or (not form.has_bias and need_query_weights)
+    need_key = need_k or (form.factorized and need_query_weights)  # what dmc reaches
+    need_x = need_target or (not form.factorized and need_query_weights)
     need_protos = need_key or need_value or need_wv or need_bv
     if need_x or need_protos:
         grad_heads = grad_out.mm(wo)  # [R, H*E]
-        x = padded_rows(target_rows, form) if form.has_bias else query_side
+        x = padded_rows(target_rows, form) if form.factorized else query_side
         dx, dmc, dv = attn_kernels.attention_backward(
-            x, mc, v, heads, grad_heads, lse, form.d_logit, form.x_head_stride, form.has_bias, form.scale, DM,
+            x, mc, v, heads, grad_heads, lse, form,
             dropout_p, seed, allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
-        if need_x and form.has_bias:
+        if need_x and form.factorized:
             # the padding columns of x are not target's
             grads[0] = in_dtype(dx if dx.shape[1] == DM else dx.narrow(1, 0, DM), dtype).view_as(target)
         elif need_x:  # dx is dQ
@@ -347,10 +323,10 @@ def _layer_chain_rule(
             grads[8] = dv.sum(0) if need_bv else None
         dkt = None  # d Kᵀ: [H*E, S], where K's gradient is needed and K is on the path
         dwqb = None  # d wqb_h: [H, E, W] (factorized, where Wq or bq needs a gradient)
-        if need_key and attn_kernels.keys_first(DM, E):
+        if need_key and form.keys_first:
             # mc_h = wqb_hᵀ·K_hᵀ: d K_hᵀ = wqb_h·dmc_h, d wqb_h = K_hᵀ·dmc_hᵀ and d bk = Σ_s d Kᵀ in one
             # launch, from the core's fp32 dmc (the kernel rounds it to the data dtype)
-            dkt, dwq, dbq, dbk = attn_kernels.prototype_logits_backward(dmc, query_side, key_side, H, DM)
+            dkt, dwq, dbq, dbk = attn_kernels.prototype_logits_backward(dmc, query_side, key_side, H, form)
             grads[3] = dwq if need_wq else None
             grads[4] = dbq if need_bq else None
             if need_k:
@@ -360,7 +336,7 @@ def _layer_chain_rule(
             return LayerGradients(*grads)
         if need_key:
             dmc = in_dtype(_prototype_columns(dmc, S), dtype)  # [H, W, S]
-        if need_key and form.has_bias:
+        if need_key and form.factorized:
             W = mc.shape[1]
             dmc = dmc.reshape(H * W, S)  # [H*W, S]
             grads[1] = dmc.t().mm(key_side.view(H * W, d_llm)) if need_source else None
@@ -468,30 +444,23 @@ reprogramming_layer.register_autograd(_layer_autograd, setup_context=_setup_laye
 # the core op
 # ---------------------------------------------------------------------------------------------
 
-class CoreGradients(NamedTuple):
-    """The core's gradients, fp32 (an empty tensor where not needed)."""
-    x: Tensor
-    mc: Tensor
-    v: Tensor
-
-
 @torch.library.custom_op("timellm_fast::reprogramming_attention_core_fwd", mutates_args=())
 @dispatch.one_interpreted_launch_at_a_time
 def _core_forward(
     x: Tensor,  # x: [R, *] (query_operand)
     mc: Tensor,  # mc: [H, W, S'] (prototype_operands)
     v: Tensor,  # v: [S, H, E]
-    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,  # the CoreForm
+    d_model: int, head_dim: int, factorized: bool, block_d: int,  # the CoreForm
     dropout_p: float,
     seed: Tensor,  # seed: [1] int64 on the device, read only when dropout_p > 0
     allow_tf32: bool, deterministic: bool,
 ) -> Tuple[Tensor, Tensor]:  # (heads_out: [R, H*E], lse: [H, R] fp32, base 2)
-    return attn_kernels.attention_forward(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p,
-                                          seed, allow_tf32)
+    form = CoreForm(d_model, head_dim, factorized, block_d)
+    return attn_kernels.attention_forward(x, mc, v, form, dropout_p, seed, allow_tf32)
 
 
 @_core_forward.register_fake
-def _(x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic):
+def _(x, mc, v, d_model, head_dim, factorized, block_d, dropout_p, seed, allow_tf32, deterministic):
     R = x.shape[0]
     S, H, E = v.shape
     return x.new_empty((R, H * E)), x.new_empty((H, R), dtype=torch.float32)
@@ -504,50 +473,50 @@ def _core_backward(
     heads_out: Tensor,  # heads_out: [R, H*E], the forward's
     grad_heads: Tensor,  # grad_heads: [R, H*E], its gradient
     lse: Tensor,  # lse: [H, R] fp32, the forward's
-    d_logit: int, x_head_stride: int, has_bias: bool, scale: float, d_model: int,
+    d_model: int, head_dim: int, factorized: bool, block_d: int,  # the CoreForm
     dropout_p: float, seed: Tensor, allow_tf32: bool, deterministic: bool,
     need_x: bool, need_protos: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:  # CoreGradients: (dx, dmc, dv) fp32, [0] where not needed
-    dx, dmc, dv = attn_kernels.attention_backward(
-        x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+    grads = attn_kernels.attention_backward(
+        x, mc, v, heads_out, grad_heads, lse, CoreForm(d_model, head_dim, factorized, block_d), dropout_p, seed,
         allow_tf32, need_dx=need_x, need_protos=need_protos, deterministic=deterministic)
     # a fresh empty tensor for each missing gradient: custom-op outputs may not alias
-    return tuple(g if g is not None else lse.new_empty((0,)) for g in (dx, dmc, dv))
+    return tuple(g if g is not None else lse.new_empty((0,)) for g in grads)
 
 
 @_core_backward.register_fake
-def _(x, mc, v, heads_out, grad_heads, lse, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed,
+def _(x, mc, v, heads_out, grad_heads, lse, d_model, head_dim, factorized, block_d, dropout_p, seed,
       allow_tf32, deterministic, need_x, need_protos):
     return (lse.new_empty(x.shape if need_x else (0,)), lse.new_empty(mc.shape if need_protos else (0,)),
             lse.new_empty(v.shape if need_protos else (0,)))
 
 
 def _setup_core(ctx, inputs, output) -> None:
-    x, mc, v, d_logit, x_head_stride, has_bias, scale, d_model, dropout_p, seed, allow_tf32, deterministic = inputs
+    x, mc, v, d_model, head_dim, factorized, block_d, dropout_p, seed, allow_tf32, deterministic = inputs
     heads_out, lse = output
     ctx.save_for_backward(x, mc, v, heads_out, lse, seed)
-    ctx.form = CoreForm(d_logit, x_head_stride, has_bias, scale, d_model)
+    ctx.form = CoreForm(d_model, head_dim, factorized, block_d)
     ctx.config = (dropout_p, allow_tf32, deterministic)
     ctx.set_materialize_grads(False)
 
 
 def _core_autograd(ctx, grad_heads, _grad_lse):
     if grad_heads is None:  # the attention output did not reach the loss
-        return (None,) * 12
+        return (None,) * 11
     x, mc, v, heads_out, lse, seed = ctx.saved_tensors
     form, (dropout_p, allow_tf32, deterministic) = ctx.form, ctx.config
     need_x, need_mc, need_v = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # backward(create_graph=True): recomputed by the reference, as for the layer
         keep = _dropout_keep(x.shape[0], v.shape[0], v.shape[1], dropout_p, seed)
-        heads = attention_core_reference(x, mc, v, form.d_logit, form.has_bias, form.scale, dropout_p, keep)
+        heads = attention_core_reference(x, mc, v, form.d_logit, form.factorized, form.scale, dropout_p, keep)
         wanted = [t for t, need in ((x, need_x), (mc, need_mc), (v, need_v)) if need]
         grads = iter(torch.autograd.grad(heads.to(heads_out.dtype), wanted, grad_heads, create_graph=True,
                                          allow_unused=True))
-        return tuple(next(grads) if need else None for need in (need_x, need_mc, need_v)) + (None,) * 9
+        return tuple(next(grads) if need else None for need in (need_x, need_mc, need_v)) + (None,) * 8
     grads = CoreGradients(*_core_backward(x, mc, v, heads_out, grad_heads, lse, *form, dropout_p, seed, allow_tf32,
                                           deterministic, need_x, need_mc or need_v))  # fp32
     return ((grads.x.to(x.dtype) if need_x else None), (grads.mc.to(mc.dtype) if need_mc else None),
-            (grads.v.to(v.dtype) if need_v else None)) + (None,) * 9
+            (grads.v.to(v.dtype) if need_v else None)) + (None,) * 8
 
 
 _core_forward.register_autograd(_core_autograd, setup_context=_setup_core)
