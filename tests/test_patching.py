@@ -202,6 +202,13 @@ class PatchTSTStylePatchEmbedding(nn.Module):
 PatchTSTStylePatchEmbedding.__name__ = "PatchEmbedding"
 
 
+def linear_value_embedding():
+    """PyPOTS's TimeLLM form (PatchTST's layer without positions): the patches go through a Linear."""
+    layer = PatchEmbedding(16, 8, 4, 0.0)
+    layer.value_embedding = nn.Linear(8, 16, bias=False)
+    return layer
+
+
 def zero_padded():
     layer = PatchEmbedding(16, 8, 4, 0.0)
     layer.padding_patch_layer = nn.ConstantPad1d((0, 4), 0.0)
@@ -228,6 +235,7 @@ def conv_with_bias():
 
 @pytest.mark.parametrize("make,reason", [
     (PatchTSTStylePatchEmbedding, "submodules"),
+    (linear_value_embedding, "value_embedding is Linear, not Time-LLM's TokenEmbedding"),
     (zero_padded, "replication"),
     (conv_with_bias, "parameters"),
     (no_bias, "parameters"),
