@@ -244,9 +244,10 @@ def conv_with_bias():
 def test_lookalikes_are_left_alone_with_a_warning(make, reason):
     layer = make()
     model = nn.Sequential(layer)
-    with pytest.warns(UserWarning, match=reason):
+    with pytest.warns(UserWarning, match=reason) as caught:
         assert patch_model(model) == []
     assert model[0] is layer
+    assert [w.filename for w in caught] == [__file__]  # the warning points at the caller of patch_model
 
 
 def test_bad_arguments():

@@ -288,6 +288,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
                          f"place, so pass the model that contains it")
     swaps: List[Tuple[nn.Module, str, nn.Module, str, type]] = []  # (parent, attribute, new, name, old class)
     done: Dict[int, nn.Module] = {}  # id(old) -> new while walking: a module shared by two parents is built once
+    left_alone: List[str] = []  # a warning per module left unchanged, and why
 
     def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
         if isinstance(child, OURS):
@@ -300,14 +301,14 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         if why_not is None and hooked:
             why_not = f"hooks are registered on {', '.join(hooked)}, which a replacement would not keep"
         if why_not is not None:
-            warnings.warn(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}", stacklevel=3)
+            left_alone.append(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}")
             return True
         if id(child) not in done:
             try:
                 arguments = read_arguments(child)
             except NotRecognized as why:
-                warnings.warn(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
-                              f"Time-LLM's structure and is left unchanged: {why}", stacklevel=3)
+                left_alone.append(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
+                                  f"Time-LLM's structure and is left unchanged: {why}")
                 return True
             try:
                 done[id(child)] = replacement_for(child, new_class, arguments)
@@ -323,6 +324,8 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         return False
 
     _walk(model, "", visit)
+    for message in left_alone:  # from here, so that the warning points at the caller of patch_model
+        warnings.warn(message, stacklevel=2)
     for parent, attr, new, _, _ in swaps:
         setattr(parent, attr, new)
     return [Replacement(qualified, old_class, type(new)) for _, _, new, qualified, old_class in swaps]
