@@ -16,6 +16,11 @@ setup(
         # README's install: the test suite, and the main job (timellm-fast: the benchmark suites,
         # their plots, progress bars of the forecast)
         "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers", "matplotlib"],
+        # tests/test_integrations.py and tests/test_distributed.py's DeepSpeed rows: the Time-LLM ports
+        # people install, and DeepSpeed (Time-LLM's run_main.py trains with ZeRO-2). Versions that
+        # install with torch 2.13 on Python 3.11 and pass those tests. PyPOTS 1.5 pins
+        # transformers <= 4.57.6, so this extra goes into a venv of its own (README, .ci/run).
+        "integrations": ["neuralforecast==3.3.0", "pypots==1.5", "deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["timellm-fast=timellm_fast.cli:main"]},
 )

@@ -14,6 +14,10 @@ from timellm_fast.timing import median_seconds
 from common import DEVICE, DTYPES, ON_GPU, SHAPES, dtype_name, gpu_activity, is_oom, peak_memory_bytes, rates
 
 
+#: the host timing of a case (no GPU): median of HOST_REPS calls after the case's own warm-up calls
+HOST_REPS, HOST_WARMUP_CALLS = 5, 1
+
+
 def kernel_grid(impls):
     """The kernel suites' grid: every shape x dtype x implementation x (fwd, fwd+bwd); test ids
     read shape-dtype-impl-mode."""
@@ -54,8 +58,10 @@ def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mo
              step: Callable[[], object], cost: tuple, extra: dict = None) -> dict:
     """Times `step` (a forward, or forward + backward) and appends a result row (plus `extra`).
 
-    The reported time is `median_seconds` (do_bench on a GPU); pytest-benchmark's pedantic
-    rounds (synchronized) are kept for its own table and history, fewer for slow steps.
+    The reported time is `median_seconds` (do_bench on a GPU); the row's "timing" says how it
+    was taken. On a GPU pytest-benchmark's pedantic rounds (synchronized) are kept for its own
+    table and history, fewer for slow steps; on a CPU its timing is off (bench/conftest.py) and
+    its call is one more untimed warm-up.
     """
     row = dict(op=op, shape=shape.name, rows=shape.rows, dtype=dtype_name(dtype), mode=mode, impl=impl,
                device=torch.cuda.get_device_name() if ON_GPU else "cpu", flops=cost[0], bytes=cost[1], **(extra or {}))
@@ -67,7 +73,10 @@ def run_case(benchmark, results: list, *, op: str, shape, dtype: torch.dtype, mo
         first = time.perf_counter() - t0
         rounds = (10 if first < 0.05 else 3) if ON_GPU else 2
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-        seconds = median_seconds(step, cuda=ON_GPU)
+        seconds = median_seconds(step, cuda=ON_GPU, reps=HOST_REPS, warmup_calls=HOST_WARMUP_CALLS)
+        untimed = 1 + (rounds if benchmark.enabled else 1) + HOST_WARMUP_CALLS
+        row["timing"] = ("triton.testing.do_bench median (CUDA events, L2 flushed before each call)" if ON_GPU else
+                         f"wall-clock median of {HOST_REPS} calls after {untimed} untimed ones")
         activity = gpu_activity(step)
         row.update(status="ok", seconds=seconds, peak_bytes=peak_memory_bytes(step), **activity,
                    **rates(cost[0], cost[1], seconds, dtype, activity["device_seconds"]))

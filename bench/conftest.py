@@ -1,8 +1,13 @@
 """pytest-benchmark plumbing: each case records its numbers, and the session writes results.
 
-``--bench-out DIR`` writes DIR/results.json and DIR/results.md (speedups against every peer)
-after every case, so a run cut short keeps what it measured, and DIR/speedup.png and
-DIR/memory.png at the end when matplotlib is installed.
+``--bench-out DIR`` writes DIR/results.json and DIR/results.md after every case, so a run cut
+short keeps what it measured, and the plots at the end when matplotlib is installed (a GPU run:
+speedup.png and memory.png; a CPU run: times.png); the last line names every file written. DIR
+must be new or empty: a results folder is never overwritten.
+
+One time per case: results.md's (``median_seconds``; do_bench on a GPU). On a CPU
+pytest-benchmark's own timing is turned off (``--benchmark-disable``: its fixture then calls the
+step once), so it prints no second table of other numbers for the same cases.
 
 ``--bench-budget-s N`` runs the cases in priority order (each suite's ``priority(params)``:
 the performance targets first, ``compile-max-autotune`` last) and skips what would start after N
@@ -41,9 +46,15 @@ def pytest_addoption(parser):
                      help="skip cases that would start after this many seconds (priority order)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's (trylast) reads --benchmark-disable
 def pytest_configure(config):
-    _STATE.update(start=time.monotonic(), budget=config.getoption("--bench-budget-s"),
-                  out=config.getoption("--bench-out"))
+    out = config.getoption("--bench-out")
+    if out and os.path.isdir(out) and os.listdir(out):
+        raise pytest.UsageError(f"--bench-out {out} already holds {', '.join(sorted(os.listdir(out)))}; "
+                                f"results are never overwritten: name a new folder")
+    if not torch.cuda.is_available() and hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+    _STATE.update(start=time.monotonic(), budget=config.getoption("--bench-budget-s"), out=out)
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +99,9 @@ def pytest_runtest_setup(item):
 def _write(final: bool) -> None:
     if not _STATE["out"] or not (RESULTS or OVER_BUDGET):
         return
-    report.write_results(_STATE["out"], RESULTS, over_budget=OVER_BUDGET, plots=final)
+    written = report.write_results(_STATE["out"], RESULTS, over_budget=OVER_BUDGET, plots=final)
+    if final:  # on its own line: pytest's progress line may still be open
+        print(f"\nbenchmark results written to {_STATE['out']}: {', '.join(written)}", flush=True)
 
 
 @pytest.hookimpl(trylast=True)  # after the fixtures' teardown, which completes the case's row

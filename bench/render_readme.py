@@ -48,7 +48,7 @@ def render(files) -> str:
     if not files:
         return ("No GPU benchmark results are committed yet, so this README quotes no speed or "
                 "memory number. `timellm-fast bench` on a CUDA machine writes them under "
-                "`bench/results/<gpu>-<date>/`.")
+                "`bench/results/<gpu>-<date>-run<N>/`.")
     lines = []
     for path in files:
         data = json.loads(path.read_text())

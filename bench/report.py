@@ -1,5 +1,10 @@
-"""Writes benchmark results: JSON (every row, plus the environment), a markdown table of speedups
-against every peer, and PNG plots when matplotlib is installed."""
+"""Writes benchmark results: JSON (every row, plus the environment), a markdown table, and PNG
+plots when matplotlib is installed.
+
+On a GPU the table gives each case's times, its speedups against every peer and its rates, with
+speedup.png and memory.png. On a CPU (no GPU: our layers run their eager path, nothing times a
+kernel) it gives one time per case, the wall-clock median and how it was taken, and no ratio and no
+GPU column; its one plot is times.png. A plot with nothing to show is not drawn."""
 from __future__ import annotations
 
 import datetime
@@ -15,10 +20,14 @@ H100_PEAK_FLOPS_BF16 = 790e12
 
 
 def environment() -> dict:
+    """The run's device, versions and date; the CPU count and 1-minute load average (a host
+    timing on a machine busy with other work is not to be trusted)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return dict(
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        date=datetime.date.today().isoformat(),
+        date=datetime.date.today().isoformat(), cpus=os.cpu_count(),
+        load_average=None if load is None else round(load, 2),
     )
 
 
@@ -132,8 +141,35 @@ def targets_table(verdicts) -> list:
         [f"| {name} | {value} | {verdict} |" for name, value, verdict in verdicts]
 
 
+def _cpu_markdown(rows, env) -> str:
+    """The CPU table: one time per case and the path our rows took; no ratios (see the note it prints)."""
+    timings = sorted({r["timing"] for r in rows if r.get("timing")})
+    taken = sorted({key.split("/")[1] for r in rows if r.get("impl", "").startswith("ours")
+                    for key in r.get("paths", {})})
+    how = {("eager",): "our layers' eager path (Triton's kernels need a GPU)",
+           ("triton",): "our Triton kernels in Triton's interpreter"}.get(tuple(taken), "/".join(taken) or "nothing")
+    load = (f" {env['cpus']} CPU cores, 1-minute load average {env['load_average']} when this table was written "
+            "(above the core count, other work shared the cores and the times are inflated)."
+            if env.get("load_average") is not None else "")
+    lines = [f"# Benchmark results: CPU run (no GPU), {env['date']}", "",
+             f"torch {env['torch']}, triton {env['triton']}.{load} CPU run: the `ours` rows ran {how}, so these "
+             "times only prove the suites run; kernel timings need a GPU.", "",
+             "Each time: " + ("; ".join(timings) if timings else "the wall-clock median of the case's calls")
+             + ". No ratios between the rows: at these tiny shapes they time Python and eager PyTorch on a "
+             "CPU, not the kernels, and another process's load moves them by more than their differences.", "",
+             "| op | shape | dtype | mode | impl | median ms | our ops' path |", "|---|---|---|---|---|---|---|"]
+    for (op, shape, dtype, mode), impls in sorted(_groups(rows).items()):
+        for name, r in sorted(impls.items()):
+            time_ms = f"{r['seconds'] * 1e3:.3f}" if r["status"] == "ok" else r["status"]
+            paths = ", ".join(f"{key} x{calls}" for key, calls in sorted(r.get("paths", {}).items()))
+            lines.append(f"| {op} | {shape} | {dtype} | {mode} | {name} | {time_ms} | {paths} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, env, verdicts) -> str:
     """The results table; `verdicts` is `targets(rows)`."""
+    if env["device"] == "cpu":
+        return _cpu_markdown(rows, env)
     lines = [f"# Benchmark results: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
              "Median times; speedup = peer time / ours (> 1: ours is faster); fraction of the H100 "
@@ -174,20 +210,40 @@ def markdown(rows, env, verdicts) -> str:
     if series:
         lines += ["", "Inference throughput (full model):", "", "| shape | impl | series/s |", "|---|---|---|"]
         lines += [f"| {r['shape']} | {r['impl']} | {r['series_per_s']:.0f} |" for r in series]
-    if env["device"] != "cpu":
-        lines += ["", "Targets of the open issues, evaluated on this run (bench/report.py `targets`):", ""]
-        lines += targets_table(verdicts)
-    if env["device"] == "cpu":
-        taken = sorted({key.split("/")[1] for r in rows if r.get("impl", "").startswith("ours")
-                        for key in r.get("paths", {})})
-        how = {("eager",): "our layers' eager path (Triton's kernels need a GPU)",
-               ("triton",): "our Triton kernels in Triton's interpreter"}.get(tuple(taken), "/".join(taken) or "nothing")
-        lines += ["", f"CPU run: the `ours` rows ran {how}, so these times only prove the suites run; "
-                  "kernel timings need a GPU."]
+    lines += ["", "Targets of the open issues, evaluated on this run (bench/report.py `targets`):", ""]
+    lines += targets_table(verdicts)
     return "\n".join(lines) + "\n"
 
 
-def make_plots(rows, out):
+def _plot_series(rows, metric: str):
+    """(case labels, {impl: values}) of one plot; values are NaN where a case did not measure it.
+    metric: "speedup" (peer time / ours), "peak_mib" or "ms"."""
+    labels, series = [], defaultdict(list)
+    for key, impls in sorted(_groups(rows).items()):
+        ours = impls.get("ours")
+        if metric == "speedup" and (not ours or ours["status"] != "ok"):
+            continue
+        index = len(labels)
+        labels.append("/".join(key))
+        for name, r in impls.items():
+            value = float("nan")
+            if r["status"] == "ok":
+                if metric == "speedup":
+                    value = r["seconds"] / ours["seconds"]
+                elif metric == "peak_mib":
+                    value = r["peak_bytes"] / 2**20 if r.get("peak_bytes") else float("nan")
+                else:
+                    value = r["seconds"] * 1e3
+            series[name] += [float("nan")] * (index - len(series[name])) + [value]
+    for values in series.values():
+        values += [float("nan")] * (len(labels) - len(values))
+    return labels, series
+
+
+def make_plots(rows, out, env) -> list:
+    """Draws the run's plots into `out`; returns the file names written. A GPU run: speedup.png
+    (log scale: one large ratio must not flatten the others) and memory.png; a CPU run: times.png.
+    A plot whose every value is missing is not drawn."""
     try:
         import matplotlib
 
@@ -197,33 +253,38 @@ def make_plots(rows, out):
         # on its own line: pytest's progress line may still be open
         print("\nmatplotlib is not installed: no plots (pip install matplotlib, or the package's dev extra)",
               flush=True)
-        return
-    groups = _groups(rows)
-    for metric, fname, ylabel in (("speedup", "speedup.png", "peer time / ours"),
-                                  ("peak_bytes", "memory.png", "peak MiB")):
-        fig, ax = plt.subplots(figsize=(10, 4))
-        labels, series = [], defaultdict(list)
-        for key, impls in sorted(groups.items()):
-            ours = impls.get("ours")
-            if not ours or ours["status"] != "ok":
-                continue
-            labels.append("/".join(key))
-            for name, r in impls.items():
-                if r["status"] != "ok":
-                    series[name].append(float("nan"))
-                elif metric == "speedup":
-                    series[name].append(r["seconds"] / ours["seconds"])
-                else:
-                    series[name].append((r.get("peak_bytes") or 0) / 2**20)
-        for name, values in series.items():
-            if len(values) == len(labels):
-                ax.plot(range(len(labels)), values, marker="o", label=name)
+        return []
+    on_cpu = env["device"] == "cpu"
+    if on_cpu:
+        plots = [("ms", "times.png", "median ms (log scale)",
+                  f"CPU run, {env['date']}: wall-clock medians of the eager paths; kernel timings need a GPU")]
+    else:
+        plots = [("speedup", "speedup.png", "peer time / ours (log scale)",
+                  f"{env['device']}, {env['date']}: speedup of ours over each peer (> 1: ours is faster)"),
+                 ("peak_mib", "memory.png", "peak MiB (log scale)",
+                  f"{env['device']}, {env['date']}: peak memory of one call")]
+    written = []
+    for metric, fname, ylabel, title in plots:
+        labels, series = _plot_series(rows, metric)
+        if not any(v == v and v > 0 for values in series.values() for v in values):  # v == v: not NaN
+            continue
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        names = sorted(series)
+        for i, name in enumerate(names):  # markers only: the cases are categories, not a sequence
+            offset = (i - (len(names) - 1) / 2) * 0.08
+            ax.plot([x + offset for x in range(len(labels))], series[name], marker="o", linestyle="none", label=name)
+        if metric == "speedup":
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
         ax.set_ylabel(ylabel)
-        ax.legend()
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=120)
         plt.close(fig)
+        written.append(fname)
+    return written
 
 
 def _replace(path: str, text: str) -> None:
@@ -233,7 +294,9 @@ def _replace(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_results(out: str, rows: list, over_budget=(), plots: bool = True) -> None:
+def write_results(out: str, rows: list, over_budget=(), plots: bool = True) -> list:
+    """Writes results.json and results.md (and the plots when `plots`) into `out`; returns the
+    names of the files written."""
     os.makedirs(out, exist_ok=True)
     env = environment()
     verdicts = targets(rows)
@@ -245,6 +308,7 @@ def write_results(out: str, rows: list, over_budget=(), plots: bool = True) -> N
     if over_budget:
         md += f"\n{len(over_budget)} cases did not run: they would have started after the time budget.\n"
     _replace(os.path.join(out, "results.md"), md)
+    written = ["results.json", "results.md"]
     if plots and rows:
-        make_plots(rows, out)
-        print(f"\nbenchmark results written to {out}/results.json, results.md")
+        written += make_plots(rows, out, env)
+    return written

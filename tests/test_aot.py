@@ -50,6 +50,7 @@ def _python_with_nvdisasm(toolchain: str) -> str:
     return python
 
 
+@pytest.mark.aot_sweep
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
 def test_every_configuration_compiles_for_sm75_sm80_sm90_without_spills(tmp_path, toolchain):
     python = toolchain_python(toolchain)
@@ -162,6 +163,7 @@ def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
     assert "SPEC §1.1 minimum per output row: 16 B read, 32 B written" in proc.stdout, proc.stdout
 
 
+@pytest.mark.aot_sweep
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
 def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
     """`aot_report.py --work`: the MMA FLOPs and exponentials per (row, prototype, head) element of the bf16
@@ -194,6 +196,7 @@ def _work_rows(python: str, *args: str) -> dict:
             for line in proc.stdout.splitlines() if line.startswith("work ")}
 
 
+@pytest.mark.aot_sweep
 def test_work_report_counts_the_polynomial_share_of_the_exponentials():
     """With a share of the exponentials on the FMA units, `aot_report.py --work` counts MUFU.EX2 per element
     at 1 - share of the all-MUFU build (what is left at share 1 is the forward's rescale, one per row

@@ -58,10 +58,19 @@ def test_bench_suites_run_as_users_run_them_and_write_results(tmp_path):
             assert r["paths"] == {}, r  # the peers never call our ops
     table = (out / "results.md").read_text()
     if not ON_GPU:
+        # one time per case, said how it was taken; no ratio, no GPU column, no second timing table
         assert "| reprogramming | cpu-tiny | float32 | fwd+bwd | ours |" in table
         assert "the `ours` rows ran our layers' eager path" in table
+        assert "wall-clock median of 5 calls after 3 untimed ones" in table
+        assert not re.search(r"\d+\.\d+x", table) and "TFLOP" not in table and "HBM" not in table
+        assert "benchmark: " not in proc.stdout and "Median" not in proc.stdout  # pytest-benchmark's table
     pytest.importorskip("matplotlib")  # in the dev extra that README installs
-    assert (out / "speedup.png").stat().st_size > 0 and (out / "memory.png").stat().st_size > 0
+    plots = ["speedup.png", "memory.png"] if ON_GPU else ["times.png"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(["results.json", "results.md"] + plots)
+    assert all((out / name).stat().st_size > 0 for name in plots)
+    # the log names every file it wrote, plots included
+    assert f"benchmark results written to {out}: results.json, results.md, {', '.join(plots)}" in proc.stdout
     assert "matplotlib is not installed" not in proc.stdout
     reasons = _skip_reasons(proc.stdout)
     assert len(reasons) == len(re.findall(r"^SKIPPED", proc.stdout, re.M))
@@ -86,6 +95,61 @@ def test_bench_suites_drive_our_triton_kernels(tmp_path):
         if r["op"] != "attention-core":  # the core alone is the kernel launch itself, with no dispatch
             assert r["paths"] and {key.split("/")[1] for key in r["paths"]} == {"triton"}, r
     assert "the `ours` rows ran our Triton kernels in Triton's interpreter" in (out / "results.md").read_text()
+
+
+def test_results_folder_that_holds_files_is_refused(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    proc = _bench([f"--bench-out={out}", "--collect-only"])
+    assert proc.returncode != 0 and "never overwritten" in proc.stdout + proc.stderr
+    assert (out / "results.json").read_text() == "{}"
+
+
+def _report_module():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return report
+
+
+def test_plots_with_nothing_to_show_are_not_drawn_and_titles_name_the_run(tmp_path, monkeypatch):
+    """A GPU run that recorded no memory draws no memory.png; a run's plots say which device and
+    date they are of; a CPU run draws times.png only."""
+    pytest.importorskip("matplotlib")
+    report = _report_module()
+    titles = []
+    import matplotlib.axes
+
+    original_set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, title, *a, **k: titles.append(title) or original_set_title(self, title, *a, **k))
+    rows = [dict(op="reprogramming", shape="etth1-folded", dtype="bfloat16", mode="fwd", impl=impl, status="ok",
+                 seconds=secs, peak_bytes=None) for impl, secs in (("ours", 0.001), ("eager", 0.004))]
+    gpu = dict(device="NVIDIA H100", date="2026-12-01")
+    assert report.make_plots(rows, str(tmp_path), gpu) == ["speedup.png"]
+    assert titles == ["NVIDIA H100, 2026-12-01: speedup of ours over each peer (> 1: ours is faster)"]
+    rows[0]["peak_bytes"], rows[1]["peak_bytes"] = 2**20, 2**24
+    assert report.make_plots(rows, str(tmp_path), gpu) == ["speedup.png", "memory.png"]
+    assert report.make_plots(rows, str(tmp_path), dict(device="cpu", date="2026-12-01")) == ["times.png"]
+    assert titles[-1].startswith("CPU run, 2026-12-01")
+
+
+def test_cpu_table_gives_one_time_per_case_and_no_ratio():
+    report = _report_module()
+    rows = [dict(op="patch_embedding", shape="cpu-tiny", dtype="float32", mode="fwd", impl=impl, status="ok",
+                 seconds=secs, tflops=0.0, gbs=0.0, frac_hbm=0.0, frac_flops=0.0, paths=paths,
+                 timing="wall-clock median of 5 calls after 3 untimed ones")
+            for impl, secs, paths in (("ours", 0.0002, {"patch_embedding/eager": 8}), ("eager", 0.036, {}))]
+    env = dict(device="cpu", torch="2.13", triton="3.9", cuda=None, date="2026-12-07", cpus=2, load_average=6.5)
+    table = report.markdown(rows, env, [])
+    assert "| patch_embedding | cpu-tiny | float32 | fwd | eager | 36.000 |  |" in table
+    assert "| patch_embedding | cpu-tiny | float32 | fwd | ours | 0.200 | patch_embedding/eager x8 |" in table
+    assert "2 CPU cores, 1-minute load average 6.5" in table and "wall-clock median of 5 calls" in table
+    assert not re.search(r"\d+\.\d+x", table)  # 180x from 36 ms against 0.2 ms would be such a ratio
+    assert "0.00 |" not in table and "TFLOP" not in table
 
 
 def test_readme_renderer_quotes_only_committed_gpu_results(tmp_path):
@@ -181,11 +245,7 @@ def test_ncu_driver_smoke_run():
 
 
 def test_targets_verdicts_follow_the_measured_ratios():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    report = _report_module()
 
     def row(op, shape, mode, impl, seconds, **extra):
         return dict(op=op, shape=shape, dtype="bfloat16", mode=mode, impl=impl, status="ok", seconds=seconds, **extra)

@@ -73,6 +73,7 @@ def test_forecast_on_a_cpu_runs_the_eager_path_and_says_the_data_is_synthetic():
     taken = next(line for line in out.splitlines() if line.startswith("paths taken by the fast layers:"))
     assert "patch_embedding eager" in taken and "reprogramming_attention eager" in taken and "triton" not in taken
     assert ": agree" in out
+    assert "test MSE / MAE: over 2 windows of the test split" in out  # what the errors are measured on
     assert proc.stderr.strip() == "", proc.stderr[-3000:]  # no progress bar in captured output
 
 
@@ -116,7 +117,7 @@ def test_readme_serves_users():
     """README: short, no pointer to our own machines' folders or the internal contract, says where
     the ETT CSVs come from, gives the two commands CI and users run."""
     text = (REPO / "README.md").read_text()
-    assert len(text.splitlines()) <= 250
+    assert len(text.splitlines()) <= 320  # use, limits and the ports' few lines; the rest lives in docs/
     for internal in ("../shared", "shared/data", "SPEC"):
         assert internal not in text, internal
     assert "https://github.com/zhouhaoyi/ETDataset" in text and "dataset/" in text
@@ -124,6 +125,11 @@ def test_readme_serves_users():
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest tests -q -n auto" in ci  # README's test command is what CI runs
+    # ... which lists skip reasons and leaves the ahead-of-time sweep to a CI step of its own
+    addopts = re.search(r'^addopts = "(.*)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert "-rs" in addopts.split() and "-m 'not aot_sweep'" in addopts
+    sweep = "python -m pytest tests/test_aot.py -m aot_sweep"
+    assert sweep in text and sweep in ci
 
 
 def test_forecast_reads_the_csv_it_is_given(tmp_path, capsys):
@@ -133,17 +139,82 @@ def test_forecast_reads_the_csv_it_is_given(tmp_path, capsys):
     assert f"data: {csv_path}" in out and "NOTICE" not in out and "synthetic" not in out
 
 
+def _subparsers(parser):
+    return {name: sub for action in parser._subparsers._group_actions for name, sub in action.choices.items()}
+
+
 def test_help_texts_carry_no_markup():
     parser = cli.build_parser()
-    texts = [parser.format_help()]
-    texts += [sub.format_help() for action in parser._subparsers._group_actions
-              for sub in action.choices.values()]
+    texts = [parser.format_help()] + [sub.format_help() for sub in _subparsers(parser).values()]
     assert len(texts) == 5
     for text in texts:
         for markup in ("``", ":func:", ":class:", "**", "`"):
             assert markup not in text, (markup, text)
     proc = _run(["-m", "timellm_fast", "--help"], USER_ENV)
     assert proc.returncode == 0 and "check" in proc.stdout and "``" not in proc.stdout
+
+
+def test_every_command_and_option_has_help():
+    """Each subcommand's --help starts with a description of what it does, and every option says
+    what it is (and what its default is where it has one)."""
+    subparsers = _subparsers(cli.build_parser())
+    assert sorted(subparsers) == ["all", "bench", "check", "forecast"]
+    for name, sub in subparsers.items():
+        assert sub.description and len(sub.description) > 40, name
+        for action in sub._actions:
+            assert action.help and len(action.help) > 15, (name, action.option_strings)
+    for name in ("all", "check", "bench", "forecast"):
+        assert "--data" in subparsers[name].format_help(), name
+
+
+def test_check_and_all_take_data(tmp_path, monkeypatch, capsys):
+    """check --data (and all --data) reads the CSV named; a path that is not there is an error
+    before anything runs."""
+    missing = tmp_path / "nowhere.csv"
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    ran = []
+    monkeypatch.setattr(cli, "check_command", lambda data=None: ran.append(data) or True)
+    monkeypatch.setattr(cli, "bench", lambda *args: ran.append(args) or 0)
+    for command in ("check", "all"):
+        assert cli.main([command, "--data", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert f"timellm-fast {command}: error" in err and str(missing) in err and "does not exist" in err
+    assert ran == []
+    csv_path = write_ett_csv(tmp_path / "ETTh1.csv", rows=40)
+    assert cli.main(["check", "--data", str(tmp_path)]) == 0  # a folder holding ETTh1.csv
+    assert ran == [str(csv_path)]
+    assert cli.main(["all", "--data", str(csv_path)]) == 0
+    assert ran[1] == str(csv_path) and ran[2][-1] == str(csv_path)  # check's and bench's data
+
+
+def test_check_reads_its_series_from_the_data_given(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    csv_path = write_ett_csv(tmp_path / "mine.csv", rows=600)
+    x, source = cli._series(14, 96, str(csv_path))
+    assert source == str(csv_path) and x.shape == (14, 1, 96)
+    _, fallback = cli._series(14, 96)
+    assert fallback.startswith("synthetic series")
+
+
+def test_bench_results_folders_are_never_overwritten(tmp_path):
+    first = cli.new_results_dir(tmp_path, "local-cpu-2026-12-07")
+    second = cli.new_results_dir(tmp_path, "local-cpu-2026-12-07")
+    assert (first.name, second.name) == ("local-cpu-2026-12-07-run1", "local-cpu-2026-12-07-run2")
+    (tmp_path / "local-cpu-2026-12-07-run7").mkdir()
+    assert cli.new_results_dir(tmp_path, "local-cpu-2026-12-07").name == "local-cpu-2026-12-07-run8"
+    (first / "results.json").write_text("{}")
+    with pytest.raises(cli.ResultsFolderNotEmpty, match="never overwritten"):
+        cli.bench(out=str(first))
+    assert cli.main(["bench", "--out", str(first)]) == 2
+    assert (first / "results.json").read_text() == "{}"
+
+
+def test_forecast_says_what_its_errors_are_measured_on():
+    note = forecast.what_the_errors_measure(8, "independent", 5, 96, 24)
+    flat = " ".join(note.split())
+    assert "over 8 windows of the test split" in flat and "standardized with the training split's mean and std" in flat
+    assert "last training batch" in flat and "far above" in flat
+    assert all(len(line) <= 100 for line in note.splitlines())
 
 
 def _fake_check(results):
@@ -170,7 +241,7 @@ def test_check_ends_with_a_verdict_line(monkeypatch, capsys):
 
 
 def test_check_command_exits_non_zero_when_an_op_is_outside_tolerance(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "check", lambda: False)
+    monkeypatch.setattr(cli, "check", lambda data=None: False)
     monkeypatch.setattr(cli, "DEVICE", torch.device("cuda"))  # in process, as on a GPU
     assert cli.main(["check"]) == 1
     assert "FAILED" in capsys.readouterr().err

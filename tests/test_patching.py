@@ -202,6 +202,13 @@ class PatchTSTStylePatchEmbedding(nn.Module):
 PatchTSTStylePatchEmbedding.__name__ = "PatchEmbedding"
 
 
+def linear_value_embedding():
+    """PyPOTS's TimeLLM form (PatchTST's layer without positions): the patches go through a Linear."""
+    layer = PatchEmbedding(16, 8, 4, 0.0)
+    layer.value_embedding = nn.Linear(8, 16, bias=False)
+    return layer
+
+
 def zero_padded():
     layer = PatchEmbedding(16, 8, 4, 0.0)
     layer.padding_patch_layer = nn.ConstantPad1d((0, 4), 0.0)
@@ -228,6 +235,7 @@ def conv_with_bias():
 
 @pytest.mark.parametrize("make,reason", [
     (PatchTSTStylePatchEmbedding, "submodules"),
+    (linear_value_embedding, "value_embedding is Linear, not Time-LLM's TokenEmbedding"),
     (zero_padded, "replication"),
     (conv_with_bias, "parameters"),
     (no_bias, "parameters"),
@@ -236,9 +244,10 @@ def conv_with_bias():
 def test_lookalikes_are_left_alone_with_a_warning(make, reason):
     layer = make()
     model = nn.Sequential(layer)
-    with pytest.warns(UserWarning, match=reason):
+    with pytest.warns(UserWarning, match=reason) as caught:
         assert patch_model(model) == []
     assert model[0] is layer
+    assert [w.filename for w in caught] == [__file__]  # the warning points at the caller of patch_model
 
 
 def test_bad_arguments():

