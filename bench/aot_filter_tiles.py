@@ -32,6 +32,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the tests and the l
 
 import triton  # noqa: E402
 import aot_report as report  # noqa: E402  (bench/, this script's directory)
+from aot_configs import attention_configs, mma_work_budget  # noqa: E402
 from timellm_fast.kernels import attention as attn  # noqa: E402
 from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
 
@@ -83,7 +84,7 @@ def _compile(job: tuple) -> dict:
     name, tile = job
     cfg = next(c for c in tiles.CONFIG_TABLE.values() if c.name == name)
     cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-    aot = next(c for c in attn.aot_configs() if c["name"] == name)
+    aot = next(c for c in attention_configs() if c["name"] == name)
     aot = dict(aot, constexprs=cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     r = report.compile_config(aot, cfg.arch)
     spills = None if r.error else r.spill_stores + r.spill_loads
@@ -95,7 +96,7 @@ def _compile(job: tuple) -> dict:
         # on sm_90, where aot_report.py --work counts it; Triton 3.6's sm_80 build of the prototype pass
         # exceeds it with every tile that fits, 3.8 and 3.9 do not)
         constants = {"with_dx": 1} if cfg.role == "bwd_protos" else {}
-        budget = tiles.mma_work_budget(cfg.role, cfg.block_d, cfg.block_e)
+        budget = mma_work_budget(cfg.role, cfg.block_d, cfg.block_e)
         try:
             work = report.loop_work(aot, cfg.arch, cfg.block_r * cfg.block_s, constants)["mma_flops_per_element"]
         except Exception as exc:  # no countable loop: not proven within the budget

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel configuration for real GPUs, with no GPU present.
 
-``python bench/aot_report.py [--arch 75,80,90]`` compiles each entry of both ops' ``aot_configs()``
-(kernels/attention.py, kernels/patch_embedding.py) with ``triton.compile`` for the given compute
+``python bench/aot_report.py [--arch 75,80,90]`` compiles each kernel build of bench/aot_configs.py
+with ``triton.compile`` for the given compute
 capabilities and prints registers, spill bytes and shared memory per configuration (ptxas -v on
 the generated PTX), marks every row that spills, fails or needs more shared memory than its GPU
 generation has, and names the toolchain it used (Triton version, the ptxas of each architecture).
@@ -35,10 +35,11 @@ from triton.backends.nvidia import compiler as nvidia
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from timellm_fast.kernels import attention, patch_embedding
+from aot_configs import all_configs, attention_configs, mma_work_budget, patch_embedding_configs
+from timellm_fast.kernels import attention
 from timellm_fast.kernels import attention_tiles as tiles
 from timellm_fast.kernels._environment import interpreting
-from timellm_fast.kernels.aot import ARCHS
+from timellm_fast.kernels.attention_tiles import ARCHS
 from timellm_fast.kernels.patch_embedding_tiles import WINDOW_FWD_TILES
 #: shared memory a block may use, per arch class: sm_75's 64 KiB; for sm_80 the 99 KiB of sm_86 and
 #: sm_89 (consumer Ampere and Ada take the sm_80 configurations too; an A100 has 163 KiB); sm_90's 227 KiB
@@ -68,10 +69,6 @@ class AotResult:
     @property
     def bad(self) -> bool:
         return bool(self.error or self.spills or self.over_shared_memory)
-
-
-def all_configs() -> List[dict]:
-    return patch_embedding.aot_configs() + attention.aot_configs()
 
 
 def _ptxas(arch: int) -> str:
@@ -151,7 +148,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple:
 def jit_specialization(cfg: dict) -> dict:
     """The argument attributes Triton's JIT gives a launch: every pointer 16-byte aligned (torch
     allocations are) and the integer arguments a configuration names in "divisible_by_16" (those
-    SPEC §2 shapes make multiples of 16, e.g. d_model and head width). Without them the compile
+    docs/spec.md §2 shapes make multiples of 16, e.g. d_model and head width). Without them the compile
     is the JIT's generic variant, which on the attention kernels needs up to ~1.5x the registers
     (bench/ROOFLINE.md), so a check without them rejects tiles that the GPU, compiling for the
     real shapes, runs spill-free."""
@@ -300,13 +297,13 @@ TRAFFIC_FOLDED_ONES = ("N_VARS", "s_t", "s_wk")
 
 
 def traffic_cases() -> list:
-    """For --traffic: the patch embedding forward's main loop at Traffic-folded, with SPEC §1.1's
+    """For --traffic: the patch embedding forward's main loop at Traffic-folded, with docs/spec.md §1.1's
     minimum per output row (each series read once, each row of y written once; the weight is
     1.5 KB for the whole call)."""
     T, patch_len, stride, d_model, elem = 512, 16, 8, 16, 2
     P = (T + stride - patch_len) // stride + 1
     tile = WINDOW_FWD_TILES[torch.bfloat16]
-    config = next(c for c in patch_embedding.aot_configs() if c["name"] == TRAFFIC_FOLDED_FWD)
+    config = next(c for c in patch_embedding_configs() if c["name"] == TRAFFIC_FOLDED_FWD)
     return [dict(config=config, ones=TRAFFIC_FOLDED_ONES, div16=(),
                  shape="Traffic-folded (T 512, patch 16/8, d_model 16, bf16)",
                  rows_per_iteration=tile.block_m, threads=32 * tile.num_warps,
@@ -330,7 +327,7 @@ def traffic_report(archs: Iterable[int]) -> List[str]:
                       + ", ".join(f"{op} x{n}" for op, n in sorted(prof["loop_memory"].items())),
                       f"  issued per output row: {read * per_row:.0f} B read, {written * per_row:.0f} B written"
                       f" ({case['issued_note']})",
-                      f"  SPEC §1.1 minimum per output row: {case['minimum_read']:.0f} B read, "
+                      f"  docs/spec.md §1.1 minimum per output row: {case['minimum_read']:.0f} B read, "
                       f"{case['minimum_written']:.0f} B written; the loop's reads cover {case['footprint_read']:.0f} "
                       f"distinct B per row (the rest re-reads them)"]
     return lines
@@ -340,7 +337,7 @@ def traffic_report(archs: Iterable[int]) -> List[str]:
 
 #: mma.sync shapes of sm_80's HMMA opcodes (per warp)
 _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
-#: (name, d_model, E) of the SPEC §2 shapes whose attention kernels the work report counts
+#: (name, d_model, E) of the docs/spec.md §2 shapes whose attention kernels the work report counts
 WORK_SHAPES = (("explained-gpt2", 32, 32), ("etth1-folded", 32, 128), ("weather-folded", 32, 32),
                ("ecl-folded", 16, 32), ("traffic-folded", 16, 32), ("m4", 8, 32))
 
@@ -391,7 +388,7 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
     """One line per (role, SPEC shape) for the bf16 attention kernels as the JIT builds them on
     `arch`: `work ROLE SHAPE d_model=.. E=.. mma_flops_per_element=.. ex2_per_element=..`, then the
     exponentials inside loop branches, the instructions per element on the path every iteration
-    takes, the SPEC §1.3 budget and FlashAttention's work. Roles: fwd; bwd = the default backward
+    takes, the docs/spec.md §1.3 budget and FlashAttention's work. Roles: fwd; bwd = the default backward
     (delta has no MMA; the prototype-stationary kernel with the atomic row side); bwd-deterministic
     = the prototype-stationary kernel without the row side plus the row-stationary kernel.
 
@@ -399,7 +396,7 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
     shipped value unless given) chooses per group of 128 prototypes, a branch the SASS does not
     resolve: its counts are (1 - share)·(the build with every group on MUFU.EX2) + share·(the build
     with every group on the polynomial), both counted from their SASS."""
-    by_name = {c["name"]: c for c in attention.aot_configs()}
+    by_name = {c["name"]: c for c in attention_configs()}
     lines = []
     for shape, d_model, head_dim in WORK_SHAPES:
         form = attention.core_form(d_model, head_dim)
@@ -420,7 +417,7 @@ def work_lines(arch: int = 90, poly_eighths: Optional[int] = None) -> List[str]:
         fwd = work("fwd")
         bwd = work("bwd_protos", with_dx=1)
         det_protos, det_rows = work("bwd_protos", with_dx=0), work("bwd_rows")
-        budget = functools.partial(tiles.mma_work_budget, block_d=block_d, block_e=block_e)
+        budget = functools.partial(mma_work_budget, block_d=block_d, block_e=block_e)
         roles = (("fwd", fwd, budget("fwd"), 4 * head_dim),
                  ("bwd", bwd, budget("bwd_protos"), 10 * head_dim),
                  ("bwd-deterministic", {k: det_protos[k] + det_rows[k] for k in det_protos},

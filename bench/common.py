@@ -1,7 +1,7 @@
-"""Shared pieces of the benchmark suites: SPEC §2 shapes, the peers, timing, FLOP/byte models.
+"""Shared pieces of the benchmark suites: docs/spec.md §2 shapes, the peers, timing, FLOP/byte models.
 
 Every case times all its implementations in the same process on the same device, so each
-claim is a ratio (SPEC §5). GPU timing is `triton.testing.do_bench` (warm-up, CUDA-event
+claim is a ratio (docs/spec.md §5). GPU timing is `triton.testing.do_bench` (warm-up, CUDA-event
 timing, L2 flush, median); CPU timing is a wall-clock median and says nothing about kernels.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ FULL = (ON_GPU and os.environ.get("TIMELLM_FAST_BENCH_QUICK", "0") == "0") or \
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # fp32: no TF32
-#: HBM bandwidth of the GPU the run is on (datasheet values), when it is not an H100 SXM: the SPEC's
+#: HBM bandwidth of the GPU the run is on (datasheet values), when it is not an H100 SXM: docs/spec.md's
 #: fractions stay "of the H100", and the HBM target is judged against the device's own limit too
 _HBM_BYTES_PER_S_BY_NAME = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12))
 
@@ -62,7 +62,7 @@ class Shape:
         return (self.seq_len + self.stride - self.patch_len) // self.stride + 1
 
 
-# SPEC §2 (folded B·N where the table gives one; channel-independent rows = 24)
+# docs/spec.md §2 (folded B·N where the table gives one; channel-independent rows = 24)
 SPEC_SHAPES = [
     Shape("explained-gpt2", 28, 32, 32, 768),
     Shape("etth1-independent", 24, 32, 128, 4096),
@@ -167,7 +167,7 @@ def patch_embedding_input(s: Shape, dtype: torch.dtype) -> torch.Tensor:
 # ---- reprogramming -----------------------------------------------------------------------------
 
 def reprogramming_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
-    """(FLOPs, minimum HBM bytes) of SPEC §2.1: Q, K/V projections, QKᵀ + AV, out projection."""
+    """(FLOPs, minimum HBM bytes) of docs/spec.md §2.1: Q, K/V projections, QKᵀ + AV, out projection."""
     e = torch.finfo(dtype).bits // 8
     rows = s.rows * s.patches
     he = s.n_heads * s.d_keys
@@ -182,7 +182,7 @@ def reprogramming_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
 
 
 class SdpaFold(torch.nn.Module):
-    """SPEC §5 (c): cuBLAS projections + SDPA with all B'·L queries folded into one sequence."""
+    """docs/spec.md §5 (c): cuBLAS projections + SDPA with all B'·L queries folded into one sequence."""
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
@@ -235,7 +235,7 @@ def attention_core_cost(s: Shape, dtype: torch.dtype, backward: bool) -> tuple:
 
 
 def attention_core_factorized_flops(s: Shape, backward: bool) -> float:
-    """MMA FLOPs our factorized kernels execute on the core (SPEC §1.3): 2·D + 2·E per (row, prototype,
+    """MMA FLOPs our factorized kernels execute on the core (docs/spec.md §1.3): 2·D + 2·E per (row, prototype,
     head) element forward, 6·D + 4·E more for the default backward; D = d_model padded to the MMA's
     16 (32 at d_model 17..32). The tensor-core bound of a run is these FLOPs at 790 TFLOP/s."""
     d = 16 if s.d_model <= 16 else 32 if s.d_model <= 32 else 64
@@ -251,7 +251,7 @@ def _core_eager(rows, wq, bq, kv, n_heads):
 
 
 def _core_sdpa(rows, wq, bq, kv, n_heads):
-    """SPEC §5 (c) for the core: cuBLAS Q projection, one SDPA call over all rows folded into
+    """docs/spec.md §5 (c) for the core: cuBLAS Q projection, one SDPA call over all rows folded into
     one sequence per head, and the head-merge copy back."""
     k, v = kv.split(wq.shape[0], dim=1)
     return attention_sdpa_folded(F.linear(rows, wq, bq), k, v, n_heads)

@@ -15,7 +15,7 @@ kernel (the driver's launcher), and its host CPU is another CPU.
 The columns of a row take turns, round by round, and each figure is its fastest round
 (microseconds_per_call): on a shared machine a slow spell then falls on every column, not on one.
 
-The reprogramming rows also time SPEC §5's strongest simple alternative, SDPA-fold (cuBLAS
+The reprogramming rows also time docs/spec.md §5's strongest simple alternative, SDPA-fold (cuBLAS
 projections plus one scaled_dot_product_attention over the folded rows, bench/common.SdpaFold) on
 the same layer, both without dropout (as the GPU benchmarks run them): the host time our layer must
 not exceed. SDPA-fold's attention is computed for real by the CPU (at this size ~10 us forward,

@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 import triton
 
-#: SPEC §2.2: bf16 dense tensor-core throughput as measured on an H100 (the H200's compute die)
+#: docs/spec.md §2.2: bf16 dense tensor-core throughput as measured on an H100 (the H200's compute die)
 H100_PEAK_FLOPS_BF16 = 790e12
 
 

@@ -1,5 +1,5 @@
 """Whole-stage and whole-model rows: the Time-LLM input stage (prototypes + patch embedding +
-reprogramming) and a full Time-LLM step on a 6-layer GPT-2 backbone (SPEC §2 explained example),
+reprogramming) and a full Time-LLM step on a 6-layer GPT-2 backbone (docs/spec.md §2 explained example),
 eager vs fast, training step and inference; inference reuses the prototypes (both models) and
 our layer's prototype side across calls (timellm_fast.reuse_prototypes), also at large batch,
 reported as series per second (the whole model in micro-batches of SERVE_CHUNK windows; the

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tuning import ON_GPU, TuneLog, add_sweep_arguments, sweep_setup, time_ms  # noqa: E402  (first: sets the kernels' environment)
 import triton  # noqa: E402
 import aot_report as report  # noqa: E402
+from aot_configs import attention_configs  # noqa: E402
 from timellm_fast.kernels import attention as attn  # noqa: E402
 from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
 from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
@@ -97,7 +98,7 @@ def aot_usage(cfg, tile) -> dict:
     if cfg.arch == tiles.INTERPRETER:
         return {}
     cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-    aot = next(c for c in attn.aot_configs() if c["name"] == cfg.name)
+    aot = next(c for c in attention_configs() if c["name"] == cfg.name)
     r = report.compile_config(dict(aot, constexprs=cfg.constexprs(), num_warps=tile[2], num_stages=tile[3]), cfg.arch)
     return dict(regs=r.registers, spills=None if r.error else r.spills, shared_bytes=r.shared_bytes)
 

@@ -64,7 +64,7 @@ class TuneLog:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, *, shapes: str, budget_s: float, out: str) -> None:
     """The options every tuner takes (its own come next)."""
-    parser.add_argument("--shapes", default=shapes, help="SPEC §2 shape names, comma separated")
+    parser.add_argument("--shapes", default=shapes, help="docs/spec.md §2 shape names, comma separated")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--budget-s", type=float, default=budget_s)
     parser.add_argument("--out", default=out)

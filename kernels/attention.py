@@ -1,5 +1,6 @@
 """Fused cross-attention of Time-LLM's reprogramming layer on factorized logits: what the op layer
-(timellm_fast/reprogramming.py) calls, and every build its launchers can choose.
+(timellm_fast/reprogramming_op.py) calls (bench/aot_configs.py lists every build its launchers
+can choose).
 
 Notation, used in the shape comments of every attention file:
 
@@ -17,10 +18,10 @@ Per head h the kernels see the logits as a thin product plus a bias:
 
 * factorized form (d_model <= E: every Time-LLM shape): X_h = target for every head, Y_h = K_h·Wq_h
   ([S, d_model]), c_h = K_h·bq_h, scale = 1/sqrt(E). X_h·Y_hᵀ + c_h = Q_h·K_hᵀ exactly, so Q is never
-  formed and the logit dots are d_model wide instead of E (SPEC §1.3).
+  formed and the logit dots are d_model wide instead of E (docs/spec.md §1.3).
 * standard form (d_model > E): X_h = Q_h from a cuBLAS projection, Y_h = K_h, no bias.
 
-The op layer (timellm_fast/reprogramming.py) builds X, Y, c and V with GEMMs; the kernels never see a
+The op layer (timellm_fast/reprogramming_op.py) builds X, Y, c and V with GEMMs; the kernels never see a
 projection weight. Layouts (every tensor has unit stride along its last axis):
 
     x    [R, *]       head h reads columns h·x_head_stride + [0, D) (x_head_stride 0: factorized)
@@ -48,63 +49,12 @@ The kernels, by file:
 """
 from __future__ import annotations
 
-from typing import List
-
-import torch
-
-from .aot import aot_config
-from .attention_backward import (CoreGradients, attention_backward, attention_bwd_delta_kernel,
-                                 attention_bwd_protos_kernel, attention_bwd_rows_kernel)
-from .attention_forward import attention_forward, attention_fwd_kernel, dropout_keep_mask, dropout_keep_mask_kernel
+from .attention_backward import CoreGradients, attention_backward
 from .attention_form import CoreForm, core_form, standard_form, unsupported_reason
-from .attention_tiles import CONFIG_TABLE, PROTOTYPE_ALIGN
-from .prototype_side import (prototype_logits, prototype_logits_backward, prototype_logits_bwd_kernel,
-                             prototype_logits_kernel)
+from .attention_forward import attention_forward, dropout_keep_mask
+from .attention_tiles import PROTOTYPE_ALIGN
+from .prototype_side import prototype_logits, prototype_logits_backward
 
-__all__ = ["PROTOTYPE_ALIGN", "CoreForm", "CoreGradients", "aot_configs", "attention_backward", "attention_forward",
+__all__ = ["PROTOTYPE_ALIGN", "CoreForm", "CoreGradients", "attention_backward", "attention_forward",
            "core_form", "dropout_keep_mask", "prototype_logits", "prototype_logits_backward", "standard_form",
            "unsupported_reason"]
-
-#: role -> kernel, what the tile table's configurations launch
-KERNELS = {
-    "fwd": attention_fwd_kernel,
-    "bwd_delta": attention_bwd_delta_kernel,
-    "bwd_protos": attention_bwd_protos_kernel,
-    "bwd_rows": attention_bwd_rows_kernel,
-    "dropout_mask": dropout_keep_mask_kernel,
-    "prototype_logits": prototype_logits_kernel,
-    "prototype_logits_bwd": prototype_logits_bwd_kernel,
-}
-
-#: per role: the pointer arguments that are not in the data dtype
-_FP32_POINTERS = {
-    "fwd": ("lse_ptr",),
-    "bwd_delta": ("delta_ptr", "dx_ptr"),
-    "bwd_protos": ("lse_ptr", "delta_ptr", "dmc_ptr", "dv_ptr", "dx_ptr"),
-    "bwd_rows": ("lse_ptr", "delta_ptr", "dx_ptr"),
-    "dropout_mask": (),
-    "prototype_logits": (),
-    "prototype_logits_bwd": ("dmc_ptr",),
-}
-_INTEGER_POINTERS = {"seed_ptr": torch.int64, "keep_ptr": torch.int8}
-_FLOAT_SCALARS = ("qk_scale", "grad_scale", "dropout_p")
-#: integer arguments that SPEC §2 shapes make multiples of 16 (so the JIT specializes them there):
-#: head widths, row counts (B'·64), strides of the row-side operands and of V, the Philox row group
-#: (a multiple of 128). S = 1000, H = 8 and mc's strides (multiples of S' = 1000) are not; the kernels
-#: know mc's row stride is a multiple of PROTOTYPE_ALIGN.
-DIVISIBLE_BY_16 = ("R", "D", "E", "DX_COLS", "stride_x_r", "x_head_stride", "stride_v_s", "stride_v_h",
-                   "stride_dx_r", "stride_dx_h", "rows_per_chunk", "rows_per_group")
-
-
-def aot_configs() -> List[dict]:
-    """Every configuration of CONFIG_TABLE in the form bench/aot_report.py compiles, for the arch it
-    serves: pointers in the data dtype but the fp32 buffers, the seed and the debug kernel's mask."""
-    configs = []
-    for cfg in CONFIG_TABLE.values():
-        kernel = KERNELS[cfg.role]
-        pointers = {name: cfg.data_dtype for name in kernel.arg_names if name.endswith("_ptr")}
-        pointers.update({name: torch.float32 for name in _FP32_POINTERS[cfg.role]}, **_INTEGER_POINTERS)
-        configs.append(aot_config(cfg.name, kernel, cfg.constexprs(), pointers, cfg.num_warps, cfg.num_stages,
-                                  float_scalars=_FLOAT_SCALARS, divisible_by_16=DIVISIBLE_BY_16, archs=(cfg.arch,),
-                                  config=cfg))
-    return configs

@@ -72,7 +72,7 @@ FMA_BLOCK_PAIRS = tuple(p for p in BLOCK_PAIRS if p[0] in FACTORIZED_BLOCK_D)
 
 # (BLOCK_R, BLOCK_S, num_warps, num_stages) per (role, arch, dropout) and (BLOCK_D, BLOCK_E), as data.
 # The backward roles' dropout is None (a run-time value). Every entry compiles spill-free on its arch
-# with Triton 3.6, 3.8 and 3.9 as the JIT specializes SPEC §2 shapes, within its generation's shared
+# with Triton 3.6, 3.8 and 3.9 as the JIT specializes docs/spec.md §2 shapes, within its generation's shared
 # memory (tests/test_aot.py), and was chosen by bench/aot_filter_tiles.py as the first candidate, in
 # order of preference, clean under all three toolchains. The sm_90 tensor-core tiles also do no more
 # MMA work per element than the factorized form's budget, except fp16's prototype pass at
@@ -251,20 +251,6 @@ class AttentionConfig:
 
 def block_e_for(head_dim: int) -> int:
     return max(BLOCK_E_CHOICES[0], next_pow2(head_dim))
-
-
-def mma_work_budget(role: str, block_d: int, block_e: int, with_dx: bool = True) -> int:
-    """SPEC §1.3's MMA FLOPs per (row, prototype, head) element for one kernel role at BLOCK_D,
-    BLOCK_E: the forward 2·D + 2·E; the prototype pass 6·D + 4·E with the row side (the default
-    backward), 4·D + 4·E without it; the row pass 4·D + 2·E (so the deterministic backward,
-    prototype pass without the row side plus row pass, is 8·D + 6·E)."""
-    if role == "fwd":
-        return 2 * block_d + 2 * block_e
-    if role == "bwd_protos":
-        return (6 * block_d + 4 * block_e) if with_dx else (4 * block_d + 4 * block_e)
-    if role == "bwd_rows":
-        return 4 * block_d + 2 * block_e
-    raise ValueError(f"no MMA work budget for role {role!r}")
 
 
 def _config_table() -> Dict[tuple, AttentionConfig]:

@@ -1,10 +1,11 @@
-"""Shared by the tests: the device, whether Triton runs on it, the tolerances of SPEC §4, a
+"""Shared by the tests: the device, whether Triton runs on it, the tolerances of docs/spec.md §4, a
 Triton launch counter and where to put it, and the other Tritons' venvs for the tests that compile
 kernels.
 Imported after conftest.py has set up the environment."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -25,13 +26,13 @@ def max_abs_err(got: torch.Tensor, oracle: torch.Tensor) -> float:
     return (got.detach().double() - oracle.detach().double()).abs().max().item()
 
 
-#: SPEC §4's one exception: the key-projection bias's gradient is zero in exact arithmetic (softmax
+#: docs/spec.md §4's one exception: the key-projection bias's gradient is zero in exact arithmetic (softmax
 #: ignores a shift shared by every key), so its computed value is rounding noise, judged at 4x eager's
 EAGER_FACTOR_EXCEPTIONS = {"key_projection.bias": 4.0}
 
 
 def eager_factor(name: str) -> float:
-    """How many times the eager layer's error a half-precision result may have (SPEC §4)."""
+    """How many times the eager layer's error a half-precision result may have (docs/spec.md §4)."""
     return EAGER_FACTOR_EXCEPTIONS.get(name.split()[-1], 2.0)
 
 
@@ -94,6 +95,19 @@ def swap_kernel(monkeypatch, name: str, stand_in):
 
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+
+def bench_module(name: str):
+    """bench/<name>.py, imported as `name` (the AOT tooling and tuners live there, outside the
+    installed library); bench/ goes on sys.path for the modules it imports itself."""
+    if name not in sys.modules:
+        if str(BENCH) not in sys.path:
+            sys.path.append(str(BENCH))
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 #: toolchain -> (the venv that holds it, the Triton version it must hold, what to pip install there);
 #: .ci/run makes them: Triton 3.6 (torch 2.11, our GPU machines) and Triton 3.8 (what
 #: `pip install torch` brings with torch 2.14.1)

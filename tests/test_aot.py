@@ -1,4 +1,4 @@
-"""Every kernel configuration dispatch can choose compiles ahead of time for real GPUs (SPEC §6).
+"""Every kernel configuration dispatch can choose compiles ahead of time for real GPUs (docs/spec.md §6).
 
 No GPU is needed: triton.compile targets sm_75 (T4), sm_80 (A100) and sm_90 (H100) and ptxas
 reports registers and spills. A configuration that spills or fails to build fails here, in CI,
@@ -12,21 +12,17 @@ torch 2.14.1) in `.venv-aot-triton38`. The versions allocate registers different
 each spilled on four tiles that fit 3.9), so a tile must fit all of them.
 """
 import ast
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from helpers import AOT_VENVS, REPO, TOOLCHAINS, compiled_kernels_env, toolchain_python
+from helpers import AOT_VENVS, REPO, TOOLCHAINS, bench_module, compiled_kernels_env, toolchain_python
 
 #: bench/aot_report.py: compiles and profiles the configurations (run as a script below, read here)
 AOT_REPORT = str(REPO / "bench" / "aot_report.py")
-_spec = importlib.util.spec_from_file_location("aot_report", AOT_REPORT)
-report = sys.modules["aot_report"] = importlib.util.module_from_spec(_spec)  # its dataclasses look it up there
-_spec.loader.exec_module(report)
+report = bench_module("aot_report")
 
 def test_every_kernel_file_contributes_configs():
     names = {cfg["fn"].__name__ if hasattr(cfg["fn"], "__name__") else cfg["fn"].fn.__name__
@@ -152,7 +148,7 @@ def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
     """`aot_report.py --traffic` (the same SASS, sm_90) states the bytes the forward's loop moves per
     output row at Traffic-folded: y's 32 B written (a 16-byte store per thread, 128 threads per
     64 rows), 128 B of reads issued (three 32-byte taps and the predicated series-end load), and
-    beside them the SPEC minimum of 16 B read and 32 B written."""
+    beside them the docs/spec.md §1.1 minimum of 16 B read and 32 B written."""
     python = toolchain_python("this-env")
     proc = subprocess.run([python, AOT_REPORT, "--traffic", "--arch", "90"],
                           env=compiled_kernels_env(), capture_output=True, text=True, timeout=600)
@@ -160,15 +156,15 @@ def test_traffic_report_prints_bytes_per_output_row_against_the_minimum():
         pytest.skip("this Triton ships no nvdisasm")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "issued per output row: 128 B read, 32 B written" in proc.stdout, proc.stdout
-    assert "SPEC §1.1 minimum per output row: 16 B read, 32 B written" in proc.stdout, proc.stdout
+    assert "docs/spec.md §1.1 minimum per output row: 16 B read, 32 B written" in proc.stdout, proc.stdout
 
 
 @pytest.mark.aot_sweep
 @pytest.mark.parametrize("toolchain", sorted(TOOLCHAINS))
 def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
     """`aot_report.py --work`: the MMA FLOPs and exponentials per (row, prototype, head) element of the bf16
-    attention kernels at the SPEC §2 shapes, counted from their sm_90 SASS as the JIT builds them
-    (SPEC §1.3 budgets: forward 2·D + 2·E, default backward 6·D + 4·E, deterministic backward
+    attention kernels at the docs/spec.md §2 shapes, counted from their sm_90 SASS as the JIT builds them
+    (docs/spec.md §1.3 budgets: forward 2·D + 2·E, default backward 6·D + 4·E, deterministic backward
     8·D + 6·E; one exponential per element per softmax pass, plus the forward's rescale, one per row
     and prototype block)."""
     python = toolchain_python(toolchain)
@@ -185,7 +181,7 @@ def test_attention_work_per_element_is_within_the_factorized_budgets(toolchain):
         assert 0 < flops <= budget, r
         assert float(r["ex2_per_element"]) <= passes[r["role"]] + (1 / 16 if r["role"] == "fwd" else 0), r
     etth1 = {r["role"]: float(r["mma_flops_per_element"]) for r in rows if r["shape"] == "etth1-folded"}
-    assert etth1["fwd"] == 320 and etth1["bwd"] <= 704  # SPEC §1.3: 1.6x and 1.8x less than FlashAttention's
+    assert etth1["fwd"] == 320 and etth1["bwd"] <= 704  # docs/spec.md §1.3: 1.6x and 1.8x less than FlashAttention's
 
 
 def _work_rows(python: str, *args: str) -> dict:

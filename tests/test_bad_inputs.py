@@ -1,4 +1,4 @@
-"""Bad-input matrix of every public entry point (SPEC §1; README "Use").
+"""Bad-input matrix of every public entry point (docs/spec.md §1; README "Use").
 
 The tables below ARE the documentation of what each bad input does. Every case either raises
 (`RAISES`: the exception type and a regex that must name the argument and what was expected) or
@@ -10,7 +10,7 @@ Decisions recorded here:
   error: forward returns an empty result of the right shape, backward returns empty input
   gradients and all-zero weight gradients, on every backend. S = 0 prototypes is an error (a
   softmax over nothing is undefined). T < patch_len (including T = 0) is an error.
-* Mixed dtypes: the patch embedding accepts any float input with any float weight (SPEC §1.1,
+* Mixed dtypes: the patch embedding accepts any float input with any float weight (docs/spec.md §1.1,
   computes in fp32, returns the weight's dtype); the reprogramming layer requires target, source
   and value in the weights' dtype (as nn.Linear does) unless autocast is on.
 * NaN / inf in inputs never raise; they propagate to exactly the output / gradient entries where

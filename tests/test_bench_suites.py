@@ -12,7 +12,7 @@ import torch
 
 from helpers import REPO, compiled_kernels_env
 
-# the reduced grid on any machine: on a GPU the suites' default is the full SPEC grid (an hour)
+# the reduced grid on any machine: on a GPU the suites' default is the full docs/spec.md §2 grid (an hour)
 QUICK_ENV = {**os.environ, "PYTHONPATH": str(REPO / "bench"), "TIMELLM_FAST_BENCH_QUICK": "1"}
 #: the environment `timellm-fast bench` gives the suites: no interpreter (this test process has it
 #: on a CPU), so our layers run the real dispatch, Triton on a GPU and their eager path on a CPU

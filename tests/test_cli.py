@@ -1,5 +1,5 @@
 """The command line as a user meets it: no environment changed at import, the real dispatch in
-forecast, data handling (SPEC §3), help text without markup, check's verdict, progress bars only
+forecast, data handling (docs/spec.md §3), help text without markup, check's verdict, progress bars only
 on a terminal. Timings are reported by the commands, never judged here."""
 import io
 import os
@@ -117,7 +117,7 @@ def test_readme_serves_users():
     """README: short, no pointer to our own machines' folders or the internal contract, says where
     the ETT CSVs come from, gives the two commands CI and users run."""
     text = (REPO / "README.md").read_text()
-    assert len(text.splitlines()) <= 320  # use, limits and the ports' few lines; the rest lives in docs/
+    assert len(text.splitlines()) <= 250
     for internal in ("../shared", "shared/data", "SPEC"):
         assert internal not in text, internal
     assert "https://github.com/zhouhaoyi/ETDataset" in text and "dataset/" in text

@@ -12,7 +12,7 @@ Where bitwise reproducibility does NOT hold (documented, not tested here):
 
 * Across GPU architectures: dispatch picks different tiles and dot dtypes on sm_75 / sm_80 / sm_90
   (e.g. bf16 has no MMA on sm_75), so the bits differ between GPU generations (results stay within
-  SPEC §4). The chunking depends only on the shapes, so the same GPU model gives the same bits.
+  docs/spec.md §4). The chunking depends only on the shapes, so the same GPU model gives the same bits.
 * The GEMMs around the kernels (K/V, output and weight-gradient projections) are cuBLAS calls: they
   are deterministic run to run on one GPU, but bit-identity across GPUs / cuBLAS versions is not
   guaranteed.

@@ -3,8 +3,8 @@
 Two CPU processes (gloo, torch.multiprocessing spawn) run tests/distributed_worker.py: the input
 stage built from Time-LLM's original layers, ``patch_model``, then FSDP2 ``fully_shard`` at the
 root or per layer, or DeepSpeed ZeRO-2 / ZeRO-3 on its CPU accelerator. Every rank's whole
-gradients must equal those of the unpatched model run on the full batch in one process (SPEC
-§4's fp32 bar). FSDP2 per ``nn.Linear`` / ``nn.Conv1d`` and DDP are tested in tests/test_dropin.py
+gradients must equal those of the unpatched model run on the full batch in one process
+(docs/spec.md §4's fp32 bar). FSDP2 per ``nn.Linear`` / ``nn.Conv1d`` and DDP are tested in tests/test_dropin.py
 and tests/test_ddp.py.
 
 The DeepSpeed rows need the ``integrations`` extra (DeepSpeed 0.19.8) and are skipped, with the

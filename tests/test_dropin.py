@@ -1,9 +1,9 @@
-"""The drop-in contract (SPEC §4.1): in every situation below our PatchEmbedding and
+"""The drop-in contract (docs/spec.md §4.1): in every situation below our PatchEmbedding and
 ReprogrammingLayer give what Time-LLM's original layers give, or raise an error that names what is
 unsupported; never a silent difference.
 
 Each test sets up one situation a user can be in and compares our layer with the original
-(tests/timellm_original.py) holding the same state dict, in float32, at SPEC §4's fp32 bar
+(tests/timellm_original.py) holding the same state dict, in float32, at docs/spec.md §4's fp32 bar
 (helpers.assert_close_to_oracle: max abs error <= 1e-4 (1 + max|original|)). The layer-level tests
 run on both paths (`path`): "eager" (TIMELLM_FAST_BACKEND=eager) and "triton", the default
 automatic dispatch, which on a CPU runs the Triton kernels in the interpreter (tests/conftest.py);
@@ -182,7 +182,7 @@ def forward_backward(layer, inputs, seed=3):
 
 
 def assert_matches(what, got, ref):
-    """Our result against the original's at the fp32 bar of SPEC §4."""
+    """Our result against the original's at the fp32 bar of docs/spec.md §4."""
     assert got is not None, f"{what}: missing (the original has it)"
     assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype} != the original's {ref.dtype}"
     assert_close_to_oracle(what, got.detach(), ref.detach())

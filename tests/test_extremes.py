@@ -1,15 +1,15 @@
 """Numerical extremes of the reprogramming attention (and the patch embedding's long series).
 
 * Logits up to ±1e4: the online softmax must not overflow (no NaN / inf) and must give the
-  oracle's one-hot attention; gradients stay finite, and meet SPEC §4 up to |logit| ~ 1e2 (beyond,
+  oracle's one-hot attention; gradients stay finite, and meet docs/spec.md §4 up to |logit| ~ 1e2 (beyond,
   a documented limitation pinned by strict xfails, see _GRAD_XFAIL).
 * fp16 overflow (documented behaviour): a target row whose fp16 query projection would exceed
   65504 is NaN in the eager fp16 layer. The factorized form never forms Q (its logits are fp32
   accumulations of target·M), so that row stays finite and matches the oracle; the standard form
   (d_model > E) forms Q in fp16 and is NaN exactly where eager is. The other rows stay within
-  SPEC §4 of the oracle either way.
+  docs/spec.md §4 of the oracle either way.
 * Very long rows (S = 32768 prototypes, few query rows) and very many rows (enough for several
-  row chunks of the prototype-side backward and several patch-embedding dW chunks) stay within SPEC §4's fp32 bar.
+  row chunks of the prototype-side backward and several patch-embedding dW chunks) stay within docs/spec.md §4's fp32 bar.
 """
 import math
 
@@ -92,7 +92,7 @@ def test_huge_logits_one_hot_output_no_nan(logit, backend, monkeypatch):
 
 
 #: KNOWN LIMITATION (fused kernels and the SDPA fallback alike; the literal fp32 softmax meets the bar):
-#: with logits of magnitude ~1e4 the gradients miss SPEC §4's fp32 bar by up to ~20x (key weight); at
+#: with logits of magnitude ~1e4 the gradients miss docs/spec.md §4's fp32 bar by up to ~20x (key weight); at
 #: 1e2 every gradient meets it (the fused kernels with 10x margin). Cause in the fused kernels: the
 #: backward rebuilds P = exp2(s·log2e/sqrt(E) - lse) from one fp32 lse of magnitude ~1.4e4, whose
 #: rounding (ulp 1e-3) scales every P by up to 2^(5e-4), so the rebuilt row no longer sums to 1 and
@@ -121,7 +121,7 @@ def test_huge_logit_gradients_meet_spec(backend, logit, monkeypatch):
 def test_fp16_query_overflow(d_model, form, monkeypatch):
     """A target row whose fp16 query projection overflows: NaN in the eager fp16 layer. The factorized
     kernels never form Q, so that row is finite and right; the standard form forms Q in fp16 and is
-    NaN exactly where eager is. The other rows meet SPEC §4 either way."""
+    NaN exactly where eager is. The other rows meet docs/spec.md §4 either way."""
     from timellm_fast.reference import reprogramming_reference
 
     monkeypatch.setenv("TIMELLM_FAST_BACKEND", "triton")

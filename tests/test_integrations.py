@@ -5,7 +5,7 @@ ReplicationPad1d and TokenEmbedding) and ReprogrammingLayer; PyPOTS ships the Re
 (``pypots.nn.modules.timellm.layers``, constructor argument ``d_k``) and uses PatchTST's linear
 PatchEmbedding, which is another layer and must be left alone. Each test builds the package's own
 modules, patches a copy, and compares the output and every gradient with the unpatched one at
-SPEC §4's fp32 bar; the whole-model tests also train both through the package's own ``fit`` and
+docs/spec.md §4's fp32 bar; the whole-model tests also train both through the package's own ``fit`` and
 compare the losses step by step and the forecasts.
 
 The whole models run offline: a 1-layer GPT-2 built from a transformers config (random weights)
@@ -58,7 +58,7 @@ def outputs_and_gradients(model: nn.Module, run):
 
 
 def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> None:
-    """SPEC §4's fp32 bar with the unpatched model as the reference."""
+    """docs/spec.md §4's fp32 bar with the unpatched model as the reference."""
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     err = (got.double() - ref.double()).abs().max().item()
     tol = 1e-4 * (1 + ref.abs().max().item())

@@ -38,7 +38,7 @@ def compute_ops(fn) -> list:
 
 @requires_triton
 def test_patch_embedding_eval_forward_is_one_kernel_launch(monkeypatch):
-    # SPEC §2 explained example: B·N = 28 series of T = 512, d_model 32
+    # docs/spec.md §2 explained example: B·N = 28 series of T = 512, d_model 32
     layer = PatchEmbedding(32, 16, 8, 0.1).to(DEVICE).eval()
     x = torch.randn(4, 7, 512, device=DEVICE)
     layer(x)  # first call: the cached seed placeholder is made here

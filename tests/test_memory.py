@@ -40,7 +40,7 @@ def _reprogramming_pair(d_model, n_heads, d_keys, d_llm, dtype):
 
 @requires_triton
 def test_reprogramming_saves_no_attention_matrix_and_10x_less_per_row_than_eager():
-    # SPEC §2 head geometry (H 8, E 32, S 1000) with B'·L cut to 128 and 256 rows for the
+    # docs/spec.md §2 head geometry (H 8, E 32, S 1000) with B'·L cut to 128 and 256 rows for the
     # interpreter; what grows with the rows is what grows at Traffic scale (the K/V and weights
     # are a fixed cost there)
     L, d_model, H, E, S, d_llm = 64, 16, 8, 32, 1000, 64
@@ -85,7 +85,7 @@ def test_patch_embedding_saves_only_the_series_and_weight():
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="measures the CUDA allocator at the Traffic shape")
 def test_traffic_shape_forward_backward_fits_with_10x_less_activation_memory():
-    # SPEC §2 Traffic, folded: B' = 20688 series, L = 64 patches, d_model 16, H 8, E 32, d_llm 4096
+    # docs/spec.md §2 Traffic, folded: B' = 20688 series, L = 64 patches, d_model 16, H 8, E 32, d_llm 4096
     bp, L, d_model, H, E, S, d_llm = 20688, 64, 16, 8, 32, 1000, 4096
     dtype = torch.bfloat16
     ours, _ = _reprogramming_pair(d_model, H, E, d_llm, dtype)

@@ -49,7 +49,7 @@ def windows(split: str, mode: str, count: int, start: int = 0):
 
 
 def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor) -> None:
-    """SPEC §4's fp32 bar, with the eager model as the reference."""
+    """docs/spec.md §4's fp32 bar, with the eager model as the reference."""
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     err = (got.double() - ref.double()).abs().max().item()

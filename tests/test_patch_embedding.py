@@ -1,4 +1,4 @@
-"""PatchEmbedding: equivalence with the float64 oracle (SPEC §4), dropout, state dict, errors.
+"""PatchEmbedding: equivalence with the float64 oracle (docs/spec.md §4), dropout, state dict, errors.
 
 On a CPU-only machine the Triton path runs in Triton's interpreter (see conftest.py). There,
 bf16 tl.dot operands are computed in fp32 (triton-lang/triton#11584), so the bf16 tensor-core
@@ -19,7 +19,7 @@ from timellm_fast.kernels import patch_embedding as pe
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
 
-# (name, B, N, T, patch_len, stride, d_model): SPEC §2 shapes with B·N reduced, plus awkward ones.
+# (name, B, N, T, patch_len, stride, d_model): docs/spec.md §2 shapes with B·N reduced, plus awkward ones.
 SHAPES = [
     ("explained-gpt2-folded", 2, 7, 512, 16, 8, 32),
     ("etth1-independent", 6, 1, 512, 16, 8, 32),
@@ -160,7 +160,7 @@ def test_non_contiguous_sliced_input():
     check_against_oracle(x, w, 16, 8)
 
 
-# ---- dropout (SPEC §4) -------------------------------------------------------------------------
+# ---- dropout (docs/spec.md §4) -------------------------------------------------------------------------
 
 def dropout_run(seed, p=0.3, shape=(2, 3, 64), d_model=16):
     torch.manual_seed(1234)

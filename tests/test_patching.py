@@ -1,6 +1,6 @@
 """patch_model / unpatch_model on hand-written copies of Time-LLM's original classes.
 
-The classes below are written from SPEC §1 with Time-LLM's class names, attributes and
+The classes below are written from docs/spec.md §1 with Time-LLM's class names, attributes and
 submodules (including its own right-only ReplicationPad1d); timellm_fast never imports them and
 must recognize them by structure alone.
 """

@@ -1,4 +1,4 @@
-"""Property-based equivalence of the patch embedding against the float64 oracle (SPEC §4).
+"""Property-based equivalence of the patch embedding against the float64 oracle (docs/spec.md §4).
 
 Random shapes, strides (contiguous, Time-LLM's permuted view, strided slices) and dtypes go
 through the Triton path (interpreter on CPU) and the eager fallback. Shrunk counterexamples that

@@ -1,4 +1,4 @@
-"""Property-based equivalence of the ReprogrammingLayer against the float64 oracle (SPEC §4).
+"""Property-based equivalence of the ReprogrammingLayer against the float64 oracle (docs/spec.md §4).
 
 Random B', L, d_model, n_heads, d_keys, S (including values that are not multiples of any block
 size, and S = 1), d_llm, dtypes (fp32 / bf16 / fp16), target layouts (contiguous, Time-LLM-like
@@ -23,7 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_LAYOUTS = ("contiguous", "permuted", "sliced")
 SOURCE_LAYOUTS = ("contiguous", "transposed")
 KERNEL_HEAD_DIMS = (16, 128)  # kernels/attention_tiles.py MIN_HEAD_DIM, MAX_HEAD_DIM
-#: Half precision (SPEC §4: no worse than 2x the eager layer's error in the same dtype), plus a floor
+#: Half precision (docs/spec.md §4: no worse than 2x the eager layer's error in the same dtype), plus a floor
 #: of one unit roundoff of the result's scale, u·(1 + max|oracle|) (u = 2^-8 bf16, 2^-11 fp16), where
 #: tests/helpers.py uses 1e-6·scale. Why: on tiny problems the 2x bar compares two rounding-noise
 #: patterns over a handful of short, cancelling dot products, and hypothesis shrinks straight to them.
@@ -42,7 +42,7 @@ KERNEL_HEAD_DIMS = (16, 128)  # kernels/attention_tiles.py MIN_HEAD_DIM, MAX_HEA
 #:     fallback), d key_projection.bias 1.2e-2 = 3u at scale 1; fp16 d_llm = 3, S = 151, eager
 #:     fallback, d target 9.5e-4 = 1.7u·scale. Both are eager-vs-eager differences.
 #: Every one is below two ulps (4 unit roundoffs) of its scale; a real defect (wrong row, head,
-#: block or mask) is off by O(scale). fp32 keeps SPEC §4's 1e-4·scale bar with no floor.
+#: block or mask) is off by O(scale). fp32 keeps docs/spec.md §4's 1e-4·scale bar with no floor.
 def assert_half_close(what, got, oracle, eager):
     assert got.shape == oracle.shape and torch.isfinite(got).all(), what
     scale = 1.0 + oracle.abs().max().item()
@@ -115,7 +115,7 @@ def check_problem(p):
     assert out.dtype == dtype and out.shape == (p["B"], p["L"], p["d_llm"])
     oracle_out, oracle_grads = run_reference(layer, target, source, value, upstream, torch.float64)
     eager_out, eager_grads = None, {}
-    if dtype != torch.float32:  # SPEC §4: half results are judged against the eager layer's error
+    if dtype != torch.float32:  # docs/spec.md §4: half results are judged against the eager layer's error
         eager_out, eager_grads = run_reference(layer, target, source, value, upstream, dtype)
     judge = assert_close_to_oracle if dtype == torch.float32 else assert_half_close
     judge("out", out, oracle_out, eager_out)

@@ -1,8 +1,8 @@
-"""ReprogrammingLayer: fused Triton path and eager fallback against the float64 oracle (SPEC §1.2, §4).
+"""ReprogrammingLayer: fused Triton path and eager fallback against the float64 oracle (docs/spec.md §1.2, §4).
 
 On a machine without CUDA these tests exercise the kernels through Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py or in the environment before Python starts). Shapes are
-SPEC §2's with B'·L cut down, because the interpreter runs every program of the grid in numpy.
+docs/spec.md §2's with B'·L cut down, because the interpreter runs every program of the grid in numpy.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_oracle, max_abs_err, requires_triton
+from helpers import (DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_oracle, bench_module, max_abs_err,
+                     requires_triton)
 from timellm_fast import dispatch, reuse_prototypes
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer
@@ -111,7 +112,7 @@ def masked_reference(target, source, value, wq, bq, wk, bk, wv, bv, wo, bo, n_he
 # numerics of the fused path against the float64 oracle
 # ---------------------------------------------------------------------------------------------
 
-# (id, B', L, d_model, H, d_keys, S, d_llm, source is value); SPEC §2 rows, B'·L cut to <= 128, plus the
+# (id, B', L, d_model, H, d_keys, S, d_llm, source is value); docs/spec.md §2 rows, B'·L cut to <= 128, plus the
 # forms' edges: d_model < E (factorized, BLOCK_D 16 / 32 / 64), d_model = E, d_model > E (standard form),
 # S = 37 and 1000, E not a power of two
 SHAPES = [
@@ -266,7 +267,7 @@ def test_fp32_wide_standard_form_falls_back(backend):
 def test_backward_delta_is_exact_enough_for_the_zero_key_bias_gradient(seed, backend):
     """delta = rowsum(dout · out) from the stored bf16 output. Softmax ignores a shift of all keys, so
     the key-projection bias gradient is exactly zero and its computed value is pure rounding, the
-    gradient where an inexact delta shows first (SPEC §4 gives it 4x the eager layer's error). On the
+    gradient where an inexact delta shows first (docs/spec.md §4 gives it 4x the eager layer's error). On the
     standard form's kernels this problem at seed 2 put it at 2.2x; the factorized form's measured
     ratios are in bench/ROOFLINE.md ("Delta"). Drawn on the CPU, where the interpreter rounds dot
     operands as a GPU's bf16 MMA does; a GPU draws another problem."""
@@ -428,7 +429,7 @@ def test_dropout_kept_fraction_and_independence():
 
 def test_config_table_is_complete_and_consistent():
 
-    configs = kern.aot_configs()
+    configs = bench_module("aot_configs").attention_configs()
     names = [c["name"] for c in configs]
     assert len(names) == len(set(names))
     for cfg in configs:
@@ -865,7 +866,7 @@ SOFTMAX_SETTINGS = [(0, 0.0), (0, 8.0), (2, 0.0), (2, 8.0), (4, 8.0), (8, 0.0), 
 @pytest.mark.parametrize("eighths,threshold", SOFTMAX_SETTINGS, ids=[f"poly{e}of8-rescale{t:g}" for e, t in SOFTMAX_SETTINGS])
 def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold, mode, backend):
     """Shares 0, 1/4, 1/2 and all of the exponentials on the polynomial, rescale thresholds 0 and 8,
-    both backward modes: bf16 against the float64 oracle by SPEC §4. S = 1000 spans 8 groups of 128
+    both backward modes: bf16 against the float64 oracle by docs/spec.md §4. S = 1000 spans 8 groups of 128
     prototypes, so a share below 1 mixes the two exponentials in every row (and in the forward's and
     both backward kernels' blocks: they must give each element the same one)."""
 

@@ -1,5 +1,5 @@
 """Hand-written copies of Time-LLM's original eager layers (layers/Embed.py PatchEmbedding and
-TokenEmbedding, models/TimeLLM.py ReprogrammingLayer), written from SPEC §1 with Time-LLM's class
+TokenEmbedding, models/TimeLLM.py ReprogrammingLayer), written from docs/spec.md §1 with Time-LLM's class
 names, attributes and submodules (including its right-only ReplicationPad1d).
 
 The tests use them three ways: as the layer users have today (the eager baseline that bf16/fp16

@@ -38,7 +38,7 @@ from .timing import median_seconds
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# (name, B*N rows, d_model) for the patch embedding with T=512, patch_len 16, stride 8 (SPEC §2)
+# (name, B*N rows, d_model) for the patch embedding with T=512, patch_len 16, stride 8 (docs/spec.md §2)
 PATCH_SHAPES = [("explained-gpt2", 28, 32), ("etth1-folded", 168, 32), ("ecl-folded", 7704, 16),
                 ("traffic-folded", 20688, 16)]
 
@@ -57,7 +57,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _tolerance(dtype: torch.dtype, scale: float) -> float:
-    """fp32: SPEC §4's 1e-4 (1 + max|oracle|); half precision: two ulps of the dtype at that
+    """fp32: docs/spec.md §4's 1e-4 (1 + max|oracle|); half precision: two ulps of the dtype at that
     scale (one rounding of an fp32-accurate result, with room for the rounded inputs)."""
     if dtype == torch.float32:
         return 1e-4 * scale

@@ -1,7 +1,7 @@
 """timellm-fast forecast: train Time-LLM briefly on ETTh1, eager layers against ours, and evaluate.
 
 Both models start from the same weights and see the same batches, so their losses and
-forecasts must agree (SPEC §4's fp32 bar on the forecasts; the command exits 1 if not). It
+forecasts must agree (docs/spec.md §4's fp32 bar on the forecasts; the command exits 1 if not). It
 prints test MSE / MAE (on standardized data, as Time-LLM reports them), the median time of a
 training step and of an inference batch, for each, and a note on what the errors are measured
 on (test windows, standardized with training statistics) and why the test MSE of a few steps'

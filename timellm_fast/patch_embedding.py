@@ -1,5 +1,5 @@
 """PatchEmbedding: the fused op (validation, dispatch, custom ops with their autograd) and the
-drop-in nn.Module (SPEC §1.1, §4.1).
+drop-in nn.Module (docs/spec.md §1.1, §4.1).
 
 On the Triton path the op is a pair of torch.library custom ops, ``timellm_fast::patch_embedding_fwd``
 and ``_bwd`` (fake implementations for torch.compile and export), the forward's autograd registered
@@ -27,7 +27,7 @@ OP_NAME = "patch_embedding"
 
 
 def output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The weight's dtype, or the autocast dtype when autocast is on (SPEC §1.1)."""
+    """The weight's dtype, or the autocast dtype when autocast is on (docs/spec.md §1.1)."""
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)

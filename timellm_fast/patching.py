@@ -5,7 +5,7 @@
 
 The original project's classes are never imported: a module is recognized by its structure,
 i.e. Time-LLM's class name (or our eager copies' in :mod:`timellm_fast.models`) *and* exactly
-the submodules, parameters and settings the layer has in Time-LLM (SPEC §1):
+the submodules, parameters and settings the layer has in Time-LLM (docs/spec.md §1):
 
 * ``PatchEmbedding``: ``value_embedding.tokenConv`` an ``nn.Conv1d(patch_len, d_model, 3,
   padding=1, padding_mode="circular", bias=False)``, int attributes ``patch_len`` and
@@ -263,9 +263,9 @@ def _walk(parent: nn.Module, prefix: str, visit: Callable[[nn.Module, str, nn.Mo
     module order, and descends into the child when visit returns True. A module shared by
     several parents is expanded once."""
     expanded = set() if expanded is None else expanded
-    if id(parent) in expanded:
+    if parent in expanded:
         return
-    expanded.add(id(parent))
+    expanded.add(parent)
     for attr, child in list(parent._modules.items()):  # visit may replace entries
         if child is None:
             continue
@@ -287,7 +287,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         raise ValueError(f"model is itself a {type(model).__name__}; patch_model replaces submodules in "
                          f"place, so pass the model that contains it")
     swaps: List[Tuple[nn.Module, str, nn.Module, str, type]] = []  # (parent, attribute, new, name, old class)
-    done: Dict[int, nn.Module] = {}  # id(old) -> new while walking: a module shared by two parents is built once
+    done: Dict[nn.Module, nn.Module] = {}  # old -> new while walking: a module shared by two parents is built once
     left_alone: List[str] = []  # a warning per module left unchanged, and why
 
     def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
@@ -303,7 +303,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
         if why_not is not None:
             left_alone.append(f"timellm_fast.patch_model: {qualified} is left unchanged: {why_not}")
             return True
-        if id(child) not in done:
+        if child not in done:
             try:
                 arguments = read_arguments(child)
             except NotRecognized as why:
@@ -311,7 +311,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
                                   f"Time-LLM's structure and is left unchanged: {why}")
                 return True
             try:
-                done[id(child)] = replacement_for(child, new_class, arguments)
+                done[child] = replacement_for(child, new_class, arguments)
             except Exception as error:
                 message = (f"timellm_fast.patch_model: cannot replace {qualified} ({type(child).__name__}); "
                            f"nothing was replaced: {error}")
@@ -320,7 +320,7 @@ def patch_model(model: nn.Module) -> List[Replacement]:
                 except Exception:  # an exception type that takes other arguments
                     named = RuntimeError(message)
                 raise named from error
-        swaps.append((parent, attr, done[id(child)], qualified, type(child)))
+        swaps.append((parent, attr, done[child], qualified, type(child)))
         return False
 
     _walk(model, "", visit)
@@ -337,17 +337,17 @@ def unpatch_model(model: nn.Module) -> List[Replacement]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     summary: List[Replacement] = []
-    restored: Dict[int, nn.Module] = {}
+    restored: Dict[nn.Module, nn.Module] = {}
     ours: List[nn.Module] = []
 
     def visit(parent: nn.Module, attr: str, child: nn.Module, qualified: str) -> bool:
         original = child.__dict__.get(ORIGINAL_ATTR)
         if original is None:
             return not isinstance(child, OURS)
-        if id(child) not in restored:
+        if child not in restored:
             _move_parameters(child, original)
             _copy_training_flags(child, original)
-            restored[id(child)] = original
+            restored[child] = original
             ours.append(child)
         setattr(parent, attr, original)
         summary.append(Replacement(qualified, type(child), type(original)))

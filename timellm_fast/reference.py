@@ -1,4 +1,4 @@
-"""Eager reference of the two Time-LLM input layers, written from SPEC §1.
+"""Eager reference of the two Time-LLM input layers, written from docs/spec.md §1.
 
 These functions are the single statement of the math in PyTorch. They serve twice:
 
@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 
 def num_patches(seq_len: int, patch_len: int, stride: int) -> int:
-    """P = (T + stride - patch_len) // stride + 1 (SPEC §1.1 step 2)."""
+    """P = (T + stride - patch_len) // stride + 1 (docs/spec.md §1.1 step 2)."""
     return (seq_len + stride - patch_len) // stride + 1
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any operand is float64 (the oracle), else float32 (SPEC: compute in fp32)."""
+    """float64 when any operand is float64 (the oracle), else float32 (docs/spec.md §1.1: compute in fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -71,7 +71,7 @@ def reprogramming_reference(
     training: bool = False,
     keep: Optional[torch.Tensor] = None,  # keep: [H, B'*L, S] bool, a given dropout mask (see attention_materialized)
 ) -> torch.Tensor:  # out: [B', L, d_llm]
-    """The literal form of SPEC §1.2: materializes A [B', H, L, S]. Oracle use only."""
+    """The literal form of docs/spec.md §1.2: materializes A [B', H, L, S]. Oracle use only."""
     q = linear(target, wq, bq)
     k, v = linear(source, wk, bk), linear(value, wv, bv)
     return linear(attention_materialized(q, k, v, n_heads, dropout_p, training, keep=keep), wo, bo)
@@ -89,7 +89,7 @@ def attention_materialized(
 ) -> torch.Tensor:  # o: [B', L, H*E], heads merged
     """The attention core as Time-LLM computes it: A [B', H, L, S] exists. With `keep` the
     dropout is that mask, scaled by 1 / (1 - dropout_p) as the kernels apply it (a kernel's mask
-    made explicit: kernels.reprogramming_attention.dropout_keep_mask)."""
+    made explicit: kernels.attention.dropout_keep_mask)."""
     Bp, L, HE = q.shape
     S = k.shape[0]
     H = n_heads
@@ -113,7 +113,7 @@ def attention_core_reference(
     dropout_p: float = 0.0,
     keep: Optional[torch.Tensor] = None,  # keep: [H, R, S] bool, the kernels' dropout mask
 ) -> torch.Tensor:  # heads: [R, H*E]
-    """What the fused core computes, from its own operands (kernels/reprogramming_attention.py's
+    """What the fused core computes, from its own operands (kernels/attention.py's
     docstring): per head h, logits scale·(X_h·Y_h + c_h) with X_h = x[:, :D] and [Y_hᵀ; c_h] =
     mc[h, :D + 1] (factorized), or X_h = Q_h and Y_hᵀ = K_hᵀ = mc[h, :E] (standard)."""
     R = x.shape[0]
@@ -140,7 +140,7 @@ def reprogramming_sdpa_fold(
     n_heads: int,
     key_value: Optional[tuple] = None,  # precomputed (K, V), each [S, H*E]
 ) -> torch.Tensor:  # out: [B', L, d_llm]
-    """SPEC §1.2 without dropout, never holding A [B', H, L, S].
+    """docs/spec.md §1.2 without dropout, never holding A [B', H, L, S].
 
     Every query row attends to the same K/V, so the B'·L rows fold into one long sequence per
     head and a single scaled_dot_product_attention call ([1, H, B'·L, E] against [1, H, S, E])

@@ -1,4 +1,4 @@
-"""ReprogrammingLayer, the drop-in nn.Module for Time-LLM's reprogramming layer (SPEC §1.2, §4.1):
+"""ReprogrammingLayer, the drop-in nn.Module for Time-LLM's reprogramming layer (docs/spec.md §1.2, §4.1):
 which path a call takes, input checks, and Time-LLM's forward through the submodules.
 
 A call with plain submodules (fused_parameters) is one fused op on the Triton path
@@ -29,17 +29,6 @@ OP_NAME = "reprogramming_attention"
 _PROJECTIONS = ("query_projection", "key_projection", "value_projection", "out_projection")
 
 
-def _weight_and_bias(linear: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(weight, bias) as attribute access gives them; read from the parameter dict where they are
-    plain parameters (nn.Module.__getattr__ is a Python call each, on every call of the layer), else
-    (a parametrization's property) the usual way."""
-    params = linear._parameters
-    weight = params.get("weight")
-    if weight is None:
-        weight = linear.weight
-    return weight, (params["bias"] if "bias" in params else linear.bias)
-
-
 def fused_parameters(layer: "ReprogrammingLayer") -> Optional[tuple]:
     """(wq, bq, wk, bk, wv, bv, wo, bo, dropout) where the fused layer computes what the original's
     submodule calls compute: each projection a plain nn.Linear with bias (dispatch.plain) of the
@@ -52,8 +41,7 @@ def fused_parameters(layer: "ReprogrammingLayer") -> Optional[tuple]:
     if not (plain(q, Linear) and plain(k, Linear) and plain(v, Linear) and plain(o, Linear)
             and plain(dropout, nn.Dropout)) or dispatch.global_module_hooks():
         return None
-    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = _weight_and_bias(q), _weight_and_bias(k), _weight_and_bias(v), \
-        _weight_and_bias(o)
+    wq, bq, wk, bk, wv, bv, wo, bo = q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias
     HE = layer.n_heads * layer.d_keys
     if (bq is None or bk is None or bv is None or bo is None or wq.shape != (HE, layer.d_model)
             or wk.shape != (HE, layer.d_llm) or wv.shape != (HE, layer.d_llm) or wo.shape != (layer.d_llm, HE)):
@@ -62,52 +50,35 @@ def fused_parameters(layer: "ReprogrammingLayer") -> Optional[tuple]:
 
 
 def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: torch.Tensor) -> Tuple[torch.dtype, bool]:
-    """(the working dtype, whether autocast is on for target's device) after checking the inputs.
-
-    The working dtype is the autocast dtype where autocast casts, as it would for nn.Linear
-    (float64 is left alone), else the inputs'. Inputs that plainly fit (one float dtype and one
-    device for all, the layer's widths) pass in one expression that reads each property once
-    (this runs on every call); anything else goes through the checks one by one, whose errors
-    name what is wrong."""
-    Tensor = torch.Tensor
-    fits = False
-    if isinstance(target, Tensor) and isinstance(source, Tensor) and isinstance(value, Tensor):
-        t_shape, s_shape, v_shape = target.shape, source.shape, value.shape
-        dtype, device = target.dtype, target.device
-        fits = (len(t_shape) == 3 and len(s_shape) == 2 and len(v_shape) == 2 and t_shape[2] == layer.d_model
-                and s_shape[1] == layer.d_llm == v_shape[1] and s_shape[0] == v_shape[0] > 0
-                and dtype in validation.FLOAT_DTYPES and source.dtype == dtype == value.dtype == weight.dtype
-                and source.device == device == value.device == weight.device)
-    if not fits:
-        validation.float_tensor("target", target, 3, "[B', L, d_model]")
-        validation.float_tensor("source", source, 2, "[S, d_llm]")
-        validation.float_tensor("value", value, 2, "[S, d_llm]")
-        if target.shape[-1] != layer.d_model:
-            raise ValueError(f"target must have d_model={layer.d_model} features in its last dim, "
-                             f"got shape {tuple(target.shape)}")
-        for name, t in (("source", source), ("value", value)):
-            if t.shape[-1] != layer.d_llm:
-                raise ValueError(f"{name} must have d_llm={layer.d_llm} features in its last dim, "
-                                 f"got shape {tuple(t.shape)}")
-        if source.shape[0] != value.shape[0]:
-            raise ValueError(f"value must have as many rows (prototypes S) as source: source has "
-                             f"{source.shape[0]}, value has {value.shape[0]}")
-        if source.shape[0] == 0:
-            raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
-        validation.same_device("source", source, "target", target)
-        validation.same_device("value", value, "target", target)
-        validation.same_device("target", target, "the layer's weights", weight)
-        dtype, device = target.dtype, target.device
-    device_type = device.type
+    """(the working dtype, whether autocast is on for target's device) after checking the inputs;
+    every error names the argument and what was expected. The working dtype is the autocast dtype
+    where autocast casts, as it would for nn.Linear (float64 is left alone), else the inputs'."""
+    validation.float_tensor("target", target, 3, "[B', L, d_model]")
+    validation.float_tensor("source", source, 2, "[S, d_llm]")
+    validation.float_tensor("value", value, 2, "[S, d_llm]")
+    if target.shape[-1] != layer.d_model:
+        raise ValueError(f"target must have d_model={layer.d_model} features in its last dim, "
+                         f"got shape {tuple(target.shape)}")
+    for name, t in (("source", source), ("value", value)):
+        if t.shape[-1] != layer.d_llm:
+            raise ValueError(f"{name} must have d_llm={layer.d_llm} features in its last dim, got shape {tuple(t.shape)}")
+    if source.shape[0] != value.shape[0]:
+        raise ValueError(f"value must have as many rows (prototypes S) as source: source has "
+                         f"{source.shape[0]}, value has {value.shape[0]}")
+    if source.shape[0] == 0:
+        raise ValueError("source must have at least one prototype row (S >= 1), got S = 0")
+    validation.same_device("source", source, "target", target)
+    validation.same_device("value", value, "target", target)
+    validation.same_device("target", target, "the layer's weights", weight)
+    device_type = target.device.type
     autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast_on and dtype != torch.float64:
+    if autocast_on and target.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type), autocast_on  # autocast casts everything to one dtype
-    if not fits:
-        for name, t in (("target", target), ("source", source), ("value", value)):
-            if t.dtype != weight.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
-                                f"convert one of them (or run under torch.autocast)")
-    return dtype, autocast_on
+    for name, t in (("target", target), ("source", source), ("value", value)):
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the layer's weights are {weight.dtype}; "
+                            f"convert one of them (or run under torch.autocast)")
+    return target.dtype, autocast_on
 
 
 class ReprogrammingLayer(nn.Module):

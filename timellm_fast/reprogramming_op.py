@@ -1,9 +1,9 @@
-"""The reprogramming layer's fused op (SPEC §1.2, §1.3): prototype side, core, output projection,
+"""The reprogramming layer's fused op (docs/spec.md §1.2, §1.3): prototype side, core, output projection,
 and the hand-written backward, as torch.library custom ops with their autograd.
 
 The Triton path splits the layer into GEMMs, which cuBLAS does best, and one fused attention core
 that never materializes the [B', H, L, S] attention matrix. Where d_model <= E (every Time-LLM
-shape) the core runs on the factorized logits of SPEC §1.3, Z_h = s·(target·M_h + c_h): Q never
+shape) the core runs on the factorized logits of docs/spec.md §1.3, Z_h = s·(target·M_h + c_h): Q never
 exists, and where E > W = BLOCK_D + 1 neither does K (the prototype side is built straight from `source`):
 
     forward:  G_h = [Wq_h | 0 | bq_h]ᵀ·Wk_h, g_h = [Wq_h | 0 | bq_h]ᵀ·bk_h   (tiny GEMMs)
@@ -65,8 +65,7 @@ def project_key_value(
 def factorized_query_side(wq: torch.Tensor, bq: torch.Tensor, block_d: int) -> torch.Tensor:
     """wqb: [H*E, BLOCK_D + 1], row h·E + e [Wq (d_model columns) | zeros up to BLOCK_D | bq], so that
     with wqb_h its rows of head h (wqb.view(H, E, W)[h]), wqb_hᵀ·K_hᵀ is head h's block of the factorized
-    mc operand: rows Y_hᵀ = (K_h·Wq_h)ᵀ, zero rows for the padding of d_model, and c_hᵀ = (K_h·bq_h)ᵀ.
-    Kept 2-D: its head-split views are made where they are used (each view is a dispatcher call)."""
+    mc operand: rows Y_hᵀ = (K_h·Wq_h)ᵀ, zero rows for the padding of d_model, and c_hᵀ = (K_h·bq_h)ᵀ."""
     HE, DM = wq.shape
     if block_d > DM:
         return torch.cat([wq, wq.new_zeros((HE, block_d - DM)), bq.view(HE, 1)], 1)
@@ -89,27 +88,12 @@ class PrototypeSide(NamedTuple):
     key_side: Optional[torch.Tensor]
 
 
-def heads_of_query_side(wqb: torch.Tensor, n_heads: int) -> torch.Tensor:  # wqbᵀ per head: [H, W, E]
-    """wqb [H*E, W] (contiguous) as the per-head transposes wqb_hᵀ, in one call (a view and a transpose are two)."""
-    HE, W = wqb.shape
-    E = HE // n_heads
-    return wqb.as_strided((n_heads, W, E), (E * W, 1, W))
-
-
-def keys_transposed(k: torch.Tensor, n_heads: int) -> torch.Tensor:  # Kᵀ per head: [H, E, S]
-    """k [S, H*E] as K_hᵀ per head, in one call where its columns are unit-strided (a view and a
-    permute are two)."""
-    S, HE = k.shape
-    E = HE // n_heads
-    if k.stride(1) == 1:
-        return k.as_strided((n_heads, E, S), (E, 1, k.stride(0)))
-    return k.reshape(S, n_heads, E).permute(1, 2, 0)
-
-
 def mc_from_keys(wqb: torch.Tensor, k: torch.Tensor, n_heads: int) -> torch.Tensor:  # mc: [H, W, S]
     """The factorized mc from projected keys k [S, H*E]: mc_h = wqb_hᵀ·K_hᵀ, one batched GEMM of
     2·S·E·H·W FLOPs that writes the kernels' transposed layout."""
-    return torch.bmm(heads_of_query_side(wqb, n_heads), keys_transposed(k, n_heads))
+    (HE, W), S = wqb.shape, k.shape[0]
+    E = HE // n_heads
+    return torch.bmm(wqb.view(n_heads, E, W).transpose(1, 2), k.reshape(S, n_heads, E).permute(1, 2, 0))
 
 
 def prototype_operands(
@@ -121,7 +105,7 @@ def prototype_operands(
 
     Factorized: mc_h = (K_h·wqb_h)ᵀ, either from K (CoreForm.keys_first) or, where E > BLOCK_D + 1, as
     G·sourceᵀ + g with G_h = wqb_hᵀ·Wk_h and g_h = wqb_hᵀ·bk_h without forming K: 2·S·d_llm·H·(BLOCK_D + 1)
-    FLOPs instead of the K projection's 2·S·d_llm·H·E (SPEC §1.3), one GEMM whose output is already the
+    FLOPs instead of the K projection's 2·S·d_llm·H·E (docs/spec.md §1.3), one GEMM whose output is already the
     kernels' transposed layout. Standard: mc = Kᵀ.
 
     keys_kernel: mc and wqb from K by attn_kernels.prototype_logits, one launch (the layer op's
@@ -143,7 +127,7 @@ def prototype_operands(
     wqb = factorized_query_side(wq, bq, form.d_logit)  # [H*E, W]
     if keys_first:
         return PrototypeSide(align_prototypes(mc_from_keys(wqb, k, H)), v, wqb, k)
-    wqb_t = heads_of_query_side(wqb, H)  # [H, W, E]
+    wqb_t = wqb.view(H, E, -1).transpose(1, 2)  # wqb_hᵀ: [H, W, E]
     g = torch.bmm(wqb_t, wk.view(H, E, d_llm))  # [H, W, d_llm]
     g_bias = torch.bmm(wqb_t, bk.view(H, E, 1))  # [H, W, 1]
     W = g.shape[1]
