@@ -2,6 +2,7 @@
 timellm_fast.kernels, never as a top-level `kernels` package."""
 import importlib.metadata
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -14,11 +15,17 @@ import pytest
 from helpers import REPO
 
 
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # built from a copy of the sources: setuptools writes build/ and *.egg-info into the tree it
+    # builds, and pytest-xdist may run this fixture in two workers at once
+    src = tmp_path_factory.mktemp("source")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("timellm_fast", "kernels"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(out)]
+    cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(out)]
     # with this environment's setuptools first (the GPU machine has no package index); an old
     # setuptools without `wheel` (a fresh Python 3.11 venv) fails at once, then pip builds in
     # an isolated environment from the index
