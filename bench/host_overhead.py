@@ -9,9 +9,13 @@ calls on tiny operands).
 
 Each row times one module call (eval forward without autograd, training forward, training
 forward + backward) on the Triton path (the op, every kernel started through Triton's own launch,
-``kernel[grid](...)``, JITFunction.run) and, for scale, on the eager path (the reference math,
-whose tiny GEMMs and SDPA do run). This is a proxy: a GPU adds the CUDA launch cost of every
-kernel (the driver's launcher), and its host CPU is another CPU.
+``kernel[grid](...)``, JITFunction.run), beside Time-LLM's own eager layers (timellm_fast.models'
+copies: the materialized attention) and, for scale, our eager path (the reference math, whose
+tiny GEMMs and SDPA do run). This is a proxy: a GPU adds the CUDA launch cost of every kernel (the
+driver's launcher), and its host CPU is another CPU. What CUDA graphs leave of the host time is
+the graph's replay, a few microseconds whatever the layer does: a column of its own where a CUDA
+device is present ("graph replay": the call captured once with torch.cuda.graphs, then replayed),
+"-" without one.
 The columns of a row take turns, round by round, and each figure is its fastest round
 (microseconds_per_call): on a shared machine a slow spell then falls on every column, not on one.
 
@@ -41,6 +45,7 @@ import torch
 from common import SdpaFold
 from recording_driver import recording_driver
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
+from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 
 
 @contextlib.contextmanager
@@ -81,8 +86,10 @@ def microseconds_per_call(columns: Dict[str, Tuple[Callable[[], object], Callabl
     return best
 
 
-def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object], Optional[Callable[[], object]]]]:
-    """(module name, mode, module, training?, one call, the SDPA-fold call or None) per row.
+def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object], Callable[[], object],
+                            Optional[Callable[[], object]]]]:
+    """(module name, mode, our module, training?, one call of ours, the same call of Time-LLM's
+    eager layer, the SDPA-fold call or None) per row.
 
     The reprogramming layer is the smallest the kernels take (E = d_model = d_llm = 16, S = 8, 4
     rows): the CPU computes the GEMMs around the kernels for real, which a GPU does
@@ -92,9 +99,15 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
     layer = ReprogrammingLayer(16, 8, 16, 16, attention_dropout=0.0)  # as the GPU benchmarks run it and SDPA-fold
     dropout_layer = ReprogrammingLayer(16, 8, 16, 16, attention_dropout=0.1)  # Time-LLM's training default
     dropout_layer.load_state_dict(layer.state_dict())
+    timellm = EagerReprogrammingLayer(16, 8, 16, 16, attention_dropout=0.0)
+    timellm_dropout = EagerReprogrammingLayer(16, 8, 16, 16, attention_dropout=0.1)
+    for twin in (timellm, timellm_dropout):
+        twin.load_state_dict(layer.state_dict())
     target = torch.randn(2, 2, 16, requires_grad=True)
     protos = torch.randn(8, 16)
     patch = PatchEmbedding(32, 16, 8, 0.1)
+    timellm_patch = EagerPatchEmbedding(32, 16, 8, 0.1)
+    timellm_patch.load_state_dict(patch.state_dict())
     series = torch.randn(2, 3, 64)
 
     def eval_call(module, *args):
@@ -105,6 +118,7 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
 
     def train_call(module, backward, *args):
         def run():
+            module.train()
             out = module(*args)
             out = out[0] if isinstance(out, tuple) else out
             if backward:
@@ -112,18 +126,46 @@ def _cases() -> List[Tuple[str, str, torch.nn.Module, bool, Callable[[], object]
         return run
 
     fold = SdpaFold(layer)
+    rp = (target, protos, protos)
     return [
-        ("reprogramming layer", "eval fwd (no grad)", layer, False, eval_call(layer, target, protos, protos),
-         eval_call(fold, target, protos, protos)),
-        ("reprogramming layer", "train fwd", layer, True, train_call(layer, False, target, protos, protos),
-         train_call(fold, False, target, protos, protos)),
-        ("reprogramming layer", "train fwd+bwd", layer, True, train_call(layer, True, target, protos, protos),
-         train_call(fold, True, target, protos, protos)),
+        ("reprogramming layer", "eval fwd (no grad)", layer, False, eval_call(layer, *rp), eval_call(timellm, *rp),
+         eval_call(fold, *rp)),
+        ("reprogramming layer", "train fwd", layer, True, train_call(layer, False, *rp),
+         train_call(timellm, False, *rp), train_call(fold, False, *rp)),
+        ("reprogramming layer", "train fwd+bwd", layer, True, train_call(layer, True, *rp),
+         train_call(timellm, True, *rp), train_call(fold, True, *rp)),
         ("reprogramming layer", "train fwd+bwd, dropout 0.1", dropout_layer, True,
-         train_call(dropout_layer, True, target, protos, protos), None),
-        ("patch embedding", "eval fwd (no grad)", patch, False, eval_call(patch, series), None),
-        ("patch embedding", "train fwd+bwd (dW)", patch, True, train_call(patch, True, series), None),
+         train_call(dropout_layer, True, *rp), train_call(timellm_dropout, True, *rp), None),
+        ("patch embedding", "eval fwd (no grad)", patch, False, eval_call(patch, series),
+         eval_call(timellm_patch, series), None),
+        ("patch embedding", "train fwd+bwd (dW)", patch, True, train_call(patch, True, series),
+         train_call(timellm_patch, True, series), None),
     ]
+
+
+def graph_replay_us(module: torch.nn.Module, call: Callable[[], object], calls: int, rounds: int) -> Optional[float]:
+    """Host microseconds per replay of `call` captured in a CUDA graph (module and inputs moved to
+    the GPU), or None without a CUDA device."""
+    if not torch.cuda.is_available():
+        return None
+    module.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (compiles, allocations)
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            graph.replay()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
 
 
 @contextlib.contextmanager
@@ -142,7 +184,7 @@ def _eager_backend() -> Iterator[None]:
 def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
     rows = []
     with triton_path_on_cpu():
-        for module, mode, instance, training, call, sdpa_fold_call in _cases():
+        for module, mode, instance, training, call, timellm_call, sdpa_fold_call in _cases():
             instance.train(training)  # once, outside the timed calls
             paths = {"ours": collections.Counter(), "eager": collections.Counter()}
 
@@ -159,6 +201,7 @@ def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
 
             columns = {
                 "ours_us": (call, counted(paths["ours"], dispatch.record_paths)),
+                "timellm_us": (timellm_call, contextlib.nullcontext),
                 "eager_us": (call, counted(paths["eager"], dispatch.record_paths, _eager_backend)),
             }
             if sdpa_fold_call is not None:
@@ -170,15 +213,21 @@ def measure(calls: int, rounds: int = ROUNDS) -> List[dict]:
             if taken != {"ours": {"triton"}, "eager": {"eager"}}:
                 raise RuntimeError(f"{module} {mode}: paths taken {taken}")
             rows.append(row)
+    for row, (_, _, instance, _, call, _, _) in zip(rows, _cases()):  # real kernels: outside the recording driver
+        row["graph_replay_us"] = graph_replay_us(instance, call, calls, rounds)
     return rows
 
 
 def markdown(rows: List[dict]) -> str:
-    lines = ["| module | call | ours, Triton path (us) | eager path (us) | SDPA-fold (us) |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| module | call | ours, eager mode (us) | ours, CUDA graph replay (us) | Time-LLM's layer (us) | "
+             "our eager path (us) | SDPA-fold (us) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+
+    def us(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.0f}"
     for r in rows:
-        fold = "-" if r["sdpa_fold_us"] is None else f"{r['sdpa_fold_us']:.0f}"
-        lines.append(f"| {r['module']} | {r['mode']} | {r['ours_us']:.0f} | {r['eager_us']:.0f} | {fold} |")
+        lines.append(f"| {r['module']} | {r['mode']} | {us(r['ours_us'])} | {us(r['graph_replay_us'])} | "
+                     f"{us(r['timellm_us'])} | {us(r['eager_us'])} | {us(r['sdpa_fold_us'])} |")
     return "\n".join(lines)
 
 
@@ -194,6 +243,8 @@ def main(argv=None) -> int:
                platform.machine(), calls=args.calls, rounds=args.rounds)
     print(f"host time per call, kernels launched on the recording driver, tiny CPU tensors ({env})")
     print(markdown(rows))
+    if not torch.cuda.is_available():
+        print("graph replay: needs a CUDA device (not measured here)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, rows=rows), f, indent=1)
