@@ -20,7 +20,8 @@ from timellm_fast import PatchEmbedding, ReprogrammingLayer
 from timellm_fast.data import ett_windows
 from timellm_fast.models import EagerPatchEmbedding, EagerReprogrammingLayer
 from timellm_fast.reference import attention_materialized, attention_sdpa_folded, reprogramming_sdpa_fold
-from timellm_fast.reprogramming_op import fused_attention
+from timellm_fast.reprogramming_op import (align_prototypes, attention_core, core_form, factorized_query_side,
+                                         mc_from_keys, query_operand)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -257,10 +258,31 @@ def _core_sdpa(rows, wq, bq, kv, n_heads):
     return attention_sdpa_folded(F.linear(rows, wq, bq), k, v, n_heads)
 
 
+def core_from_keys(
+    target_rows: torch.Tensor,  # target_rows: [R, DM]
+    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
+    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
+    n_heads: int,
+) -> tuple:  # (x, mc, v, form): the fused core's operands
+    """The core's operands from a projected K, the inputs SDPA gets too: on the factorized form
+    mc_h = wqb_hᵀ·K_hᵀ by a batched GEMM, 2·S·E·H·(BLOCK_D + 1) FLOPs; on the standard form Kᵀ."""
+    HE, DM = wq.shape
+    H, E = n_heads, HE // n_heads
+    S = kv.shape[0]
+    form = core_form(DM, E)
+    v = kv[:, HE:].view(S, H, E)
+    if form.factorized:
+        mc = mc_from_keys(factorized_query_side(wq, bq, form.d_logit), kv[:, :HE], H)  # [H, W, S]
+    else:
+        mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
+    return query_operand(target_rows, wq, bq, form), align_prototypes(mc), v, form
+
+
 def _core_ours(rows, wq, bq, kv, n_heads):
-    """Our fused core given K and V (timellm_fast.reprogramming.fused_attention): the factorized
-    operands from K by one small batched GEMM, then the kernels; Q is never formed."""
-    return fused_attention(rows, wq, bq, kv, n_heads)
+    """Our fused core given K and V: the factorized operands from K by one small batched GEMM
+    (core_from_keys), then the kernels; Q is never formed."""
+    x, mc, v, form = core_from_keys(rows, wq, bq, kv, n_heads)
+    return attention_core(x, mc, v, form)
 
 
 def attention_core_impls(s: Shape) -> Dict[str, Callable]:

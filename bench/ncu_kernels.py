@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tuning import ON_GPU  # noqa: E402  (first: sets the kernels' environment)
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 from timellm_fast.kernels import attention as attn  # noqa: E402
-from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
-from common import CPU_SHAPES, SPEC_SHAPES, attention_core_inputs, patch_embedding_input  # noqa: E402
+from common import CPU_SHAPES, SPEC_SHAPES, attention_core_inputs, core_from_keys, patch_embedding_input  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,8 @@ import aot_report as report  # noqa: E402
 from aot_configs import attention_configs  # noqa: E402
 from timellm_fast.kernels import attention as attn  # noqa: E402
 from timellm_fast.kernels import attention_tiles as tiles  # noqa: E402
-from timellm_fast.reprogramming_op import core_from_keys  # noqa: E402
-from common import attention_core_inputs  # noqa: E402
+from common import attention_core_inputs, core_from_keys  # noqa: E402
+from tile_overrides import override_tiles, tile_key  # noqa: E402
 
 ROLES = ("fwd", "bwd_protos", "bwd_rows")
 
@@ -82,9 +82,9 @@ def _compile_worker(args) -> str:
     dtype = getattr(torch, dtype_name)
     device = torch.device("cuda" if ON_GPU else "cpu")
     t = problem(shape, dtype, device, dropout)
-    key = shipped_config(role, dtype, shape, dropout, device).tile_key
+    key = tile_key(shipped_config(role, dtype, shape, dropout, device))
     try:
-        with tiles.override_tiles({key: tile}):
+        with override_tiles({key: tile}):
             run_role(role, t)
         if ON_GPU:
             torch.cuda.synchronize()
@@ -141,14 +141,14 @@ def main(argv=None) -> int:
                     errors = {c: e for c, e in zip(cands, pool.map(_compile_worker, jobs)) if e}
             reference = run_role(role, t)[0].float() if role == "fwd" else run_role(role, t).float()
             for tile in cands:
-                row = dict(shape=shape.name, role=role, kernel=cfg.name, key=list(cfg.tile_key), tile=list(tile),
+                row = dict(shape=shape.name, role=role, kernel=cfg.name, key=list(tile_key(cfg)), tile=list(tile),
                            shipped=tuple(tile) == tuple(shipped))
                 if tile in errors:
                     row.update(status="compile error", error=errors[tile])
                     results.append(row)
                     continue
                 try:
-                    with tiles.override_tiles({cfg.tile_key: tile}):
+                    with override_tiles({tile_key(cfg): tile}):
                         got = run_role(role, t)
                         got = (got[0] if role == "fwd" else got).float()
                         ms = time_ms(lambda: run_role(role, t))

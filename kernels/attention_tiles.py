@@ -19,7 +19,6 @@ kernel at all is decided there.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Dict, Optional, Tuple
@@ -222,12 +221,6 @@ class AttentionConfig:
     def tile(self) -> Tuple[int, int, int, int]:
         return (self.block_r, self.block_s, self.num_warps, self.num_stages)
 
-    @property
-    def tile_key(self) -> tuple:
-        """What override_tiles addresses: (role, regime, BLOCK_D, BLOCK_E, dropout)."""
-        return (self.role, regime(self.dot_dtype, self.input_precision), self.block_d, self.block_e,
-                self.has_dropout)
-
     def constexprs(self) -> Dict[str, object]:
         if self.role == "dropout_mask":
             return {"BLOCK_R": self.block_r, "BLOCK_S": self.block_s}
@@ -282,7 +275,8 @@ def _config_table() -> Dict[tuple, AttentionConfig]:
 
 
 #: Every configuration a launcher can choose on a GPU, keyed by
-#: (role, arch, data dtype, dot dtype, input precision, BLOCK_D, BLOCK_E, dropout)
+#: (role, arch, data dtype, dot dtype, input precision, BLOCK_D, BLOCK_E, dropout); the interpreter
+#: takes sm_80's (_choose_config)
 CONFIG_TABLE: Dict[tuple, AttentionConfig] = _config_table()
 
 
@@ -290,53 +284,6 @@ def arch_class(device: torch.device) -> int:
     """The entry of ARCHS whose configurations serve this CUDA device."""
     major, minor = device_capability(device)
     return max(a for a in ARCHS if a <= max(10 * major + minor, ARCHS[0]))
-
-
-#: tile overrides for tuning (bench/tune_attention.py), keyed like AttentionConfig.tile_key. Empty in
-#: normal use; set only through override_tiles.
-_TILE_OVERRIDES: Dict[tuple, tuple] = {}
-#: (poly_eighths, rescale_threshold) for every half-precision configuration, or None; set only
-#: through override_softmax
-_softmax_override: Optional[Tuple[int, float]] = None
-
-
-@contextlib.contextmanager
-def override_tiles(overrides: Dict[tuple, tuple]):
-    """Launch with other tiles inside the block (tuning only: a tile here has not been through the
-    ahead-of-time spill check of tests/test_aot.py). Keys: (role, regime, BLOCK_D, BLOCK_E, dropout),
-    dropout False for the backward roles; values (BLOCK_R, BLOCK_S, num_warps, num_stages)."""
-    for key, tile in overrides.items():
-        if len(key) != 5 or key[0] not in ("fwd", "bwd_protos", "bwd_rows"):
-            raise KeyError(f"no such tile key {key}; keys look like ('fwd', 'bf16', 32, 128, False)")
-        if len(tile) != 4 or tile[0] > MAX_BLOCK_R:
-            raise ValueError(f"tile {tile} must be (BLOCK_R <= {MAX_BLOCK_R}, BLOCK_S, num_warps, num_stages)")
-    saved = dict(_TILE_OVERRIDES)
-    _TILE_OVERRIDES.update(overrides)
-    _choose_config.cache_clear()  # the memo must not serve the tiles from before
-    try:
-        yield
-    finally:
-        _TILE_OVERRIDES.clear()
-        _TILE_OVERRIDES.update(saved)
-        _choose_config.cache_clear()
-
-
-@contextlib.contextmanager
-def override_softmax(poly_eighths: int, rescale_threshold: float):
-    """Every half-precision launch inside the block computes poly_eighths/8 of its exponentials by
-    the polynomial and rescales at that threshold (tests and tuning; fp32 keeps the exact path)."""
-    global _softmax_override
-    if not 0 <= poly_eighths <= 8 or not 0.0 <= rescale_threshold <= 15.0:
-        raise ValueError(f"poly_eighths must be in 0..8 and rescale_threshold in [0, 15] (fp16 holds 2^15), "
-                         f"got {poly_eighths}, {rescale_threshold}")
-    saved = _softmax_override
-    _softmax_override = (int(poly_eighths), float(rescale_threshold))
-    _choose_config.cache_clear()
-    try:
-        yield
-    finally:
-        _softmax_override = saved
-        _choose_config.cache_clear()
 
 
 def select_config(role: str, data_dtype: torch.dtype, form, has_dropout: bool, device: torch.device,
@@ -353,8 +300,8 @@ def select_config(role: str, data_dtype: torch.dtype, form, has_dropout: bool, d
 def _choose_config(role: str, data_dtype: torch.dtype, block_d: int, block_e: int, has_dropout: bool,
                    device: torch.device, allow_tf32: bool, interpreted: bool) -> Optional[AttentionConfig]:
     """select_config, memoized by value: every launch asks, and the answer is a function of these
-    arguments and the overrides (which clear the memo). Interpreted: the interpreter changes the
-    dot dtype and the tiles."""
+    arguments and CONFIG_TABLE (whose tuners clear the memo: forget_chosen_configs). Interpreted:
+    the interpreter changes the dot dtype and the tiles."""
     gpu = device.type == "cuda" and not interpreted
     arch = arch_class(device) if gpu else 80  # the interpreter runs the sm_80 tiles
     if gpu and allow_tf32 and data_dtype == torch.float32:
@@ -367,19 +314,17 @@ def _choose_config(role: str, data_dtype: torch.dtype, block_d: int, block_e: in
     else:
         drop = has_dropout and role == "fwd"
         cfg = CONFIG_TABLE.get((role, arch, data_dtype, dot, precision, block_d, block_e, drop))
-        if cfg is not None:
-            tile = _TILE_OVERRIDES.get(cfg.tile_key)
-            if tile is not None:
-                cfg = dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
-            if _softmax_override is not None and data_dtype != torch.float32:
-                cfg = dataclasses.replace(cfg, poly_eighths=_softmax_override[0],
-                                          rescale_threshold=_softmax_override[1])
     if cfg is None or gpu:
         return cfg
     # interpreter: bf16 runs on fp32 dots there (host.dot_dtype), tiles as on sm_80
     block_s = INTERPRETER_PROTOTYPE_BLOCK_S if role in ("prototype_logits", "prototype_logits_bwd") else cfg.block_s
     return dataclasses.replace(cfg, arch=INTERPRETER, block_s=block_s,
                                dot_dtype=torch.float32 if cfg.dot_dtype == torch.bfloat16 else cfg.dot_dtype)
+
+
+#: forgets select_config's memo: for the tuners' hooks (bench/tile_overrides.py), which change
+#: CONFIG_TABLE's entries inside a block and restore them
+forget_chosen_configs = _choose_config.cache_clear
 
 
 def launch_params(cfg: AttentionConfig) -> dict:

@@ -17,7 +17,7 @@ from helpers import (DEVICE, LaunchCounter, TRITON_PROBLEM, assert_close_to_orac
 from timellm_fast import dispatch, reuse_prototypes
 from timellm_fast.reference import reprogramming_reference, reprogramming_sdpa_fold
 from timellm_fast.reprogramming import ReprogrammingLayer
-from timellm_fast.reprogramming_op import core_from_keys, draw_seed_tensor, factorized_query_side
+from timellm_fast.reprogramming_op import draw_seed_tensor, factorized_query_side
 from timellm_original import ReprogrammingLayer as OriginalReprogrammingLayer
 from timellm_fast.kernels import attention as kern
 from timellm_fast.kernels import attention_backward
@@ -26,6 +26,8 @@ from timellm_fast.kernels import attention_form
 from timellm_fast.kernels.attention_form import core_form
 
 OP = "reprogramming_attention"
+tile_overrides = bench_module("tile_overrides")  # the tuners' hooks: other tiles, polynomial exponentials
+core_from_keys = bench_module("common").core_from_keys
 if TRITON_PROBLEM is None:  # @triton.jit test kernels below call them, and find them in this module's globals
     from timellm_fast.kernels.attention_device import dot_operand, exp2_poly
 PARAM_NAMES = ("query_projection.weight", "query_projection.bias", "key_projection.weight",
@@ -475,7 +477,7 @@ CUDA0 = torch.device("cuda", 0)
 def mocked_gpu(capability):
     """select_config as it runs on a CUDA device of this compute capability (no GPU needed)."""
 
-    tiles._choose_config.cache_clear()  # select_config's memo: its choices for another capability
+    tiles.forget_chosen_configs()  # select_config's memo: its choices for another capability
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tiles, "device_capability", lambda device: capability)
@@ -483,7 +485,7 @@ def mocked_gpu(capability):
             patch.setattr(attention_form, "interpreting", lambda: False)
             yield
     finally:
-        tiles._choose_config.cache_clear()
+        tiles.forget_chosen_configs()
 
 
 def test_each_gpu_generation_gets_its_own_tiles():
@@ -563,7 +565,7 @@ def test_hopper_block_shapes_match_the_oracle(block_e):
     for deterministic in (False, True):
         layer.deterministic = deterministic
         target.grad = protos.grad = None
-        with tiles.override_tiles(overrides), dispatch.record_paths() as paths:
+        with tile_overrides.override_tiles(overrides), dispatch.record_paths() as paths:
             for (role, _, _, _, _), tile in overrides.items():
                 assert tiles.select_config(role, torch.float32, core_form(16, block_e), False, DEVICE).tile == tile
             out = layer(target, protos, protos)
@@ -815,14 +817,14 @@ def test_softmax_override_nests_and_restores_on_exit():
         return cfg.poly_eighths, cfg.rescale_threshold
 
     shipped = softmax()
-    with tiles.override_softmax(2, 8.0):
+    with tile_overrides.override_softmax(2, 8.0):
         assert softmax() == (2, 8.0)
-        with tiles.override_softmax(8, 0.0):
+        with tile_overrides.override_softmax(8, 0.0):
             assert softmax() == (8, 0.0)
         assert softmax() == (2, 8.0)
     assert softmax() == shipped
     with pytest.raises(RuntimeError, match="inside"):
-        with tiles.override_softmax(4, 0.0):
+        with tile_overrides.override_softmax(4, 0.0):
             raise RuntimeError("inside")
     assert softmax() == shipped
 
@@ -872,7 +874,7 @@ def test_exponential_share_and_rescale_threshold_match_oracle(eighths, threshold
 
     backend("triton")
     shape = ("softmax-split", 2, 16, 16, 2, 32, 1000, 48, True)
-    with tiles.override_softmax(eighths, threshold):
+    with tile_overrides.override_softmax(eighths, threshold):
         cfg = tiles.select_config("fwd", torch.bfloat16, core_form(16, 32), False, DEVICE)
         assert (cfg.poly_eighths, cfg.rescale_threshold) == (eighths, threshold)
         assert tiles.select_config("bwd_protos", torch.bfloat16, core_form(16, 32), False, DEVICE).poly_eighths == eighths
@@ -888,9 +890,9 @@ def test_polynomial_share_really_changes_the_exponentials(backend):
     backend("triton")
     for dtype, differs in ((torch.bfloat16, True), (torch.float32, False)):
         layer, target, source, value, _ = make_problem(2, 16, 16, 2, 32, 300, 48, dtype, True)
-        with torch.no_grad(), tiles.override_softmax(0, 0.0):
+        with torch.no_grad(), tile_overrides.override_softmax(0, 0.0):
             exact = layer(target, source, value).float()
-        with torch.no_grad(), tiles.override_softmax(8, 0.0):
+        with torch.no_grad(), tile_overrides.override_softmax(8, 0.0):
             poly = layer(target, source, value).float()
         assert (not torch.equal(exact, poly)) == differs, dtype
         assert (exact - poly).abs().max().item() <= 2.0 ** -8 * (1 + exact.abs().max().item())
@@ -908,7 +910,7 @@ def test_rescale_threshold_keeps_huge_logits_finite_and_one_hot(logit, backend):
     layer, target, source, upstream = huge_logit_problem(logit)
     layer, target, source, upstream = (layer.to(torch.bfloat16), target.detach().bfloat16().requires_grad_(),
                                        source.detach().bfloat16().requires_grad_(), upstream.bfloat16())
-    with tiles.override_softmax(2, 8.0):
+    with tile_overrides.override_softmax(2, 8.0):
         out, grads = run_layer(layer, target, source, source, upstream)
     oracle_out, _ = run_reference(layer, target, source, source, upstream, torch.float64)
     eager_out, _ = run_reference(layer, target, source, source, upstream, torch.bfloat16)

@@ -149,26 +149,6 @@ def query_operand(target_rows: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor,
     return padded_rows(target_rows, form) if form.factorized else F.linear(target_rows, wq, bq)
 
 
-def core_from_keys(
-    target_rows: torch.Tensor,  # target_rows: [R, DM]
-    wq: torch.Tensor, bq: torch.Tensor,  # [H*E, DM], [H*E]
-    kv: torch.Tensor,  # kv: [S, 2*H*E], K then V
-    n_heads: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, CoreForm]:  # (x, mc, v, form)
-    """The core's operands from a projected K (the attention-core benchmark's inputs): on the
-    factorized form mc_h = wqb_hᵀ·K_hᵀ by a batched GEMM, 2·S·E·H·(BLOCK_D + 1) FLOPs."""
-    HE, DM = wq.shape
-    H, E = n_heads, HE // n_heads
-    S = kv.shape[0]
-    form = core_form(DM, E)
-    v = kv[:, HE:].view(S, H, E)
-    if form.factorized:
-        mc = mc_from_keys(factorized_query_side(wq, bq, form.d_logit), kv[:, :HE], H)  # [H, W, S]
-    else:
-        mc = kv[:, :HE].t().contiguous().view(H, E, S)  # Kᵀ
-    return query_operand(target_rows, wq, bq, form), align_prototypes(mc), v, form
-
-
 # ---------------------------------------------------------------------------------------------
 # the layer op
 # ---------------------------------------------------------------------------------------------
@@ -516,14 +496,3 @@ def attention_core(
     return _core_forward(x, mc, v, *form, dropout_p, draw_seed_tensor(dropout_p, x.device), allow_tf32,
                          deterministic)[0]
 
-
-def fused_attention(
-    target_rows: Tensor,  # target_rows: [R, DM]
-    wq: Tensor, bq: Tensor,  # [H*E, DM], [H*E]
-    kv: Tensor,  # kv: [S, 2*H*E], K then V (project_key_value)
-    n_heads: int, dropout_p: float = 0.0, allow_tf32: bool = False, deterministic: bool = False,
-) -> Tensor:  # heads_out: [R, H*E]
-    """softmax(Q·Kᵀ/√E)·V with Q = target_rows·Wqᵀ + bq, given projected K and V: the attention core
-    alone, as the benchmarks compare it with SDPA on the same inputs."""
-    x, mc, v, form = core_from_keys(target_rows, wq, bq, kv, n_heads)
-    return attention_core(x, mc, v, form, dropout_p, allow_tf32, deterministic)
