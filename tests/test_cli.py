@@ -100,9 +100,9 @@ def test_data_folder_without_the_csv_is_an_error_and_a_folder_with_it_is_read(tm
     values, source = data.load_ett_values(tmp_path)
     assert values.shape == (40, 7) and source == str(csv_path)
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
-    assert data.load_ett("ETTh1")[1] == str(csv_path)
+    assert data.load_ett_values(name="ETTh1")[1] == str(csv_path)
     with pytest.raises(data.DataNotFoundError, match="ETTh2.csv"):
-        data.load_ett("ETTh2")
+        data.load_ett_values(name="ETTh2")
     monkeypatch.delenv(data.DATA_ENV)
     values, source = data.load_ett_values()
     assert values.shape == (17420, 7) and source.startswith("synthetic series")

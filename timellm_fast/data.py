@@ -54,36 +54,6 @@ def resolve_data(path=None, name: str = "ETTh1") -> Optional[Path]:
     return None
 
 
-def load_ett(name: str = "ETTh1", path=None) -> Tuple[Optional[torch.Tensor], str]:
-    """(values [rows, 7] float32, where from) from `path` (resolve_data's rules), else from
-    $TIMELLM_FAST_DATA, or (None, the synthetic notice) when neither names one."""
-    resolved = resolve_data(path, name)
-    if resolved is None:
-        return None, synthetic_notice(name)
-    return read_ett_csv(resolved), str(resolved)
-
-
-def ett_windows(batch: int, seq_len: int = 512, name: str = "ETTh1",
-                seed: int = 0, path=None) -> Tuple[torch.Tensor, str]:
-    """`batch` windows [batch, seq_len, 7] normalized per series (Time-LLM's RevIN without
-    affine), from the CSV `path` or $TIMELLM_FAST_DATA names, else a seeded synthetic mix of
-    sines and noise (the second result says which)."""
-    values, source = load_ett(name, path)
-    g = torch.Generator().manual_seed(seed)
-    if values is None:
-        t = torch.arange(seq_len, dtype=torch.float32)
-        phase = torch.rand(batch, 1, 7, generator=g) * 6.28
-        period = 24.0 * (1 + torch.arange(7, dtype=torch.float32))
-        x = torch.sin(t[None, :, None] * 6.28 / period + phase) + 0.1 * torch.randn(
-            batch, seq_len, 7, generator=g)
-    else:
-        starts = torch.randint(0, values.shape[0] - seq_len, (batch,), generator=g)
-        x = torch.stack([values[s:s + seq_len] for s in starts.tolist()])
-    mean = x.mean(dim=1, keepdim=True)
-    std = x.std(dim=1, keepdim=True, unbiased=False) + 1e-5
-    return (x - mean) / std, source
-
-
 # --------------------------------------------------------------------------- ETT-hour windows
 # The standard ETT-hour split of the Time-Series-Library / Time-LLM loaders: 12 months of train,
 # 4 of validation, 4 of test, 30-day months of 24 rows; validation and test start seq_len rows
@@ -129,6 +99,19 @@ def load_ett_values(path=None, name: str = "ETTh1") -> Tuple[torch.Tensor, str]:
     if resolved is None:
         return synthetic_ett(), synthetic_notice(name)
     return read_ett_csv(resolved), str(resolved)
+
+
+def ett_windows(batch: int, seq_len: int = 512, name: str = "ETTh1",
+                seed: int = 0, path=None) -> Tuple[torch.Tensor, str]:
+    """`batch` random windows [batch, seq_len, channels] normalized per series (Time-LLM's RevIN
+    without affine) from load_ett_values' series (the second result says where it came from)."""
+    values, source = load_ett_values(path, name)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, values.shape[0] - seq_len, (batch,), generator=g)
+    x = torch.stack([values[s:s + seq_len] for s in starts.tolist()])
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.std(dim=1, keepdim=True, unbiased=False) + 1e-5
+    return (x - mean) / std, source
 
 
 class ETTHourWindows(torch.utils.data.Dataset):
