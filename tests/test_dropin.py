@@ -700,6 +700,21 @@ def test_torch_compile_fullgraph_in_eval(kind, grad_mode, path):
     assert_matches("compiled output", got, ref)
 
 
+def run_script(script: str, args: list, **env_updates: str) -> dict:
+    """`script` in a fresh Python process (argv: the self-check flag, then `args`), importing the
+    timellm_fast this process imported, with this process's environment but for `env_updates`
+    (TIMELLM_FAST_BACKEND dropped unless given); returns the JSON it printed after "RESULT "."""
+    library_root = Path(timellm_fast.__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in (dispatch.BACKEND_ENV, "PYTHONPATH")}
+    env.update(env_updates, PYTHONPATH=os.pathsep.join([str(TESTS), str(library_root)]))
+    proc = subprocess.run([sys.executable, "-c", script, "1" if SELF_CHECK else "0", *args], cwd=TESTS, env=env,
+                          capture_output=True, text=True, timeout=300)
+    last_line = (proc.stderr.strip().splitlines() or [""])[-1]
+    assert proc.returncode == 0, f"{env_updates}: the child failed: {last_line}\n{proc.stderr[-3000:]}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
 def meta_or_fake_inputs(kind, make):
     if kind == "reprogramming":
         return (make(2, 4, D_MODEL), make(PROTOTYPES, D_LLM), make(PROTOTYPES, D_LLM))
@@ -743,6 +758,47 @@ def test_fake_tensor_mode_forward(kind, mode, path):
             out = output_of(layer.train(training), meta_or_fake_inputs(kind, torch.randn))
         shapes[name] = (out.shape, out.dtype)
     assert shapes["ours"] == shapes["original"]
+
+
+FAKE_FIRST_CHILD = r"""
+import json, sys
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+import timellm_fast
+import timellm_original as original
+ours_classes = ((original.PatchEmbedding, original.ReprogrammingLayer) if sys.argv[1] == "1"
+                else (timellm_fast.PatchEmbedding, timellm_fast.ReprogrammingLayer))
+torch.manual_seed(0)
+layers = {"patch_embedding": (original.PatchEmbedding(16, 8, 4, 0.0), ours_classes[0](16, 8, 4, 0.0),
+                              lambda: (torch.randn(2, 3, 24),)),
+          "reprogramming": (original.ReprogrammingLayer(16, 2, 16, 24, 0.0), ours_classes[1](16, 2, 16, 24, 0.0),
+                            lambda: (torch.randn(2, 4, 16), torch.randn(37, 24), torch.randn(37, 24)))}
+errors = {}
+for kind, (orig, ours, make) in layers.items():
+    ours.load_state_dict(orig.state_dict())
+    for training in (False, True):
+        orig.train(training)
+        ours.train(training)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(training):
+            ours(*make())  # in eval, the first call of the process: nothing real has run before it
+        inputs = make()
+        with torch.set_grad_enabled(training):
+            got, ref = ours(*inputs), orig(*inputs)
+        got, ref = (got[0], ref[0]) if isinstance(got, tuple) else (got, ref)
+        errors[f"{kind} {'train' if training else 'eval'}"] = ((got - ref).abs().max() / (1 + ref.abs().max())).item()
+print("RESULT " + json.dumps(errors))
+"""
+
+
+def test_fake_tensor_mode_first_then_real_calls_give_the_original_results(path):
+    """In a fresh process, a layer's first call runs under FakeTensorMode (shape propagation before
+    anything real ran), then real calls: they give the original's results (nothing a fake call made
+    is kept for later calls)."""
+    env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "")}
+    if path == "eager":
+        env[dispatch.BACKEND_ENV] = "eager"
+    for name, err in run_script(FAKE_FIRST_CHILD, [], **env).items():
+        assert err <= 1e-4, f"{name}: relative max abs error {err:.3e} against the original"
 
 
 @pytest.mark.parametrize("grad_mode", ["grad_enabled", "no_grad"])
@@ -873,15 +929,7 @@ print("RESULT " + json.dumps(result))
 
 def run_child(interpret_value: str, action: str) -> dict:
     """The CHILD script in a fresh process with TRITON_INTERPRET=interpret_value (read at import)."""
-    env = {k: v for k, v in os.environ.items() if k not in (dispatch.BACKEND_ENV, "PYTHONPATH")}
-    env.update(TRITON_INTERPRET=interpret_value, PYTHONPATH=str(TESTS))
-    proc = subprocess.run([sys.executable, "-c", CHILD, "1" if SELF_CHECK else "0", action], cwd=TESTS, env=env,
-                          capture_output=True, text=True, timeout=300)
-    last_line = (proc.stderr.strip().splitlines() or [""])[-1]
-    assert proc.returncode == 0, (f"TRITON_INTERPRET={interpret_value!r}: the child failed: {last_line}\n"
-                                  f"{proc.stderr[-3000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_script(CHILD, [action], TRITON_INTERPRET=interpret_value)
 
 
 @pytest.mark.parametrize("value", ["false", "off", "no", "0", ""], ids=lambda v: repr(v))
