@@ -1,10 +1,12 @@
-"""The tuners' hooks into the attention kernels' configurations (tune_attention.py, and the tests of
-the polynomial exponentials and of other GPUs' tiles in the interpreter): inside a block, launches
-take other tiles or another share of polynomial exponentials; on exit the shipped table is back.
+"""The tuners' hooks into the kernels' configurations (tune_attention.py, tune_patch_embedding.py,
+and the tests of the polynomial exponentials and of other tiles in the interpreter): inside a block,
+launches take other tiles or another share of polynomial exponentials; on exit the shipped tables
+are back.
 
 A tile set here has not been through tests/test_aot.py's ahead-of-time spill check. The blocks
-edit kernels/attention_tiles.CONFIG_TABLE in place and forget select_config's memo on entry and
-exit; they nest (the innermost wins) and are for one thread: tuning and tests only.
+edit the tables in place (kernels/attention_tiles.CONFIG_TABLE, whose select_config memo they
+forget on entry and exit; kernels/patch_embedding_tiles.WINDOW_FWD_TILES, read on every launch);
+they nest (the innermost wins) and are for one thread: tuning and tests only.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 
 from timellm_fast.kernels import attention_tiles as tiles
+from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 from timellm_fast.kernels.attention_tiles import AttentionConfig
 
 TUNED_ROLES = ("fwd", "bwd_protos", "bwd_rows")
@@ -27,20 +30,21 @@ def tile_key(cfg: AttentionConfig) -> tuple:
 
 
 @contextlib.contextmanager
-def _table_changed(change: Callable[[AttentionConfig], Optional[AttentionConfig]]) -> Iterator[None]:
-    """CONFIG_TABLE with change(cfg) in place of each entry it returns one for, inside the block."""
-    shipped = dict(tiles.CONFIG_TABLE)
-    for key, cfg in shipped.items():
-        changed = change(cfg)
+def _table_changed(table: dict, change: Callable, forget: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """`table` with change(entry) in place of each entry it returns one for, inside the block;
+    forget() (a memo of choices from the table) on entry and exit."""
+    shipped = dict(table)
+    for key, entry in shipped.items():
+        changed = change(entry)
         if changed is not None:
-            tiles.CONFIG_TABLE[key] = changed
-    tiles.forget_chosen_configs()
+            table[key] = changed
+    forget()
     try:
         yield
     finally:
-        tiles.CONFIG_TABLE.clear()
-        tiles.CONFIG_TABLE.update(shipped)
-        tiles.forget_chosen_configs()
+        table.clear()
+        table.update(shipped)
+        forget()
 
 
 def override_tiles(overrides: Dict[tuple, tuple]):
@@ -58,7 +62,7 @@ def override_tiles(overrides: Dict[tuple, tuple]):
             return None
         return dataclasses.replace(cfg, block_r=tile[0], block_s=tile[1], num_warps=tile[2], num_stages=tile[3])
 
-    return _table_changed(change)
+    return _table_changed(tiles.CONFIG_TABLE, change, tiles.forget_chosen_configs)
 
 
 def override_softmax(poly_eighths: int, rescale_threshold: float):
@@ -73,4 +77,18 @@ def override_softmax(poly_eighths: int, rescale_threshold: float):
             return None
         return dataclasses.replace(cfg, poly_eighths=int(poly_eighths), rescale_threshold=float(rescale_threshold))
 
-    return _table_changed(change)
+    return _table_changed(tiles.CONFIG_TABLE, change, tiles.forget_chosen_configs)
+
+
+#: the values patch_window_fwd's tile fields may take in a tuning run
+WINDOW_TILE_CHOICES = dict(block_m=(16, 32, 64, 128, 256), num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4))
+
+
+def override_window_tile(tile: "pe_tiles.WindowTile"):
+    """Launch patch_window_fwd with `tile` inside the block, whatever its dot dtype."""
+    for field, allowed in WINDOW_TILE_CHOICES.items():
+        if getattr(tile, field) not in allowed:
+            raise ValueError(f"{field} must be one of {allowed}, got {getattr(tile, field)} in {tile}")
+    if tile.programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be >= 1, got {tile.programs_per_sm}")
+    return _table_changed(pe_tiles.WINDOW_FWD_TILES, lambda shipped: tile)

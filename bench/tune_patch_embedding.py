@@ -35,6 +35,7 @@ from common import device_hbm_bytes_per_s, patch_embedding_cost, patch_embedding
 from timellm_fast.kernels import patch_embedding as pe  # noqa: E402
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles  # noqa: E402
 from timellm_fast.kernels.host import dot_dtype  # noqa: E402
+from tile_overrides import override_window_tile  # noqa: E402
 
 
 def candidates(smoke: bool) -> list:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
                 break
             row = dict(shape=shape.name, rows=shape.rows, tile=list(dataclasses.astuple(tile)), shipped=tile == shipped)
             try:
-                with pe_tiles.override_window_tile(tile):
+                with override_window_tile(tile):
                     got = forward(x, weight, shape, seed)
                     ms = time_ms(lambda: forward(x, weight, shape, seed))
                     compiled = pe.compiled_window_fwd(x, weight, weight.dtype, shape.patch_len, shape.stride,

@@ -11,8 +11,6 @@ the gather fallback ``patch_conv_gemm`` (GemmConfig) and ``patch_fold`` (FOLD_*)
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,7 +40,8 @@ class WindowTile:
 #: 16-byte loads through L1, and latency is hidden by the 8 programs an SM holds at <= 64 registers.
 #: fp32 (IEEE dots run on the FMA units): 8 warps, which 32-channel tiles need to stay spill-free
 #: on sm_80. Chosen from SASS and register counts only: no GPU has timed them
-#: (bench/tune_patch_embedding.py sweeps them).
+#: (bench/tune_patch_embedding.py sweeps them, changing this table inside a block:
+#: bench/tile_overrides.py).
 WINDOW_FWD_TILES = {
     torch.bfloat16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
     torch.float16: WindowTile(block_m=64, num_warps=4, num_stages=1, programs_per_sm=8),
@@ -112,31 +111,6 @@ class GemmConfig:
         )
 
 
-#: WindowTile of patch_window_fwd for tuning (bench/tune_patch_embedding.py); None in normal use.
-#: Set only through override_window_tile: a tile here has not been through the ahead-of-time
-#: spill check of tests/test_aot.py.
-_window_tile_override: Optional[WindowTile] = None
-
-_TUNABLE = dict(block_m=(16, 32, 64, 128, 256), num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4))
-
-
-@contextlib.contextmanager
-def override_window_tile(tile: WindowTile):
-    """Launch patch_window_fwd with another tile inside the block (tuning only)."""
-    global _window_tile_override
-    for field, allowed in _TUNABLE.items():
-        if getattr(tile, field) not in allowed:
-            raise ValueError(f"{field} must be one of {allowed}, got {getattr(tile, field)} in {tile}")
-    if tile.programs_per_sm < 1:
-        raise ValueError(f"programs_per_sm must be >= 1, got {tile.programs_per_sm}")
-    saved = _window_tile_override
-    _window_tile_override = tile
-    try:
-        yield
-    finally:
-        _window_tile_override = saved
-
-
 def windowed_forward(patch_len: int) -> bool:
     """Whether the forward takes patch_window_fwd (else the gather fallback)."""
     return patch_len <= WINDOW_BLOCK_C[-1]
@@ -153,10 +127,7 @@ def fit_block(n: int, blocks: tuple) -> int:
 
 
 def select_window_fwd_config(patch_len: int, d_model: int, dot_dt: torch.dtype, dropout: bool) -> WindowFwdConfig:
-    cfg = WindowFwdConfig(fit_block(patch_len, WINDOW_BLOCK_C), fit_block(d_model, WINDOW_BLOCK_O), dot_dt, dropout)
-    if _window_tile_override is not None:
-        cfg = dataclasses.replace(cfg, tile=_window_tile_override)
-    return cfg
+    return WindowFwdConfig(fit_block(patch_len, WINDOW_BLOCK_C), fit_block(d_model, WINDOW_BLOCK_O), dot_dt, dropout)
 
 
 def select_gemm_config(k_total: int, out_cols: int, dot_dt: torch.dtype, dropout: bool) -> GemmConfig:

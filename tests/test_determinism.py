@@ -25,7 +25,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import DEVICE, requires_triton
+from helpers import DEVICE, bench_module, requires_triton
 from test_reprogramming import run_layer
 from timellm_fast import PatchEmbedding, dispatch
 from timellm_fast.reprogramming import ReprogrammingLayer
@@ -33,6 +33,8 @@ from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 from timellm_fast.kernels import attention_backward
 from timellm_fast.kernels import attention_tiles as tiles
 from timellm_fast.kernels.attention_form import core_form
+
+tile_overrides = bench_module("tile_overrides")  # the tuners' hooks: other tiles
 
 
 def reprogramming_run(B, L, S, E, dropout, shared=True):
@@ -125,5 +127,5 @@ def test_patch_embedding_bits_do_not_depend_on_the_persistent_grid(dropout, monk
 
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     shipped = patch_run(2, 8, 256, dropout, contiguous=True)
-    with pe_tiles.override_window_tile(dataclasses.replace(pe_tiles.WINDOW_FWD_TILES[torch.float32], programs_per_sm=3)):
+    with tile_overrides.override_window_tile(dataclasses.replace(pe_tiles.WINDOW_FWD_TILES[torch.float32], programs_per_sm=3)):
         assert_bitwise_equal(patch_run(2, 8, 256, dropout, contiguous=True), shipped)

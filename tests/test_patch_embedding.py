@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import DEVICE, LaunchCounter, assert_close_to_oracle, requires_triton, swap_kernel
+from helpers import DEVICE, LaunchCounter, assert_close_to_oracle, bench_module, requires_triton, swap_kernel
 from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
 from timellm_original import PatchEmbedding as OriginalPatchEmbedding
 from timellm_fast.kernels import patch_embedding as pe
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
+
+tile_overrides = bench_module("tile_overrides")  # the tuners' hooks: other tiles
 
 
 # (name, B, N, T, patch_len, stride, d_model): docs/spec.md §2 shapes with B·N reduced, plus awkward ones.
@@ -337,14 +339,14 @@ def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
     w = torch.randn(16, 8, 3, generator=g).to(DEVICE)
     shipped = patch_embedding(x, w, 8, 4)
     override = pe_tiles.WindowTile(*tile)
-    with pe_tiles.override_window_tile(override):
+    with tile_overrides.override_window_tile(override):
         assert pe_tiles.select_window_fwd_config(8, 16, torch.float32, False).tile == override
         tuned = patch_embedding(x, w, 8, 4)
     assert pe_tiles.select_window_fwd_config(8, 16, torch.float32, False).tile == pe_tiles.WINDOW_FWD_TILES[torch.float32]
     torch.testing.assert_close(tuned, shipped, rtol=1e-5, atol=1e-5)
     assert_close_to_oracle("y", tuned, patch_embedding_reference(x.double(), w.double(), 8, 4))
     with pytest.raises(ValueError, match="block_m"):
-        with pe_tiles.override_window_tile(pe_tiles.WindowTile(48, 4, 1, 1)):
+        with tile_overrides.override_window_tile(pe_tiles.WindowTile(48, 4, 1, 1)):
             pass
 
 
@@ -357,7 +359,7 @@ def test_tuner_asks_the_launcher_for_the_compiled_forward():
     x = torch.randn(2, 3, 64, device=DEVICE)
     w = torch.randn(16, 16, 3, device=DEVICE)
     seed = torch.zeros((1,), dtype=torch.int64, device=DEVICE)
-    with pe_tiles.override_window_tile(pe_tiles.WindowTile(32, 2, 1, 1)):
+    with tile_overrides.override_window_tile(pe_tiles.WindowTile(32, 2, 1, 1)):
         compiled = pe.compiled_window_fwd(x, w, w.dtype, 16, 8, 8, seed)
     if DEVICE.type == "cuda":
         assert compiled.n_regs > 0 and compiled.n_spills == 0
@@ -378,14 +380,14 @@ def test_window_tile_override_nests_and_restores_on_exit():
     shipped = pe_tiles.WINDOW_FWD_TILES[torch.bfloat16]
     outer, inner = pe_tiles.WindowTile(32, 2, 1, 1), pe_tiles.WindowTile(128, 8, 2, 4)
     assert tile() == shipped
-    with pe_tiles.override_window_tile(outer):
+    with tile_overrides.override_window_tile(outer):
         assert tile() == outer
-        with pe_tiles.override_window_tile(inner):
+        with tile_overrides.override_window_tile(inner):
             assert tile() == inner
         assert tile() == outer
     assert tile() == shipped
     with pytest.raises(RuntimeError, match="inside"):
-        with pe_tiles.override_window_tile(outer):
+        with tile_overrides.override_window_tile(outer):
             raise RuntimeError("inside")
     assert tile() == shipped
 
@@ -531,7 +533,7 @@ def test_persistent_forward_covers_awkward_row_counts(series):
     x = make_series(series, 1, T, torch.float32, contiguous=True)
     w = make_weight(8, patch_len, torch.float32)
     few_programs = pe_tiles.WindowTile(16, 1, 1, 3)
-    with pe_tiles.override_window_tile(few_programs):
+    with tile_overrides.override_window_tile(few_programs):
         y = patch_embedding(x, w, patch_len, stride)
         torch.manual_seed(4)
         y_drop = patch_embedding(x, w, patch_len, stride, dropout_p=0.5, training=True)
