@@ -17,7 +17,7 @@ from timellm_fast.kernels.attention_backward import (attention_bwd_delta_kernel,
                                                      attention_bwd_rows_kernel)
 from timellm_fast.kernels.attention_forward import attention_fwd_kernel, dropout_keep_mask_kernel
 from timellm_fast.kernels.attention_tiles import ARCHS, CONFIG_TABLE
-from timellm_fast.kernels.host import SIG_DTYPE, TL_DTYPE, input_precision
+from timellm_fast.kernels.host import PATCH_INPUT_PRECISION, SIG_DTYPE, TL_DTYPE
 from timellm_fast.kernels.patch_embedding_backward import (patch_dweight_reduce, patch_fold, patch_window_dweight,
                                                            patch_window_dx)
 from timellm_fast.kernels.patch_embedding_forward import patch_conv_gemm, patch_window_fwd
@@ -164,7 +164,7 @@ def patch_embedding_configs() -> list:
             continue
         dot_dt = dt if not dropout else torch.float32
         cx = dict(BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o,
-                  DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt),
+                  DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=PATCH_INPUT_PRECISION,
                   DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked)
         configs.append(aot_config(
             f"patch_window_dweight[{SIG_DTYPE[dt]},dot={SIG_DTYPE[dot_dt]},O={block_o},dropout={dropout},"
@@ -178,7 +178,7 @@ def patch_embedding_configs() -> list:
             NUM_WARPS, NUM_STAGES))
     for (g_dt, w_dt, dx_dt, dot_dt), block_u, block_d in itertools.product(_DX_CASES, DX_BLOCK_U, DX_BLOCK_D):
         cx = dict(BLOCK_J=DX_BLOCK_J, BLOCK_U=block_u, BLOCK_D=block_d, DOT_DTYPE=TL_DTYPE[dot_dt],
-                  INPUT_PRECISION=input_precision(dot_dt))
+                  INPUT_PRECISION=PATCH_INPUT_PRECISION)
         configs.append(aot_config(
             f"patch_window_dx[g={SIG_DTYPE[g_dt]},w={SIG_DTYPE[w_dt]},dx={SIG_DTYPE[dx_dt]},U={block_u},D={block_d}]",
             patch_window_dx, cx, dict(g_ptr=g_dt, w_ptr=w_dt, dx_ptr=dx_dt), NUM_WARPS, DX_NUM_STAGES,

@@ -56,10 +56,9 @@ def dot_dtype(*operand_dtypes: torch.dtype, device: torch.device) -> torch.dtype
     return torch.float32
 
 
-def input_precision(dt: torch.dtype, allow_tf32: bool = False) -> str:
-    if dt == torch.float32:
-        return "tf32" if allow_tf32 else "ieee"
-    return "ieee"  # ignored by Triton for half-precision operands
+#: tl.dot's input_precision in the patch embedding's kernels: IEEE fp32 dots (no TF32); Triton
+#: ignores it for half-precision operands
+PATCH_INPUT_PRECISION = "ieee"
 
 
 def store_dtype(out_dtype: torch.dtype) -> torch.dtype:

@@ -45,6 +45,6 @@ choose.
 from __future__ import annotations
 
 from .patch_embedding_backward import patch_embedding_bwd
-from .patch_embedding_forward import compiled_window_fwd, patch_embedding_fwd
+from .patch_embedding_forward import patch_embedding_fwd
 
-__all__ = ["compiled_window_fwd", "patch_embedding_bwd", "patch_embedding_fwd"]
+__all__ = ["patch_embedding_bwd", "patch_embedding_fwd"]

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import TL_DTYPE, cdiv, dot_dtype, input_precision, store_dtype
+from .host import PATCH_INPUT_PRECISION, TL_DTYPE, cdiv, dot_dtype, store_dtype
 from .patch_embedding_device import circular, dropout_args, dropout_keep, series_end, series_rows, window
 from .patch_embedding_forward import patch_conv
 from .patch_embedding_tiles import (DWEIGHT_BLOCK_C, DWEIGHT_BLOCK_M, DWEIGHT_NUM_STAGES, DWEIGHT_NUM_WARPS, DX_BLOCK_D,
@@ -250,7 +250,7 @@ def patch_embedding_bwd(
             x, g, partial, g_src, M, P, N, T, patch_len, stride * x.element_size(), D, rows_per_chunk,
             x.stride(0), x.stride(1), x.stride(2), seed, *dropout_args(dropout_p),
             BLOCK_M=DWEIGHT_BLOCK_M, BLOCK_C=DWEIGHT_BLOCK_C, BLOCK_O=block_o, DOT_DTYPE=TL_DTYPE[dot_dt],
-            INPUT_PRECISION=input_precision(dot_dt), DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked,
+            INPUT_PRECISION=PATCH_INPUT_PRECISION, DROPOUT=dropout, WRITE_MASKED_GRAD=write_masked,
             num_warps=DWEIGHT_NUM_WARPS, num_stages=DWEIGHT_NUM_STAGES)
         if need_dw:
             dw = torch.empty(D, patch_len, 3, device=g.device, dtype=store_dtype(weight.dtype))
@@ -268,7 +268,7 @@ def patch_embedding_bwd(
                 g_src, weight, dx, B * N, P, T, patch_len, stride * dx.element_size(), D, n_chunks,
                 cdiv(patch_len, stride), *weight.stride(),
                 BLOCK_J=DX_BLOCK_J, BLOCK_U=fit_block(2 * stride, DX_BLOCK_U), BLOCK_D=fit_block(D, DX_BLOCK_D),
-                DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=input_precision(dot_dt), num_warps=NUM_WARPS,
+                DOT_DTYPE=TL_DTYPE[dot_dt], INPUT_PRECISION=PATCH_INPUT_PRECISION, num_warps=NUM_WARPS,
                 num_stages=DX_NUM_STAGES)
         else:
             _dx_by_gather(g_src, weight, dx, P, patch_len, stride, seed)

@@ -143,14 +143,15 @@ def patch_conv(
     return out
 
 
-def _launch_window_fwd(
+def launch_window_fwd(
     x: torch.Tensor,  # x: [B, N, T], any float dtype and strides
     weight: torch.Tensor,  # weight: [D, patch_len, 3]
     y: torch.Tensor,  # y: [B*N*P, D] contiguous, written
     patch_len: int, stride: int, P: int, dot_dt: torch.dtype,
     seed: torch.Tensor, dropout_p: float,  # seed: [1] int64 on x's device
 ):
-    """patch_window_fwd into y; returns what the launch returns (on a GPU, the compiled kernel)."""
+    """patch_window_fwd into y; returns what the launch returns: on a GPU the compiled kernel, whose
+    registers and spills the tuner reads (bench/tune_patch_embedding.py)."""
     B, N, T = x.shape
     M, D = y.shape
     cfg = select_window_fwd_config(patch_len, D, dot_dt, dropout_p > 0.0)
@@ -176,28 +177,9 @@ def patch_embedding_fwd(
     if M == 0:
         pass
     elif windowed_forward(patch_len):
-        _launch_window_fwd(x, weight, y, patch_len, stride, P, dot_dt, seed, dropout_p)
+        launch_window_fwd(x, weight, y, patch_len, stride, P, dot_dt, seed, dropout_p)
     else:
         sw_d, sw_c, sw_k = weight.stride()
         patch_conv(x, weight, y, P=P, c_in=patch_len, time_stride=stride, clamp=T - 1,
                    w_strides=(sw_k, sw_c, sw_d), dot_dt=dot_dt, seed=seed, dropout_p=dropout_p)
     return y.to(out_dtype)
-
-
-def compiled_window_fwd(
-    x: torch.Tensor,  # x: [B, N, T], any float dtype and strides
-    weight: torch.Tensor,  # weight: [D, patch_len, 3]
-    out_dtype: torch.dtype, patch_len: int, stride: int, P: int,
-    seed: torch.Tensor, dropout_p: float = 0.0,  # seed: [1] int64 on x's device
-):
-    """Launches patch_window_fwd once as patch_embedding_fwd would (tile overrides included) and
-    returns the compiled kernel (n_regs, n_spills; None under the interpreter): what the tuner
-    (bench/tune_patch_embedding.py) asks for."""
-    if not windowed_forward(patch_len):
-        raise ValueError(f"patch_len={patch_len} takes the gather kernel, not patch_window_fwd")
-    B, N, _ = x.shape
-    y = torch.empty(B * N * P, weight.shape[0], device=x.device, dtype=store_dtype(out_dtype))
-    if y.shape[0] == 0:
-        raise ValueError("no rows: an empty input launches no kernel")
-    return _launch_window_fwd(x, weight, y, patch_len, stride, P, dot_dtype(x.dtype, weight.dtype, device=x.device),
-                              seed, dropout_p)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .host import TL_DTYPE, cdiv, input_precision, next_pow2
+from .host import PATCH_INPUT_PRECISION, TL_DTYPE, cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class WindowFwdConfig:
 
     def constexprs(self) -> dict:
         return dict(BLOCK_M=self.tile.block_m, BLOCK_C=self.block_c, BLOCK_O=self.block_o, CACHE=self.tile.cache,
-                    DOT_DTYPE=TL_DTYPE[self.dot_dtype], INPUT_PRECISION=input_precision(self.dot_dtype),
+                    DOT_DTYPE=TL_DTYPE[self.dot_dtype], INPUT_PRECISION=PATCH_INPUT_PRECISION,
                     DROPOUT=self.dropout)
 
 
@@ -106,7 +106,7 @@ class GemmConfig:
     def constexprs(self) -> dict:
         return dict(
             BLOCK_M=self.block_m, BLOCK_K=self.block_k, BLOCK_O=self.block_o, USE_DOT=self.use_dot,
-            DOT_DTYPE=TL_DTYPE[self.dot_dtype], INPUT_PRECISION=input_precision(self.dot_dtype),
+            DOT_DTYPE=TL_DTYPE[self.dot_dtype], INPUT_PRECISION=PATCH_INPUT_PRECISION,
             DROPOUT=self.dropout,
         )
 

@@ -87,8 +87,8 @@ sys.modules["triton"] = None  # `import triton` now fails as it does where Trito
 import torch
 import timellm_fast, timellm_fast.cli
 from timellm_fast import PatchEmbedding, ReprogrammingLayer, dispatch
-assert dispatch.triton_import_error().startswith("triton cannot be imported"), dispatch.triton_import_error()
-assert dispatch.triton_device_problem(torch.device("cpu")) == dispatch.triton_import_error()
+assert dispatch.TRITON_IMPORT_ERROR.startswith("triton cannot be imported"), dispatch.TRITON_IMPORT_ERROR
+assert dispatch.triton_device_problem(torch.device("cpu")) == dispatch.TRITON_IMPORT_ERROR
 embed = PatchEmbedding(16, 8, 4, 0.1)
 layer = ReprogrammingLayer(16, 4, d_llm=24)
 source = torch.randn(10, 24, requires_grad=True)

@@ -15,7 +15,6 @@ from timellm_fast import PatchEmbedding, dispatch, patch_embedding
 from timellm_fast.kernels import _environment
 from timellm_fast.reference import num_patches, patch_embedding_reference
 from timellm_original import PatchEmbedding as OriginalPatchEmbedding
-from timellm_fast.kernels import patch_embedding as pe
 from timellm_fast.kernels import patch_embedding_tiles as pe_tiles
 
 tile_overrides = bench_module("tile_overrides")  # the tuners' hooks: other tiles
@@ -352,21 +351,22 @@ def test_window_tile_override_for_tuning_keeps_the_numbers(tile):
 
 @requires_triton
 def test_tuner_asks_the_launcher_for_the_compiled_forward():
-    """bench/tune_patch_embedding.py reads registers and spills of each tile from compiled_window_fwd,
-    which launches the forward as patch_embedding_fwd does. Only a GPU has a compiled kernel (the
-    interpreter returns None): the register and spill counts are checked there."""
+    """bench/tune_patch_embedding.py reads registers and spills of each tile from its
+    compiled_window_fwd, which launches the forward as patch_embedding_fwd does. Only a GPU has a
+    compiled kernel (the interpreter returns None): the register and spill counts are checked there."""
 
+    tuner = bench_module("tune_patch_embedding")
     x = torch.randn(2, 3, 64, device=DEVICE)
     w = torch.randn(16, 16, 3, device=DEVICE)
     seed = torch.zeros((1,), dtype=torch.int64, device=DEVICE)
     with tile_overrides.override_window_tile(pe_tiles.WindowTile(32, 2, 1, 1)):
-        compiled = pe.compiled_window_fwd(x, w, w.dtype, 16, 8, 8, seed)
+        compiled = tuner.compiled_window_fwd(x, w, w.dtype, 16, 8, 8, seed)
     if DEVICE.type == "cuda":
         assert compiled.n_regs > 0 and compiled.n_spills == 0
     else:
         assert compiled is None
     with pytest.raises(ValueError, match="gather"):
-        pe.compiled_window_fwd(torch.randn(2, 3, 128, device=DEVICE), torch.randn(16, 48, 3, device=DEVICE),
+        tuner.compiled_window_fwd(torch.randn(2, 3, 128, device=DEVICE), torch.randn(16, 48, 3, device=DEVICE),
                                torch.float32, 48, 8, 11, seed)
 
 

@@ -101,18 +101,12 @@ def one_interpreted_launch_at_a_time(launcher):
     return locked
 
 
-def triton_import_error() -> Optional[str]:
-    """Why Triton cannot be imported in this process, or None when it can."""
-    return TRITON_IMPORT_ERROR
-
-
 def requested_backend() -> str:
     """TIMELLM_FAST_BACKEND as it is now: "auto" (unset or empty), "triton" or "eager"."""
     mode = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
     if mode not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={mode!r} is not one of {', '.join(_BACKENDS)}")
     return mode
-
 
 
 def triton_device_problem(device: torch.device) -> Optional[str]:
@@ -159,16 +153,12 @@ def choose(op: str, device: torch.device, unsupported: Optional[str] = None) -> 
 
 
 @contextlib.contextmanager
-def _record(counter: "collections.Counter[tuple[str, str]]") -> Iterator["collections.Counter[tuple[str, str]]"]:
-    before = collections.Counter(counter)
+def record_paths() -> Iterator["collections.Counter[tuple[str, str]]"]:
+    """Counts the paths taken inside the block: ``with record_paths() as seen: ...``; keys are
+    (op, "triton" | "eager")."""
+    before = collections.Counter(path_counts)
     seen: "collections.Counter[tuple[str, str]]" = collections.Counter()
     try:
         yield seen
     finally:
-        seen.update(counter - before)
-
-
-def record_paths():
-    """Counts the paths taken inside the block: ``with record_paths() as seen: ...``; keys are
-    (op, "triton" | "eager")."""
-    return _record(path_counts)
+        seen.update(path_counts - before)

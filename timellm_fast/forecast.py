@@ -245,4 +245,3 @@ def forecast_main(args: argparse.Namespace) -> int:
     reuse = results["fast"]["reuse"]
     print(f"prototypes reused during inference (both models): {reuse.hits} hits, {reuse.misses} misses")
     return 0 if agree else 1
-

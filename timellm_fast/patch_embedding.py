@@ -18,7 +18,7 @@ from torch import Tensor
 from . import dispatch, validation
 from .reference import num_patches, patch_embedding_reference
 
-if dispatch.triton_import_error() is None:
+if dispatch.TRITON_IMPORT_ERROR is None:
     from .kernels import patch_embedding as pe_kernels
 else:  # without Triton dispatch.choose sends every call to the eager path, which needs no kernel
     pe_kernels = None

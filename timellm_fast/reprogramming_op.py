@@ -43,7 +43,7 @@ from . import dispatch
 from .patch_embedding import draw_seed_tensor  # one dropout-seed rule for both ops (the layer imports it from here)
 from .reference import attention_core_reference, reprogramming_reference
 
-if dispatch.triton_import_error() is None:
+if dispatch.TRITON_IMPORT_ERROR is None:
     from .kernels import attention as attn_kernels
     from .kernels.attention import CoreForm, CoreGradients, core_form, standard_form
 else:  # without Triton the layer never takes these ops (dispatch.choose)
@@ -495,4 +495,3 @@ def attention_core(
     """The fused attention core with its autograd (the Triton path: the layer chose it)."""
     return _core_forward(x, mc, v, *form, dropout_p, draw_seed_tensor(dropout_p, x.device), allow_tf32,
                          deterministic)[0]
-
