@@ -215,9 +215,10 @@ class TokenEmbedding(nn.Module):
         return self.tokenConv(x.permute(0, 2, 1)).transpose(1, 2)
 
 
-def _token_conv_settings(conv: nn.Conv1d, patch_len: int) -> bool:
-    """Whether `conv` is the token embedding's convolution the kernels compute (kernel 3, circular
-    padding 1, unit stride and dilation, one group, no bias, patch_len input channels)."""
+def is_token_conv(conv: nn.Conv1d, patch_len: int) -> bool:
+    """Whether `conv` is Time-LLM's token-embedding convolution, which the kernels compute (kernel 3,
+    circular padding 1, unit stride and dilation, one group, no bias, patch_len input channels):
+    the fused path's condition and patch_model's."""
     return (conv.bias is None and conv.kernel_size == (3,) and conv.padding == (1,) and conv.padding_mode == "circular"
             and conv.stride == (1,) and conv.dilation == (1,) and conv.groups == 1 and conv.in_channels == patch_len)
 
@@ -262,7 +263,7 @@ class PatchEmbedding(nn.Module):
         if (conv is not None and dispatch.plain(pad, ReplicationPad1d) and dispatch.plain(embedding, TokenEmbedding)
                 and dispatch.plain(conv, nn.Conv1d) and dispatch.plain(dropout, nn.Dropout)
                 and not dispatch.global_module_hooks() and tuple(pad.padding) == (0, self.stride)
-                and _token_conv_settings(conv, self.patch_len)):
+                and is_token_conv(conv, self.patch_len)):
             return conv, dropout
         return None, None
 

@@ -45,14 +45,14 @@ flag). Call ``patch_model`` before wrapping the model in DDP, FSDP or ``accelera
 """
 from __future__ import annotations
 
-import operator
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .patch_embedding import PatchEmbedding
+from . import validation
+from .patch_embedding import PatchEmbedding, is_token_conv
 from .reprogramming import ReprogrammingLayer
 
 __all__ = ["Replacement", "patch_model", "unpatch_model"]
@@ -98,12 +98,9 @@ def _exact_state(module: nn.Module, parameter_names: set) -> None:
 def _int_attr(module: nn.Module, name: str) -> int:
     value = getattr(module, name, None)
     try:
-        number = operator.index(value) if not isinstance(value, bool) else 0
-    except TypeError:
-        number = 0
-    if number <= 0:
-        raise NotRecognized(f"attribute {name!r} is {value!r}, not a positive int")
-    return number
+        return validation.positive_int(name, value)
+    except ValueError:
+        raise NotRecognized(f"attribute {name!r} is {value!r}, not a positive int") from None
 
 
 def _dropout_p(module: nn.Module) -> float:
@@ -125,15 +122,10 @@ def patch_embedding_arguments(module: nn.Module) -> dict:
     conv = module.value_embedding.tokenConv
     if not isinstance(conv, nn.Conv1d):
         raise NotRecognized(f"value_embedding.tokenConv is {type(conv).__name__}, not nn.Conv1d")
-    settings = dict(kernel_size=conv.kernel_size, padding=conv.padding, padding_mode=conv.padding_mode,
-                    stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
-    expected = dict(kernel_size=(3,), padding=(1,), padding_mode="circular", stride=(1,), dilation=(1,),
-                    groups=1, bias=False)
-    if settings != expected:
-        raise NotRecognized(f"tokenConv settings {settings}; expected {expected}")
     patch_len, stride = _int_attr(module, "patch_len"), _int_attr(module, "stride")
-    if conv.in_channels != patch_len:
-        raise NotRecognized(f"tokenConv has {conv.in_channels} input channels but patch_len={patch_len}")
+    if not is_token_conv(conv, patch_len):
+        raise NotRecognized(f"tokenConv is {conv!r}; Time-LLM's has patch_len={patch_len} input channels, "
+                            f"kernel 3, circular padding 1, unit stride and dilation, one group, no bias")
     pad = getattr(module, "padding_patch_layer", None)
     if pad is not None:
         if "Replication" not in type(pad).__name__:

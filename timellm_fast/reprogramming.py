@@ -81,6 +81,12 @@ def check_inputs(layer: "ReprogrammingLayer", target, source, value, weight: tor
     return target.dtype, autocast_on
 
 
+def materializes_attention(dropout_p: float, needs_grad: bool, device: torch.device) -> bool:
+    """Whether the eager path takes Time-LLM's materialized form rather than SDPA: dropout acts on
+    A; on a CPU in training PyTorch's fused SDPA has no double backward, which the einsum form has."""
+    return dropout_p > 0 or (needs_grad and device.type == "cpu")
+
+
 class ReprogrammingLayer(nn.Module):
     """Drop-in for Time-LLM's ReprogrammingLayer: same constructor, submodules and state-dict keys.
 
@@ -127,6 +133,10 @@ class ReprogrammingLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, d_keys={self.d_keys}, d_llm={self.d_llm}"
 
+    def _deterministic(self) -> bool:
+        """Fixed-order reductions in the fused backward: asked for, or by torch.use_deterministic_algorithms."""
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
+
     def forward(self, target: torch.Tensor, source: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """target: [B', L, d_model], source: [S, d_llm], value: [S, d_llm] -> [B', L, d_llm]."""
         fused = fused_parameters(self)
@@ -170,7 +180,7 @@ class ReprogrammingLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and (target.requires_grad or source.requires_grad or value.requires_grad
                                                   or any(t.requires_grad for t in params))
         if path == "triton":
-            deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+            deterministic = self._deterministic()
             if needs_grad:  # the whole layer as one autograd node, [B', L, *] in and out
                 return reprogramming_layer(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H, dropout_p,
                                            draw_seed_tensor(dropout_p, target.device), self.allow_tf32,
@@ -181,9 +191,7 @@ class ReprogrammingLayer(nn.Module):
             heads_out = attention_core(query_operand(target_c.reshape(Bp * L, DM), wq, bq, form), side.mc, side.v,
                                        form, dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
             return F.linear(heads_out, wo, bo).view(Bp, L, wo.shape[0])  # -1 is ambiguous when B'·L = 0
-        if dropout_p > 0 or (needs_grad and target.device.type == "cpu"):
-            # the materialized form: dropout acts on A; on a CPU in training PyTorch's fused SDPA has
-            # no double backward, which Time-LLM's einsum form has
+        if materializes_attention(dropout_p, needs_grad, target.device):
             return reprogramming_reference(target_c, source_c, value_c, wq, bq, wk, bk, wv, bv, wo, bo, H,
                                            dropout_p=dropout_p, training=True)
 
@@ -234,12 +242,12 @@ class ReprogrammingLayer(nn.Module):
             form = standard_form(self.d_model, E)
             reason = attn_kernels.unsupported_reason(q.dtype, form, S, dropout_p > 0.0, q.device, self.allow_tf32)
         if dispatch.choose(OP_NAME, q.device, reason) == "triton":
-            deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+            deterministic = self._deterministic()
             mc = align_prototypes(k.t().contiguous().view(H, E, S))  # Kᵀ per head: [H, E, S']
             heads = attention_core(q.reshape(Bp * L, HE).contiguous(), mc, v.reshape(S, H, E), form,
                                    dropout_p, self.allow_tf32, deterministic)  # [R, H*E]
             return heads.view(Bp, L, HE)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if dropout_p > 0 or (needs_grad and q.device.type == "cpu"):  # as in _compute
+        if materializes_attention(dropout_p, needs_grad, q.device):
             return attention_materialized(q, k, v, H, dropout=dropout)
         return attention_sdpa_folded(q.reshape(Bp * L, HE), k, v, H).view(Bp, L, HE)
