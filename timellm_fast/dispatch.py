@@ -57,9 +57,14 @@ def plain(module, cls: type) -> bool:
     kind = module.__class__
     return ((kind is cls or (isinstance(module, cls) and kind.forward is cls.forward
                              and kind.__call__ is cls.__call__))
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks)
+            and not has_hooks(module)
             and "forward" not in module.__dict__)
+
+
+def has_hooks(module) -> bool:
+    """Whether `module` has forward / backward hooks or pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def global_module_hooks() -> bool:

@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import validation
+from . import dispatch, validation
 from .patch_embedding import PatchEmbedding, is_token_conv
 from .reprogramming import ReprogrammingLayer
 
@@ -210,8 +210,7 @@ def _hooked(module: nn.Module) -> List[str]:
     """The names of `module` and of its submodules that are not torch's own classes (ADOPTED) and
     have hooks: those module objects are not kept by a replacement, so their hooks would be lost."""
     return [name or "(the layer itself)" for name, sub in module.named_modules()
-            if not isinstance(sub, ADOPTED) and (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
-                                                  or sub._backward_pre_hooks)]
+            if not isinstance(sub, ADOPTED) and dispatch.has_hooks(sub)]
 
 
 def _adopt_submodules(src: nn.Module, dst: nn.Module) -> None:
